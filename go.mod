@@ -1,0 +1,3 @@
+module github.com/clusterclient/clusterclient
+
+go 1.26

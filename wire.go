@@ -1,0 +1,595 @@
+package clusterclient
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"strconv"
+	"unicode/utf8"
+)
+
+// The packet header, as the reference writes it. All integers are
+// big-endian.
+//
+//	offset size field
+//	0      1    version (always 1)
+//	1      1    type (0 request, 1 response)
+//	2      2    reserved (0 0)
+//	4      8    id
+//	12     4    timeout in milliseconds, signed
+//	16     4    conn object length, signed
+//	20     4    app object length, signed, 0 = none
+//	24     ...  conn object (JSON), then app object (opaque bytes)
+const (
+	// HeaderSize is the size of a packet header in bytes.
+	HeaderSize = 24
+
+	// ProtocolVersion is the only version this package reads or writes.
+	ProtocolVersion = 1
+
+	// DefaultMaxPacketSize is the default bound on conn length plus app
+	// length of one packet: 16 MiB. See Config.MaxPacketSize.
+	DefaultMaxPacketSize = 16 << 20
+
+	typeRequest  = 0
+	typeResponse = 1
+
+	// readChunk is the largest body allocated before any of it arrived.
+	// Larger bodies grow as their bytes arrive, so a header that lies
+	// about its length costs at most this much.
+	readChunk = 64 << 10
+)
+
+// Errors of the packet codec. Each kind of protocol fault has its own
+// sentinel; the errors returned wrap one of them with details, so test
+// them with errors.Is.
+var (
+	// ErrBadVersion: the version byte is not ProtocolVersion.
+	ErrBadVersion = errors.New("clusterclient: unsupported protocol version")
+	// ErrBadType: the type byte is neither 0 (request) nor 1 (response).
+	ErrBadType = errors.New("clusterclient: bad packet type")
+	// ErrNegativeLength: the conn or app length in a header is negative.
+	ErrNegativeLength = errors.New("clusterclient: negative length in packet header")
+	// ErrPacketTooLarge: conn length plus app length exceed the maximum
+	// packet size.
+	ErrPacketTooLarge = errors.New("clusterclient: packet exceeds the maximum size")
+	// ErrBadConn: the conn object is not a JSON object of a known shape.
+	ErrBadConn = errors.New("clusterclient: conn object is not a valid JSON object")
+	// ErrTruncated: the input ended inside a header or a body. Errors
+	// that wrap it also wrap io.ErrUnexpectedEOF.
+	ErrTruncated = errors.New("clusterclient: truncated packet")
+	// ErrArgCount: an invoke's argLength disagrees with the arguments that
+	// its app object holds.
+	ErrArgCount = errors.New("clusterclient: argLength disagrees with the argument frame")
+	// ErrArgOverrun: an argument's length runs past the end of the frame.
+	ErrArgOverrun = errors.New("clusterclient: argument length runs past the end of the frame")
+	// ErrTrailingBytes: UnmarshalBinary was given bytes past the end of
+	// the packet.
+	ErrTrailingBytes = errors.New("clusterclient: bytes after the end of the packet")
+)
+
+// Packet is one protocol packet: a 24-byte header, a conn object that says
+// what the packet is for, and an optional app object.
+//
+// The codec always writes version 1 and refuses any other, so the version
+// has no field here. *Packet implements encoding.BinaryMarshaler,
+// encoding.BinaryAppender and encoding.BinaryUnmarshaler for one whole
+// packet in a byte slice; Reader takes packets off a stream.
+type Packet struct {
+	// Response is true for a response (type 1), false for a request.
+	Response bool
+	// ID is the request id; a response carries its request's id.
+	ID uint64
+	// Timeout is the request's timeout in milliseconds; a response
+	// repeats its request's.
+	Timeout int32
+	// Conn is the conn object: UTF-8 JSON, as JSON.stringify writes it.
+	Conn []byte
+	// App is the app object, opaque to the codec; nil or empty for none.
+	App []byte
+}
+
+// AppendBinary appends the encoded packet to b.
+func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
+	if len(p.Conn) > math.MaxInt32 || len(p.App) > math.MaxInt32 {
+		return b, fmt.Errorf("%w: conn %d bytes, app %d bytes", ErrPacketTooLarge, len(p.Conn), len(p.App))
+	}
+	b = appendHeader(b, p.Response, p.ID, p.Timeout, len(p.Conn), len(p.App))
+	b = append(b, p.Conn...)
+	return append(b, p.App...), nil
+}
+
+// MarshalBinary returns the encoded packet.
+func (p *Packet) MarshalBinary() ([]byte, error) {
+	return p.AppendBinary(make([]byte, 0, HeaderSize+len(p.Conn)+len(p.App)))
+}
+
+// UnmarshalBinary decodes exactly one whole packet from data, with the
+// same checks as Reader and DefaultMaxPacketSize as the bound. Conn and
+// App are copied out of data.
+func (p *Packet) UnmarshalBinary(data []byte) error {
+	if len(data) < HeaderSize {
+		return truncated("header", len(data), HeaderSize)
+	}
+	var h header
+	if err := h.parse(data[:HeaderSize], DefaultMaxPacketSize); err != nil {
+		return err
+	}
+	body := data[HeaderSize:]
+	if n := h.bodyLen(); len(body) < n {
+		return truncated("body", len(body), n)
+	} else if len(body) > n {
+		return fmt.Errorf("%w: %d bytes", ErrTrailingBytes, len(body)-n)
+	}
+	return h.fill(p, bytes.Clone(body))
+}
+
+// header is a parsed packet header.
+type header struct {
+	response bool
+	id       uint64
+	timeout  int32
+	connLen  int
+	appLen   int
+}
+
+func (h *header) bodyLen() int { return h.connLen + h.appLen }
+
+// parse checks and reads a header. max bounds conn length plus app length.
+func (h *header) parse(b []byte, max int) error {
+	if b[0] != ProtocolVersion {
+		return fmt.Errorf("%w: %d", ErrBadVersion, b[0])
+	}
+	switch b[1] {
+	case typeRequest, typeResponse:
+	default:
+		return fmt.Errorf("%w: %d", ErrBadType, b[1])
+	}
+	h.response = b[1] == typeResponse
+	h.id = binary.BigEndian.Uint64(b[4:12])
+	h.timeout = int32(binary.BigEndian.Uint32(b[12:16]))
+	c := int32(binary.BigEndian.Uint32(b[16:20]))
+	a := int32(binary.BigEndian.Uint32(b[20:24]))
+	if c < 0 || a < 0 {
+		return fmt.Errorf("%w: conn %d, app %d", ErrNegativeLength, c, a)
+	}
+	if int64(c)+int64(a) > int64(max) {
+		return fmt.Errorf("%w: conn %d + app %d bytes, maximum %d", ErrPacketTooLarge, c, a, max)
+	}
+	h.connLen, h.appLen = int(c), int(a)
+	return nil
+}
+
+// fill sets p from h and its body, checking that the conn object is a
+// JSON object.
+func (h *header) fill(p *Packet, body []byte) error {
+	conn := body[:h.connLen:h.connLen]
+	if !isJSONObject(conn) {
+		return fmt.Errorf("%w: %.64q", ErrBadConn, conn)
+	}
+	p.Response, p.ID, p.Timeout, p.Conn, p.App = h.response, h.id, h.timeout, conn, nil
+	if h.appLen > 0 {
+		p.App = body[h.connLen:]
+	}
+	return nil
+}
+
+func isJSONObject(b []byte) bool {
+	b = bytes.TrimLeft(b, " \t\r\n")
+	return len(b) > 0 && b[0] == '{' && json.Valid(b)
+}
+
+func truncated(where string, got, want int) error {
+	return fmt.Errorf("%w: %s has %d of %d bytes: %w", ErrTruncated, where, got, want, io.ErrUnexpectedEOF)
+}
+
+func appendHeader(b []byte, response bool, id uint64, timeout int32, connLen, appLen int) []byte {
+	t := byte(typeRequest)
+	if response {
+		t = typeResponse
+	}
+	b = append(b, ProtocolVersion, t, 0, 0)
+	b = binary.BigEndian.AppendUint64(b, id)
+	b = binary.BigEndian.AppendUint32(b, uint32(timeout))
+	b = binary.BigEndian.AppendUint32(b, uint32(connLen))
+	return binary.BigEndian.AppendUint32(b, uint32(appLen))
+}
+
+// Reader takes one packet at a time off a stream. It is not safe for
+// concurrent use.
+type Reader struct {
+	r   io.Reader
+	max int
+	hdr [HeaderSize]byte
+}
+
+// NewReader returns a Reader of r that refuses packets whose conn length
+// plus app length exceed maxPacketSize (DefaultMaxPacketSize when
+// maxPacketSize <= 0). Wrap a network connection in a bufio.Reader first
+// to save system calls.
+func NewReader(r io.Reader, maxPacketSize int) *Reader {
+	if maxPacketSize <= 0 {
+		maxPacketSize = DefaultMaxPacketSize
+	}
+	return &Reader{r: r, max: maxPacketSize}
+}
+
+// ReadPacket reads the next packet into p. Conn and App share one newly
+// allocated slice that the caller may keep. At a clean end of stream,
+// before any byte of a header, it returns io.EOF; an end inside a packet
+// is ErrTruncated. Memory held for a body grows with the bytes that
+// actually arrive, whatever the header claims.
+func (r *Reader) ReadPacket(p *Packet) error {
+	if n, err := io.ReadFull(r.r, r.hdr[:]); err != nil {
+		if err == io.EOF {
+			return io.EOF
+		}
+		if err == io.ErrUnexpectedEOF {
+			return truncated("header", n, HeaderSize)
+		}
+		return err
+	}
+	var h header
+	if err := h.parse(r.hdr[:], r.max); err != nil {
+		return err
+	}
+	body, err := readBody(r.r, h.bodyLen())
+	if err != nil {
+		return err
+	}
+	return h.fill(p, body)
+}
+
+// readBody reads n bytes. Up to readChunk it allocates n at once; past
+// that it doubles its buffer only as bytes arrive.
+func readBody(r io.Reader, n int) ([]byte, error) {
+	size := min(n, readChunk)
+	b := make([]byte, 0, size)
+	for {
+		m, err := io.ReadFull(r, b[len(b):cap(b)])
+		b = b[:len(b)+m]
+		if err != nil {
+			if err == io.EOF || err == io.ErrUnexpectedEOF {
+				return nil, truncated("body", len(b), n)
+			}
+			return nil, err
+		}
+		if len(b) == n {
+			return b, nil
+		}
+		grown := make([]byte, len(b), min(n, 2*cap(b)))
+		copy(grown, b)
+		b = grown
+	}
+}
+
+// Conn object types, as the "type" key spells them.
+const (
+	typeRegisterChannel    = "register_channel"
+	typeRegisterChannelRes = "register_channel_res"
+	typeSubscribe          = "subscribe"
+	typeUnSubscribe        = "unSubscribe"
+	typeSubscribeResult    = "subscribe_result"
+	typeSubscribeResultRes = "subscribe_result_res"
+	typeInvoke             = "invoke"
+	typeInvokeResult       = "invoke_result"
+	typeHeartbeat          = "heartbeat"
+	typeHeartbeatRes       = "heartbeat_res"
+	// typeLeaderClosing is this package's own addition: a request from a
+	// leader that is closing on purpose. A Go follower finishes what it
+	// has in flight, then leaves and elects again; the reference follower
+	// ignores requests of types it does not know.
+	typeLeaderClosing = "leader_closing"
+)
+
+// connObject is one of the typed conn objects below. appendJSON writes it
+// as JSON.stringify writes the reference's object: keys in the
+// reference's order, no spaces, no trailing newline.
+type connObject interface {
+	appendJSON(b []byte) []byte
+}
+
+// registerChannel is the first packet a follower sends on a connection.
+type registerChannel struct {
+	ChannelName string
+	// Secret is this package's addition, sent only when Config.Secret is
+	// set.
+	Secret string
+}
+
+// registerChannelRes answers registerChannel; its app object says
+// whether the leader's real client is ready.
+type registerChannelRes struct{}
+
+// subscribe asks the leader to push the values of Key.
+type subscribe struct {
+	Key string
+	Reg json.RawMessage
+}
+
+// unSubscribe tells the leader the follower no longer wants Key.
+type unSubscribe struct {
+	Key string
+	Reg json.RawMessage
+}
+
+// subscribeResult pushes a value of Key (the app object) to a follower.
+type subscribeResult struct{ Key string }
+
+// subscribeResultRes acknowledges a subscribeResult.
+type subscribeResultRes struct{}
+
+// invoke runs Method on the leader's real client with ArgLength
+// arguments framed in the app object.
+type invoke struct {
+	Method    string
+	ArgLength int
+	Oneway    bool
+}
+
+// invokeResult answers invoke: the result, or an error object.
+type invokeResult struct{ Success bool }
+
+// heartbeat asks the leader for a sign of life.
+type heartbeat struct{}
+
+// heartbeatRes answers heartbeat.
+type heartbeatRes struct{}
+
+// leaderClosing announces a planned leader close.
+type leaderClosing struct{}
+
+func (c registerChannel) appendJSON(b []byte) []byte {
+	b = append(b, `{"type":"register_channel","channelName":`...)
+	b = appendJSONString(b, c.ChannelName)
+	if c.Secret != "" {
+		b = append(b, `,"secret":`...)
+		b = appendJSONString(b, c.Secret)
+	}
+	return append(b, '}')
+}
+
+func (registerChannelRes) appendJSON(b []byte) []byte {
+	return append(b, `{"type":"register_channel_res"}`...)
+}
+
+func (c subscribe) appendJSON(b []byte) []byte {
+	return appendKeyReg(b, `{"type":"subscribe","key":`, c.Key, c.Reg)
+}
+
+func (c unSubscribe) appendJSON(b []byte) []byte {
+	return appendKeyReg(b, `{"type":"unSubscribe","key":`, c.Key, c.Reg)
+}
+
+func appendKeyReg(b []byte, prefix, key string, reg json.RawMessage) []byte {
+	b = append(b, prefix...)
+	b = appendJSONString(b, key)
+	b = append(b, `,"reg":`...)
+	if len(reg) == 0 {
+		b = append(b, "null"...)
+	} else {
+		b = append(b, reg...)
+	}
+	return append(b, '}')
+}
+
+func (c subscribeResult) appendJSON(b []byte) []byte {
+	b = append(b, `{"type":"subscribe_result","key":`...)
+	b = appendJSONString(b, c.Key)
+	return append(b, '}')
+}
+
+func (subscribeResultRes) appendJSON(b []byte) []byte {
+	return append(b, `{"type":"subscribe_result_res"}`...)
+}
+
+func (c invoke) appendJSON(b []byte) []byte {
+	b = append(b, `{"type":"invoke","method":`...)
+	b = appendJSONString(b, c.Method)
+	b = append(b, `,"argLength":`...)
+	b = strconv.AppendInt(b, int64(c.ArgLength), 10)
+	b = append(b, `,"oneway":`...)
+	b = strconv.AppendBool(b, c.Oneway)
+	return append(b, '}')
+}
+
+func (c invokeResult) appendJSON(b []byte) []byte {
+	if c.Success {
+		return append(b, `{"type":"invoke_result","success":true}`...)
+	}
+	return append(b, `{"type":"invoke_result","success":false}`...)
+}
+
+func (heartbeat) appendJSON(b []byte) []byte { return append(b, `{"type":"heartbeat"}`...) }
+
+func (heartbeatRes) appendJSON(b []byte) []byte { return append(b, `{"type":"heartbeat_res"}`...) }
+
+func (leaderClosing) appendJSON(b []byte) []byte {
+	return append(b, `{"type":"leader_closing"}`...)
+}
+
+// appendJSONString writes s as JSON.stringify writes a string: only '"',
+// '\\' and control characters are escaped; '<', '>', '&', U+2028, U+2029
+// and all other text stay as UTF-8. Invalid UTF-8 is written as U+FFFD.
+func appendJSONString(b []byte, s string) []byte {
+	const hex = "0123456789abcdef"
+	b = append(b, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c >= 0x20 && c != '"' && c != '\\' && c < utf8.RuneSelf {
+			i++
+			continue
+		}
+		if c >= utf8.RuneSelf {
+			r, size := utf8.DecodeRuneInString(s[i:])
+			if r == utf8.RuneError && size == 1 {
+				b = append(b, s[start:i]...)
+				b = append(b, "\ufffd"...)
+				i += size
+				start = i
+				continue
+			}
+			i += size
+			continue
+		}
+		b = append(b, s[start:i]...)
+		switch c {
+		case '"', '\\':
+			b = append(b, '\\', c)
+		case '\b':
+			b = append(b, '\\', 'b')
+		case '\f':
+			b = append(b, '\\', 'f')
+		case '\n':
+			b = append(b, '\\', 'n')
+		case '\r':
+			b = append(b, '\\', 'r')
+		case '\t':
+			b = append(b, '\\', 't')
+		default:
+			b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
+		}
+		i++
+		start = i
+	}
+	b = append(b, s[start:]...)
+	return append(b, '"')
+}
+
+// connFields holds every key that a conn object of any type may carry.
+type connFields struct {
+	Type        string          `json:"type"`
+	ChannelName string          `json:"channelName"`
+	Secret      string          `json:"secret"`
+	Key         string          `json:"key"`
+	Reg         json.RawMessage `json:"reg"`
+	Method      string          `json:"method"`
+	ArgLength   int             `json:"argLength"`
+	Oneway      bool            `json:"oneway"`
+	Success     bool            `json:"success"`
+}
+
+// parseConn decodes a conn object into its typed value. An unknown type
+// is not an error here: it returns nil and the type's name, and the
+// caller decides (the reference ignores such packets).
+func parseConn(b []byte) (connObject, string, error) {
+	var f connFields
+	if err := json.Unmarshal(b, &f); err != nil {
+		return nil, "", fmt.Errorf("%w: %v", ErrBadConn, err)
+	}
+	switch f.Type {
+	case typeRegisterChannel:
+		return registerChannel{ChannelName: f.ChannelName, Secret: f.Secret}, f.Type, nil
+	case typeRegisterChannelRes:
+		return registerChannelRes{}, f.Type, nil
+	case typeSubscribe:
+		return subscribe{Key: f.Key, Reg: f.Reg}, f.Type, nil
+	case typeUnSubscribe:
+		return unSubscribe{Key: f.Key, Reg: f.Reg}, f.Type, nil
+	case typeSubscribeResult:
+		return subscribeResult{Key: f.Key}, f.Type, nil
+	case typeSubscribeResultRes:
+		return subscribeResultRes{}, f.Type, nil
+	case typeInvoke:
+		if f.ArgLength < 0 {
+			return nil, f.Type, fmt.Errorf("%w: argLength %d", ErrArgCount, f.ArgLength)
+		}
+		return invoke{Method: f.Method, ArgLength: f.ArgLength, Oneway: f.Oneway}, f.Type, nil
+	case typeInvokeResult:
+		return invokeResult{Success: f.Success}, f.Type, nil
+	case typeHeartbeat:
+		return heartbeat{}, f.Type, nil
+	case typeHeartbeatRes:
+		return heartbeatRes{}, f.Type, nil
+	case typeLeaderClosing:
+		return leaderClosing{}, f.Type, nil
+	}
+	return nil, f.Type, nil
+}
+
+// appendPacket appends a whole packet with conn object c and app object
+// app (nil for none) to b.
+func appendPacket(b []byte, response bool, id uint64, timeout int32, c connObject, app []byte) ([]byte, error) {
+	start := len(b)
+	b = appendHeader(b, response, id, timeout, 0, 0)
+	b = c.appendJSON(b)
+	connLen := len(b) - start - HeaderSize
+	b = append(b, app...)
+	return finishPacket(b, start, connLen)
+}
+
+// appendInvoke appends an invoke packet whose app object frames args,
+// without building the app object separately.
+func appendInvoke(b []byte, id uint64, timeout int32, method string, oneway bool, args [][]byte) ([]byte, error) {
+	start := len(b)
+	b = appendHeader(b, false, id, timeout, 0, 0)
+	b = invoke{Method: method, ArgLength: len(args), Oneway: oneway}.appendJSON(b)
+	connLen := len(b) - start - HeaderSize
+	b = appendArgs(b, args)
+	return finishPacket(b, start, connLen)
+}
+
+// finishPacket writes the conn and app lengths into the header that
+// starts at b[start], undoing the append if the packet is too large.
+func finishPacket(b []byte, start, connLen int) ([]byte, error) {
+	appLen := len(b) - start - HeaderSize - connLen
+	if connLen > math.MaxInt32 || appLen > math.MaxInt32 {
+		return b[:start], fmt.Errorf("%w: conn %d bytes, app %d bytes", ErrPacketTooLarge, connLen, appLen)
+	}
+	binary.BigEndian.PutUint32(b[start+16:], uint32(connLen))
+	binary.BigEndian.PutUint32(b[start+20:], uint32(appLen))
+	return b, nil
+}
+
+// appendArgs frames invoke arguments: for each, a 4-byte big-endian
+// length, then its bytes.
+func appendArgs(b []byte, args [][]byte) []byte {
+	for _, a := range args {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(a)))
+		b = append(b, a...)
+	}
+	return b
+}
+
+// splitArgs splits an invoke's app object into argLength arguments,
+// which alias app. The frame must hold exactly argLength arguments.
+func splitArgs(app []byte, argLength int) ([][]byte, error) {
+	if argLength < 0 || argLength > len(app)/4 {
+		return nil, fmt.Errorf("%w: argLength %d, app object %d bytes", ErrArgCount, argLength, len(app))
+	}
+	if argLength == 0 {
+		if len(app) != 0 {
+			return nil, fmt.Errorf("%w: argLength 0, app object %d bytes", ErrArgCount, len(app))
+		}
+		return nil, nil
+	}
+	args := make([][]byte, argLength)
+	rest := app
+	for i := range args {
+		if len(rest) < 4 {
+			return nil, fmt.Errorf("%w: argLength %d, frame holds %d", ErrArgCount, argLength, i)
+		}
+		n := binary.BigEndian.Uint32(rest)
+		rest = rest[4:]
+		if uint64(n) > uint64(len(rest)) {
+			return nil, fmt.Errorf("%w: argument %d claims %d bytes, %d remain", ErrArgOverrun, i, n, len(rest))
+		}
+		args[i] = rest[:n:n]
+		rest = rest[n:]
+	}
+	if len(rest) != 0 {
+		return nil, fmt.Errorf("%w: argLength %d, %d bytes left after the last argument", ErrArgCount, argLength, len(rest))
+	}
+	return args, nil
+}
+
+// subscriptionKey is the key of a registration: "$$inner$$__" followed
+// by the registration's JSON.
+func subscriptionKey(reg []byte) string {
+	return "$$inner$$__" + string(reg)
+}
