@@ -9,6 +9,7 @@ import (
 	"io"
 	"math"
 	"strconv"
+	"sync"
 	"unicode/utf8"
 )
 
@@ -219,10 +220,15 @@ func NewReader(r io.Reader, maxPacketSize int) *Reader {
 }
 
 // ReadPacket reads the next packet into p. Conn and App share one newly
-// allocated slice that the caller may keep. At a clean end of stream,
-// before any byte of a header, it returns io.EOF; an end inside a packet
-// is ErrTruncated. Memory held for a body grows with the bytes that
-// actually arrive, whatever the header claims.
+// allocated slice that the caller may keep; nothing is reused from one
+// packet to the next. At a clean end of stream, before any byte of a
+// header, it returns io.EOF; an end inside a packet is ErrTruncated.
+// Memory held for a body grows with the bytes that actually arrive,
+// whatever the header claims (see readBody).
+//
+// On error p is left as it was. After ErrBadConn the whole packet has
+// been consumed and the next one can be read; after any other error the
+// stream is no longer at a packet boundary and should be dropped.
 func (r *Reader) ReadPacket(p *Packet) error {
 	if n, err := io.ReadFull(r.r, r.hdr[:]); err != nil {
 		if err == io.EOF {
@@ -244,8 +250,11 @@ func (r *Reader) ReadPacket(p *Packet) error {
 	return h.fill(p, body)
 }
 
-// readBody reads n bytes. Up to readChunk it allocates n at once; past
-// that it doubles its buffer only as bytes arrive.
+// readBody reads n bytes into a new slice. Up to readChunk it allocates
+// n at once; past that it starts with readChunk and doubles the buffer
+// (capped at n) only once the bytes already asked for have arrived. So
+// a body that arrives whole costs less than 3n bytes of allocation, and
+// one cut short after m bytes costs at most max(readChunk, 4m).
 func readBody(r io.Reader, n int) ([]byte, error) {
 	size := min(n, readChunk)
 	b := make([]byte, 0, size)
@@ -365,13 +374,15 @@ func (c unSubscribe) appendJSON(b []byte) []byte {
 	return appendKeyReg(b, `{"type":"unSubscribe","key":`, c.Key, c.Reg)
 }
 
+// appendKeyReg writes a subscribe or unSubscribe conn object. An empty
+// reg is left out, as JSON.stringify leaves out a key whose value is
+// undefined, so that parseConn gives back a nil Reg; reg is written as
+// it is and must be valid JSON.
 func appendKeyReg(b []byte, prefix, key string, reg json.RawMessage) []byte {
 	b = append(b, prefix...)
 	b = appendJSONString(b, key)
-	b = append(b, `,"reg":`...)
-	if len(reg) == 0 {
-		b = append(b, "null"...)
-	} else {
+	if len(reg) > 0 {
+		b = append(b, `,"reg":`...)
 		b = append(b, reg...)
 	}
 	return append(b, '}')
@@ -461,55 +472,405 @@ func appendJSONString(b []byte, s string) []byte {
 	return append(b, '"')
 }
 
-// connFields holds every key that a conn object of any type may carry.
-type connFields struct {
-	Type        string          `json:"type"`
-	ChannelName string          `json:"channelName"`
-	Secret      string          `json:"secret"`
-	Key         string          `json:"key"`
-	Reg         json.RawMessage `json:"reg"`
-	Method      string          `json:"method"`
-	ArgLength   int             `json:"argLength"`
-	Oneway      bool            `json:"oneway"`
-	Success     bool            `json:"success"`
-}
-
 // parseConn decodes a conn object into its typed value. An unknown type
 // is not an error here: it returns nil and the type's name, and the
 // caller decides (the reference ignores such packets).
+//
+// It reads b as JSON.parse would, not as encoding/json would:
+//   - b must be one valid JSON object (json.Valid checks it), with
+//     optional surrounding JSON whitespace;
+//   - keys match case-sensitively, so {"Type":"heartbeat"} has no type;
+//   - a repeated key counts by its last value, but every value of a
+//     known key must have that key's JSON type (null is allowed and
+//     leaves the field as it was) or the object is ErrBadConn;
+//   - strings are decoded as encoding/json decodes them (escapes, and
+//     invalid UTF-8 or lone surrogates as U+FFFD).
+//
+// An invoke with a negative argLength is ErrArgCount. Reg, when present,
+// is a copy of the raw JSON value and never aliases b.
 func parseConn(b []byte) (connObject, string, error) {
 	var f connFields
-	if err := json.Unmarshal(b, &f); err != nil {
+	if err := f.scan(b); err != nil {
+		return nil, "", fmt.Errorf("%w: %v: %.64q", ErrBadConn, err, b)
+	}
+	typ, err := f.typeName()
+	if err != nil {
 		return nil, "", fmt.Errorf("%w: %v", ErrBadConn, err)
 	}
-	switch f.Type {
+	switch typ {
 	case typeRegisterChannel:
-		return registerChannel{ChannelName: f.ChannelName, Secret: f.Secret}, f.Type, nil
-	case typeRegisterChannelRes:
-		return registerChannelRes{}, f.Type, nil
-	case typeSubscribe:
-		return subscribe{Key: f.Key, Reg: f.Reg}, f.Type, nil
-	case typeUnSubscribe:
-		return unSubscribe{Key: f.Key, Reg: f.Reg}, f.Type, nil
-	case typeSubscribeResult:
-		return subscribeResult{Key: f.Key}, f.Type, nil
-	case typeSubscribeResultRes:
-		return subscribeResultRes{}, f.Type, nil
-	case typeInvoke:
-		if f.ArgLength < 0 {
-			return nil, f.Type, fmt.Errorf("%w: argLength %d", ErrArgCount, f.ArgLength)
+		name, err := jsonString(f.channelName)
+		if err != nil {
+			return nil, "", fmt.Errorf("%w: channelName: %v", ErrBadConn, err)
 		}
-		return invoke{Method: f.Method, ArgLength: f.ArgLength, Oneway: f.Oneway}, f.Type, nil
+		secret, err := jsonString(f.secret)
+		if err != nil {
+			return nil, "", fmt.Errorf("%w: secret: %v", ErrBadConn, err)
+		}
+		return registerChannel{ChannelName: name, Secret: secret}, typ, nil
+	case typeSubscribe, typeUnSubscribe, typeSubscribeResult:
+		key, err := jsonString(f.key)
+		if err != nil {
+			return nil, "", fmt.Errorf("%w: key: %v", ErrBadConn, err)
+		}
+		var reg json.RawMessage
+		if f.reg != nil {
+			reg = bytes.Clone(f.reg)
+		}
+		switch typ {
+		case typeSubscribe:
+			return subscribe{Key: key, Reg: reg}, typ, nil
+		case typeUnSubscribe:
+			return unSubscribe{Key: key, Reg: reg}, typ, nil
+		}
+		return subscribeResult{Key: key}, typ, nil
+	case typeInvoke:
+		if f.argLength < 0 {
+			return nil, typ, fmt.Errorf("%w: argLength %d", ErrArgCount, f.argLength)
+		}
+		method, err := methodName(f.method)
+		if err != nil {
+			return nil, "", fmt.Errorf("%w: method: %v", ErrBadConn, err)
+		}
+		return invoke{Method: method, ArgLength: f.argLength, Oneway: f.oneway}, typ, nil
 	case typeInvokeResult:
-		return invokeResult{Success: f.Success}, f.Type, nil
+		if f.success {
+			return invokeResultTrue, typ, nil
+		}
+		return invokeResultFalse, typ, nil
+	case typeRegisterChannelRes:
+		return registerChannelRes{}, typ, nil
+	case typeSubscribeResultRes:
+		return subscribeResultRes{}, typ, nil
 	case typeHeartbeat:
-		return heartbeat{}, f.Type, nil
+		return heartbeat{}, typ, nil
 	case typeHeartbeatRes:
-		return heartbeatRes{}, f.Type, nil
+		return heartbeatRes{}, typ, nil
 	case typeLeaderClosing:
-		return leaderClosing{}, f.Type, nil
+		return leaderClosing{}, typ, nil
 	}
-	return nil, f.Type, nil
+	return nil, typ, nil
+}
+
+// invokeResult values boxed once, so that decoding one allocates nothing.
+var (
+	invokeResultTrue  connObject = invokeResult{Success: true}
+	invokeResultFalse connObject = invokeResult{Success: false}
+)
+
+// connFields holds what parseConn found for every key that a conn object
+// of any type may carry. The string fields hold the raw JSON string
+// literal (quotes included) of the key's last non-null value, or nil;
+// reg holds the raw JSON value, any type, aliasing the scanned bytes.
+type connFields struct {
+	typ, channelName, secret, key, method []byte
+	reg                                   []byte
+	argLength                             int
+	oneway, success                       bool
+}
+
+// errMalformed is reported if scan ever runs off the end of input that
+// json.Valid accepted; it cannot happen unless the two disagree.
+var errMalformed = errors.New("malformed JSON")
+
+// scan checks that b is one valid JSON object and records the values of
+// the known keys among its members. Nested values are skipped, not
+// looked into. json.Valid bounds the nesting depth (10000 levels) and
+// proves the grammar, so the walk below only has to find where each
+// member starts and ends; it still checks every index it reads.
+func (f *connFields) scan(b []byte) error {
+	if !isJSONObject(b) {
+		return errors.New("not a JSON object")
+	}
+	i := skipSpace(b, 0) + 1 // past '{'
+	i = skipSpace(b, i)
+	if i < len(b) && b[i] == '}' {
+		return nil
+	}
+	for i < len(b) {
+		keyEnd := stringEnd(b, i)
+		if keyEnd < 0 {
+			return errMalformed
+		}
+		key := b[i:keyEnd]
+		i = skipSpace(b, keyEnd)
+		if i >= len(b) || b[i] != ':' {
+			return errMalformed
+		}
+		i = skipSpace(b, i+1)
+		valEnd := valueEnd(b, i)
+		if valEnd < 0 {
+			return errMalformed
+		}
+		if err := f.set(key, b[i:valEnd]); err != nil {
+			return err
+		}
+		i = skipSpace(b, valEnd)
+		if i >= len(b) {
+			break
+		}
+		if b[i] == '}' {
+			return nil
+		}
+		if b[i] != ',' {
+			break
+		}
+		i = skipSpace(b, i+1)
+	}
+	return errMalformed
+}
+
+// set records val, the raw JSON value of member key (a raw string
+// literal), if key is one that parseConn reads.
+func (f *connFields) set(key, val []byte) error {
+	name := key[1 : len(key)-1]
+	if bytes.IndexByte(name, '\\') >= 0 {
+		// A key spelled with escapes: rare, decode it properly.
+		s, err := jsonString(key)
+		if err != nil {
+			return err
+		}
+		name = []byte(s)
+	}
+	var err error
+	switch string(name) {
+	case "type":
+		err = setString(&f.typ, val)
+	case "channelName":
+		err = setString(&f.channelName, val)
+	case "secret":
+		err = setString(&f.secret, val)
+	case "key":
+		err = setString(&f.key, val)
+	case "method":
+		err = setString(&f.method, val)
+	case "reg":
+		f.reg = val
+	case "argLength":
+		err = setInt(&f.argLength, val)
+	case "oneway":
+		err = setBool(&f.oneway, val)
+	case "success":
+		err = setBool(&f.success, val)
+	default:
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("key %q: %w", name, err)
+	}
+	return nil
+}
+
+// setString keeps val in *dst if it is a string literal; null leaves
+// *dst as it was.
+func setString(dst *[]byte, val []byte) error {
+	switch val[0] {
+	case '"':
+		*dst = val
+	case 'n':
+	default:
+		return errors.New("want a string")
+	}
+	return nil
+}
+
+// setBool sets *dst from true or false; null leaves it as it was.
+func setBool(dst *bool, val []byte) error {
+	switch val[0] {
+	case 't':
+		*dst = true
+	case 'f':
+		*dst = false
+	case 'n':
+	default:
+		return errors.New("want true or false")
+	}
+	return nil
+}
+
+// setInt sets *dst from a JSON number that is an integer written
+// without fraction or exponent and fits an int, as encoding/json
+// requires for an int; null leaves *dst as it was.
+func setInt(dst *int, val []byte) error {
+	c := val[0]
+	if c == 'n' {
+		return nil
+	}
+	if c != '-' && (c < '0' || c > '9') {
+		return errors.New("want a number")
+	}
+	n, err := strconv.ParseInt(string(val), 10, 0)
+	if err != nil {
+		return errors.New("want an integer that fits an int")
+	}
+	*dst = int(n)
+	return nil
+}
+
+// typeName returns the conn object's type: one of the type constants
+// when it is a known type (no allocation), else a new string.
+func (f *connFields) typeName() (string, error) {
+	if f.typ == nil {
+		return "", nil
+	}
+	if s := f.typ[1 : len(f.typ)-1]; bytes.IndexByte(s, '\\') < 0 {
+		for _, t := range knownTypes {
+			if string(s) == t {
+				return t, nil
+			}
+		}
+	}
+	return jsonString(f.typ)
+}
+
+var knownTypes = [...]string{
+	typeRegisterChannel, typeRegisterChannelRes, typeSubscribe,
+	typeUnSubscribe, typeSubscribeResult, typeSubscribeResultRes,
+	typeInvoke, typeInvokeResult, typeHeartbeat, typeHeartbeatRes,
+	typeLeaderClosing,
+}
+
+// jsonString decodes lit, a JSON string literal that json.Valid accepted,
+// or nil for an absent value (""). Without escapes and in valid UTF-8 it
+// is the bytes between the quotes; otherwise encoding/json decodes it.
+func jsonString(lit []byte) (string, error) {
+	if lit == nil {
+		return "", nil
+	}
+	if len(lit) < 2 || lit[0] != '"' || lit[len(lit)-1] != '"' {
+		return "", errMalformed
+	}
+	s := lit[1 : len(lit)-1]
+	if bytes.IndexByte(s, '\\') < 0 && utf8.Valid(s) {
+		return string(s), nil
+	}
+	var out string
+	if err := json.Unmarshal(lit, &out); err != nil {
+		return "", err
+	}
+	return out, nil
+}
+
+// Method names of invoke conn objects are interned, so that decoding an
+// invoke of a method seen before allocates no string. The table holds at
+// most maxMethodNames names of at most maxMethodNameLen bytes (some 32
+// KiB in all), first come first kept, never removed; once it is full,
+// further names are allocated per packet as any string would be.
+const (
+	maxMethodNames   = 256
+	maxMethodNameLen = 64
+)
+
+var methodNames struct {
+	sync.Mutex
+	m map[string]string
+}
+
+// methodName decodes lit like jsonString, through the intern table.
+func methodName(lit []byte) (string, error) {
+	if lit == nil {
+		return "", nil
+	}
+	s := lit[1 : len(lit)-1]
+	if len(s) > maxMethodNameLen || bytes.IndexByte(s, '\\') >= 0 || !utf8.Valid(s) {
+		return jsonString(lit)
+	}
+	methodNames.Lock()
+	defer methodNames.Unlock()
+	if name, ok := methodNames.m[string(s)]; ok {
+		return name, nil
+	}
+	name := string(s)
+	if len(methodNames.m) < maxMethodNames {
+		if methodNames.m == nil {
+			methodNames.m = make(map[string]string, maxMethodNames)
+		}
+		methodNames.m[name] = name
+	}
+	return name, nil
+}
+
+// skipSpace returns the index of the first byte at or after i that is
+// not JSON whitespace, or len(b).
+func skipSpace(b []byte, i int) int {
+	for i < len(b) {
+		switch b[i] {
+		case ' ', '\t', '\r', '\n':
+			i++
+		default:
+			return i
+		}
+	}
+	return i
+}
+
+// stringEnd returns the index just past the string literal that starts
+// at b[i], or -1 if there is none.
+func stringEnd(b []byte, i int) int {
+	if i >= len(b) || b[i] != '"' {
+		return -1
+	}
+	for i++; i < len(b); i++ {
+		switch b[i] {
+		case '\\':
+			i++ // the escaped byte; \uXXXX's hex digits need no care
+		case '"':
+			return i + 1
+		}
+	}
+	return -1
+}
+
+// valueEnd returns the index just past the JSON value that starts at
+// b[i], or -1. Objects and arrays are skipped by counting brackets
+// outside strings, which is enough for input that json.Valid accepted.
+func valueEnd(b []byte, i int) int {
+	if i >= len(b) {
+		return -1
+	}
+	switch b[i] {
+	case '"':
+		return stringEnd(b, i)
+	case '{', '[':
+		depth := 0
+		for i < len(b) {
+			switch b[i] {
+			case '"':
+				i = stringEnd(b, i)
+				if i < 0 {
+					return -1
+				}
+				continue
+			case '{', '[':
+				depth++
+			case '}', ']':
+				depth--
+				if depth == 0 {
+					return i + 1
+				}
+			}
+			i++
+		}
+		return -1
+	}
+	// A number, true, false or null: up to the next delimiter.
+	start := i
+	for i < len(b) && !isDelimiter(b[i]) {
+		i++
+	}
+	if i == start {
+		return -1
+	}
+	return i
+}
+
+// isDelimiter reports whether c ends a number or a literal.
+func isDelimiter(c byte) bool {
+	switch c {
+	case ',', '}', ']', ' ', '\t', '\r', '\n':
+		return true
+	}
+	return false
 }
 
 // appendPacket appends a whole packet with conn object c and app object
@@ -557,35 +918,54 @@ func appendArgs(b []byte, args [][]byte) []byte {
 }
 
 // splitArgs splits an invoke's app object into argLength arguments,
-// which alias app. The frame must hold exactly argLength arguments.
+// which alias app (each capped at its own end, so appending to one
+// cannot overwrite the next). The frame must hold exactly argLength
+// arguments: fewer, or bytes left after the last, is ErrArgCount; a
+// length that runs past the end of app is ErrArgOverrun.
+//
+// The frame is checked before anything is allocated. Each argument
+// takes at least its 4-byte length, so argLength <= len(app)/4 and the
+// returned slice costs at most 6 bytes per byte of app (24-byte slice
+// headers on 64-bit platforms).
 func splitArgs(app []byte, argLength int) ([][]byte, error) {
 	if argLength < 0 || argLength > len(app)/4 {
 		return nil, fmt.Errorf("%w: argLength %d, app object %d bytes", ErrArgCount, argLength, len(app))
 	}
+	if err := checkArgs(app, argLength); err != nil {
+		return nil, err
+	}
 	if argLength == 0 {
-		if len(app) != 0 {
-			return nil, fmt.Errorf("%w: argLength 0, app object %d bytes", ErrArgCount, len(app))
-		}
 		return nil, nil
 	}
 	args := make([][]byte, argLength)
 	rest := app
 	for i := range args {
+		// checkArgs proved 4+n <= len(rest), so n fits an int.
+		n := int(binary.BigEndian.Uint32(rest))
+		args[i] = rest[4 : 4+n : 4+n]
+		rest = rest[4+n:]
+	}
+	return args, nil
+}
+
+// checkArgs checks that app frames exactly argLength arguments.
+func checkArgs(app []byte, argLength int) error {
+	rest := app
+	for i := 0; i < argLength; i++ {
 		if len(rest) < 4 {
-			return nil, fmt.Errorf("%w: argLength %d, frame holds %d", ErrArgCount, argLength, i)
+			return fmt.Errorf("%w: argLength %d, frame holds %d", ErrArgCount, argLength, i)
 		}
 		n := binary.BigEndian.Uint32(rest)
 		rest = rest[4:]
 		if uint64(n) > uint64(len(rest)) {
-			return nil, fmt.Errorf("%w: argument %d claims %d bytes, %d remain", ErrArgOverrun, i, n, len(rest))
+			return fmt.Errorf("%w: argument %d claims %d bytes, %d remain", ErrArgOverrun, i, n, len(rest))
 		}
-		args[i] = rest[:n:n]
 		rest = rest[n:]
 	}
 	if len(rest) != 0 {
-		return nil, fmt.Errorf("%w: argLength %d, %d bytes left after the last argument", ErrArgCount, argLength, len(rest))
+		return fmt.Errorf("%w: argLength %d, %d bytes left after the last argument", ErrArgCount, argLength, len(rest))
 	}
-	return args, nil
+	return nil
 }
 
 // subscriptionKey is the key of a registration: "$$inner$$__" followed

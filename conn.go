@@ -1,0 +1,139 @@
+package clusterclient
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// keepBuffer is the largest write buffer a sender keeps between flushes;
+// a larger one, left by a large packet, goes back to the garbage
+// collector.
+const keepBuffer = 64 << 10
+
+// errQueueFull: a peer is not reading fast enough to keep its queue under
+// Config.MaxQueuedBytes.
+var errQueueFull = errors.New("clusterclient: peer is not reading: write queue over Config.MaxQueuedBytes")
+
+// lastID hands out request ids for the whole process, as the reference
+// does.
+var lastID atomic.Uint64
+
+func nextID() uint64 { return lastID.Add(1) }
+
+// sender writes packets to one connection. Packets are encoded into buf
+// under mu; the goroutine that finds no flush under way becomes the
+// flusher and writes everything queued, so concurrent senders are batched
+// into one write and no lock is held while the socket is written. A
+// sequential caller writes in its own goroutine, with no hand-off.
+type sender struct {
+	nc       net.Conn
+	maxQueue int           // bound on len(buf), Config.MaxQueuedBytes
+	timeout  time.Duration // write deadline of one flush
+	onFail   func(error)   // called once, outside mu, when a write fails
+
+	mu       sync.Mutex
+	buf      []byte // guarded by mu: encoded packets not yet written
+	spare    []byte // guarded by mu: the other buffer, empty
+	flushing bool   // guarded by mu: a goroutine is writing
+	err      error  // guarded by mu: why the connection can take no more
+}
+
+func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(error)) *sender {
+	return &sender{nc: nc, maxQueue: maxQueue, timeout: timeout, onFail: onFail}
+}
+
+// send encodes a packet with encode and queues it. With inline set the
+// caller may do the write itself; otherwise a flush that is needed runs
+// in a new goroutine, so the caller never waits on the socket.
+func (s *sender) send(inline bool, encode func(b []byte) ([]byte, error)) error {
+	s.mu.Lock()
+	if s.err != nil {
+		err := s.err
+		s.mu.Unlock()
+		return err
+	}
+	n := len(s.buf)
+	b, err := encode(s.buf)
+	if err != nil {
+		s.buf = b[:n]
+		s.mu.Unlock()
+		return err
+	}
+	s.buf = b
+	if len(s.buf) > s.maxQueue && n > 0 {
+		s.buf = s.buf[:n]
+		s.err = errQueueFull
+		s.mu.Unlock()
+		s.onFail(errQueueFull)
+		return errQueueFull
+	}
+	if s.flushing {
+		s.mu.Unlock()
+		return nil
+	}
+	s.flushing = true
+	if !inline {
+		s.mu.Unlock()
+		go s.flushLoop()
+		return nil
+	}
+	err = s.flushLocked()
+	s.mu.Unlock()
+	if err != nil {
+		s.onFail(err)
+	}
+	return err
+}
+
+func (s *sender) flushLoop() {
+	s.mu.Lock()
+	err := s.flushLocked()
+	s.mu.Unlock()
+	if err != nil {
+		s.onFail(err)
+	}
+}
+
+// flushLocked writes until the queue is empty. It is called with mu held
+// and flushing set, and releases mu around each write.
+func (s *sender) flushLocked() error {
+	for len(s.buf) > 0 && s.err == nil {
+		b := s.buf
+		s.buf = s.spare[:0]
+		s.mu.Unlock()
+		if s.timeout > 0 {
+			s.nc.SetWriteDeadline(time.Now().Add(s.timeout))
+		}
+		_, err := s.nc.Write(b)
+		s.mu.Lock()
+		if cap(b) <= keepBuffer {
+			s.spare = b[:0]
+		} else {
+			s.spare = nil
+		}
+		if err != nil && s.err == nil {
+			s.err = fmt.Errorf("clusterclient: write to %s: %w", s.nc.RemoteAddr(), err)
+			s.buf = nil
+			s.flushing = false
+			return s.err
+		}
+	}
+	s.flushing = false
+	if cap(s.buf) > keepBuffer {
+		s.buf = nil
+	}
+	return nil
+}
+
+// fail stops the sender: later sends return err.
+func (s *sender) fail(err error) {
+	s.mu.Lock()
+	if s.err == nil {
+		s.err = err
+	}
+	s.mu.Unlock()
+}

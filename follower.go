@@ -1,0 +1,354 @@
+package clusterclient
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// errDraining: the leader announced a planned close; the call waits for
+// the next leader and is sent there.
+var errDraining = errors.New("clusterclient: leader is closing")
+
+// follower is a client's connection to the leader of its channel: one
+// reader goroutine, and a map of pending requests by id, each registered
+// before it is written and failed at once when the reader stops.
+type follower struct {
+	c    *Client
+	cfg  *Config
+	nc   net.Conn
+	w    *sender
+	r    *Reader
+	dead chan struct{} // closed when the reader has stopped
+
+	lastRecv atomic.Int64 // unix nanoseconds of the last packet read
+	hb       *time.Timer  // heartbeat tick
+	hbSent   int64        // touched only by beat: when the last heartbeat went out
+
+	mu       sync.Mutex
+	pending  map[uint64]*call // guarded by mu
+	err      error            // guarded by mu: why the connection is dead
+	draining bool             // guarded by mu: the leader is closing on purpose
+}
+
+// call is one request waiting for its response.
+type call struct {
+	done chan struct{} // closed when resp or err is set
+	resp Packet
+	err  error
+}
+
+// dialLeader connects to the leader on the port and registers the
+// channel. It waits for the answer until deadline: the leader answers
+// only once its real client is ready.
+func dialLeader(c *Client, deadline time.Time) (*follower, error) {
+	cfg := &c.cfg
+	addr := loopback(cfg.Port)
+	d := net.Dialer{Timeout: cfg.ResponseTimeout}
+	nc, err := d.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	f := &follower{c: c, cfg: cfg, nc: nc, dead: make(chan struct{}), pending: make(map[uint64]*call)}
+	f.w = newSender(nc, cfg.MaxQueuedBytes, cfg.ResponseTimeout, f.fail)
+	id, timeout := nextID(), int32(cfg.ResponseTimeout/time.Millisecond)
+	err = f.w.send(true, func(b []byte) ([]byte, error) {
+		return appendPacket(b, false, id, timeout, registerChannel{ChannelName: c.name, Secret: cfg.Secret}, nil)
+	})
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	nc.SetReadDeadline(latest(deadline, time.Now().Add(cfg.ResponseTimeout)))
+	f.r = NewReader(bufio.NewReaderSize(nc, readBufferSize), cfg.MaxPacketSize)
+	if err := f.readRegistered(id); err != nil {
+		nc.Close()
+		return nil, err
+	}
+	nc.SetReadDeadline(time.Time{})
+	f.lastRecv.Store(time.Now().UnixNano())
+	f.hb = time.AfterFunc(cfg.HeartbeatInterval, f.beat)
+	go f.readLoop()
+	return f, nil
+}
+
+func latest(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// errNotLeader says that what answers on the port does not speak the
+// protocol.
+type errNotLeader struct {
+	addr string
+	err  error
+}
+
+func (e *errNotLeader) Error() string {
+	return "what answers on " + e.addr + " is not a cluster-client leader: " + e.err.Error()
+}
+
+func (e *errNotLeader) Unwrap() error { return e.err }
+
+// readRegistered reads the answer to register_channel.
+func (f *follower) readRegistered(id uint64) error {
+	addr := loopback(f.cfg.Port)
+	var p Packet
+	if err := f.r.ReadPacket(&p); err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return &errNotLeader{addr, fmt.Errorf("no answer to register_channel: %w", err)}
+		}
+		if isProtocolError(err) {
+			return &errNotLeader{addr, err}
+		}
+		return fmt.Errorf("connection to %s closed before the leader answered: %w", addr, err)
+	}
+	c, typ, err := parseConn(p.Conn)
+	if err != nil {
+		return &errNotLeader{addr, err}
+	}
+	if _, ok := c.(registerChannelRes); !ok || !p.Response || p.ID != id {
+		return &errNotLeader{addr, fmt.Errorf("answered register_channel with %q", typ)}
+	}
+	var res registerResult
+	if err := f.cfg.Codec.Unmarshal(p.App, &res); err != nil {
+		return &errNotLeader{addr, fmt.Errorf("register_channel_res app object: %w", err)}
+	}
+	if !res.Success {
+		re := &RemoteError{Name: "Error", Message: "register refused"}
+		if e := res.Error; e != nil {
+			re = &RemoteError{Name: e.Name, Message: e.Message, Code: codeText(e.Code), Stack: e.Stack}
+		}
+		return re
+	}
+	return nil
+}
+
+// isProtocolError reports a packet that breaks the protocol, as opposed
+// to a connection that ended.
+func isProtocolError(err error) bool {
+	for _, e := range []error{ErrBadVersion, ErrBadType, ErrNegativeLength, ErrPacketTooLarge, ErrBadConn, ErrArgCount, ErrArgOverrun} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// readLoop reads packets from the leader until the connection ends.
+func (f *follower) readLoop() {
+	defer close(f.dead)
+	var p Packet
+	for {
+		if err := f.r.ReadPacket(&p); err != nil {
+			f.fail(err)
+			return
+		}
+		f.lastRecv.Store(time.Now().UnixNano())
+		if p.Response {
+			f.mu.Lock()
+			cl := f.pending[p.ID]
+			delete(f.pending, p.ID)
+			leave := f.draining && len(f.pending) == 0
+			f.mu.Unlock()
+			if cl != nil {
+				cl.resp = p
+				close(cl.done)
+			}
+			if leave {
+				f.fail(errDraining)
+			}
+			continue
+		}
+		c, _, err := parseConn(p.Conn)
+		if err != nil {
+			f.fail(err)
+			return
+		}
+		switch c := c.(type) {
+		case subscribeResult:
+			id, timeout := p.ID, p.Timeout
+			f.w.send(false, func(b []byte) ([]byte, error) {
+				return appendPacket(b, true, id, timeout, subscribeResultRes{}, nil)
+			})
+			f.c.deliver(c.Key, p.App)
+		case leaderClosing:
+			f.drain()
+		}
+	}
+}
+
+// drain stops new calls on this connection; once the calls in flight
+// have their answers the connection closes and the client elects again.
+func (f *follower) drain() {
+	f.mu.Lock()
+	if f.draining || f.err != nil {
+		f.mu.Unlock()
+		return
+	}
+	f.draining = true
+	leave := len(f.pending) == 0
+	f.mu.Unlock()
+	f.c.unroute(f)
+	if leave {
+		f.fail(errDraining)
+	}
+}
+
+// fail ends the connection: every pending call fails with ErrLeaderLost.
+func (f *follower) fail(cause error) {
+	f.mu.Lock()
+	if f.err != nil {
+		f.mu.Unlock()
+		return
+	}
+	f.err = fmt.Errorf("%w: %v", ErrLeaderLost, cause)
+	pending := f.pending
+	f.pending = nil
+	f.mu.Unlock()
+	f.w.fail(f.err)
+	f.nc.Close()
+	if f.hb != nil {
+		f.hb.Stop()
+	}
+	for _, cl := range pending {
+		cl.err = f.err
+		close(cl.done)
+	}
+}
+
+// forget drops a pending call that gave up waiting.
+func (f *follower) forget(id uint64) {
+	f.mu.Lock()
+	delete(f.pending, id)
+	leave := f.draining && f.err == nil && len(f.pending) == 0
+	f.mu.Unlock()
+	if leave {
+		f.fail(errDraining)
+	}
+}
+
+// request sends a request built by encode and waits for its response,
+// bounded by Config.ResponseTimeout and ctx.
+func (f *follower) request(ctx context.Context, what string, encode func(b []byte, id uint64, timeout int32) ([]byte, error)) (Packet, error) {
+	timeout := f.cfg.ResponseTimeout
+	if dl, ok := ctx.Deadline(); ok {
+		if d := time.Until(dl); d < timeout {
+			if d <= 0 {
+				return Packet{}, ctx.Err()
+			}
+			timeout = d
+		}
+	}
+	id := nextID()
+	ms := max(int32(timeout/time.Millisecond), 1)
+	cl := &call{done: make(chan struct{})}
+	f.mu.Lock()
+	if err := f.usable(); err != nil {
+		f.mu.Unlock()
+		return Packet{}, err
+	}
+	f.pending[id] = cl
+	f.mu.Unlock()
+	if err := f.w.send(true, func(b []byte) ([]byte, error) { return encode(b, id, ms) }); err != nil {
+		f.forget(id)
+		return Packet{}, f.sendError(err)
+	}
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	select {
+	case <-cl.done:
+		return cl.resp, cl.err
+	case <-timer.C:
+		f.forget(id)
+		return Packet{}, fmt.Errorf("%w: %s: no answer from the leader on port %d within %v", ErrTimeout, what, f.cfg.Port, timeout)
+	case <-ctx.Done():
+		f.forget(id)
+		return Packet{}, ctx.Err()
+	}
+}
+
+// oneway sends a request that gets no response.
+func (f *follower) oneway(encode func(b []byte) ([]byte, error), inline bool) error {
+	f.mu.Lock()
+	err := f.usable()
+	f.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := f.w.send(inline, encode); err != nil {
+		return f.sendError(err)
+	}
+	return nil
+}
+
+// usable says why no new request may go out. Called with mu held.
+func (f *follower) usable() error {
+	if f.err != nil {
+		if f.draining {
+			return errDraining
+		}
+		return f.err
+	}
+	if f.draining {
+		return errDraining
+	}
+	return nil
+}
+
+// sendError tells a refusal of the packet itself from a broken
+// connection.
+func (f *follower) sendError(err error) error {
+	if errors.Is(err, ErrPacketTooLarge) {
+		return err
+	}
+	f.fail(err)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.usable()
+}
+
+// beat runs every heartbeat interval. A follower that has heard nothing
+// from its leader for an interval sends a heartbeat; if nothing at all
+// arrives by the next tick, the leader is taken for dead.
+func (f *follower) beat() {
+	f.mu.Lock()
+	dead := f.err != nil
+	f.mu.Unlock()
+	if dead {
+		return
+	}
+	now := time.Now().UnixNano()
+	last := f.lastRecv.Load()
+	interval := f.cfg.HeartbeatInterval
+	switch {
+	case f.hbSent != 0 && last < f.hbSent:
+		if !f.cfg.DisableHeartbeatCheck {
+			f.cfg.Logger.Warn("clusterclient: leader did not answer a heartbeat; leaving it",
+				"channel", f.c.name, "port", f.cfg.Port, "silent", time.Duration(now-last))
+			f.fail(fmt.Errorf("leader on port %d silent for %v after a heartbeat", f.cfg.Port, time.Duration(now-f.hbSent)))
+			return
+		}
+	case time.Duration(now-last) >= interval*9/10:
+		id, timeout := nextID(), int32(f.cfg.ResponseTimeout/time.Millisecond)
+		f.w.send(false, func(b []byte) ([]byte, error) {
+			return appendPacket(b, false, id, timeout, heartbeat{}, nil)
+		})
+		f.hbSent = now
+	}
+	f.hb.Reset(interval)
+}
+
+// close ends the connection on purpose.
+func (f *follower) close() {
+	f.fail(ErrClosed)
+	<-f.dead
+}

@@ -1,0 +1,623 @@
+package clusterclient
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// publishMethod is the method that a publish invokes, as the reference's
+// default delegate names it.
+const publishMethod = "publish"
+
+// leader holds the real client of one channel in the process that won the
+// port. It serves the follower connections of that channel and the calls
+// of the Client that owns it, which go straight to the real client.
+type leader struct {
+	name  string
+	cfg   *Config
+	owner *Client
+	host  *portHost // nil in single mode; set by hostChannel
+
+	ready chan struct{} // closed once build has returned
+	real  RealClient    // set before ready is closed
+	err   error         // build's error, set before ready is closed
+
+	ctx    context.Context // ends when the leader has closed
+	cancel context.CancelFunc
+
+	inflight sync.WaitGroup // running invokes, remote and local
+	wg       sync.WaitGroup // serve goroutines and the idle checker
+
+	mu      sync.Mutex
+	conns   map[*serverConn]struct{} // guarded by mu
+	topics  map[string]*topic        // guarded by mu
+	closing bool                     // guarded by mu
+	drained chan struct{}            // guarded by mu: closed when closing and conns is empty
+}
+
+// topic is one subscription key on the leader.
+type topic struct {
+	key    string
+	reg    json.RawMessage
+	latest []byte                   // the last value pushed, nil before the first
+	conns  map[*serverConn]struct{} // followers subscribed
+	local  bool                     // the owner has listeners on the key
+	real   bool                     // the real client has been subscribed
+}
+
+// serverConn is one follower connection on the leader.
+type serverConn struct {
+	l          *leader
+	nc         net.Conn
+	w          *sender
+	keys       map[string]struct{} // guarded by l.mu: keys subscribed
+	lastActive atomic.Int64        // unix nanoseconds of the last packet read
+	closeOnce  sync.Once
+}
+
+func newLeader(name string, cfg *Config, owner *Client) *leader {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &leader{
+		name:    name,
+		cfg:     cfg,
+		owner:   owner,
+		ready:   make(chan struct{}),
+		ctx:     ctx,
+		cancel:  cancel,
+		conns:   make(map[*serverConn]struct{}),
+		topics:  make(map[string]*topic),
+		drained: make(chan struct{}),
+	}
+}
+
+// start builds the real client in the background and starts the check
+// for silent followers.
+func (l *leader) start(build BuildFunc) {
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		real, err := build(l.ctx)
+		if err == nil && real == nil {
+			err = errors.New("clusterclient: BuildFunc returned a nil RealClient")
+		}
+		l.real, l.err = real, err
+		close(l.ready)
+	}()
+	if l.host != nil && !l.cfg.DisableHeartbeatCheck {
+		l.wg.Add(1)
+		go l.checkIdle()
+	}
+}
+
+// checkIdle drops follower connections silent for three heartbeat
+// intervals.
+func (l *leader) checkIdle() {
+	defer l.wg.Done()
+	interval := l.cfg.HeartbeatInterval
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.ctx.Done():
+			return
+		case now := <-t.C:
+			limit := now.Add(-3 * interval).UnixNano()
+			l.mu.Lock()
+			var idle []*serverConn
+			for sc := range l.conns {
+				if sc.lastActive.Load() < limit {
+					idle = append(idle, sc)
+				}
+			}
+			l.mu.Unlock()
+			for _, sc := range idle {
+				sc.close(fmt.Errorf("no packet for %v, three heartbeat intervals", 3*interval))
+			}
+		}
+	}
+}
+
+// serve runs one follower connection, from its register_channel packet
+// until it closes.
+func (l *leader) serve(nc net.Conn, br *bufio.Reader, r *Reader, reg *Packet, rc registerChannel) {
+	l.mu.Lock()
+	if l.closing {
+		l.mu.Unlock()
+		refuse(nc, reg, l.cfg.Codec, &registerErrorObject{
+			Name: "ClusterChannelNotFoundError", Message: "the leader of channel " + l.name + " is closing",
+			Code: codeJSON(codeChannelNotHosted),
+		})
+		return
+	}
+	l.wg.Add(1)
+	l.mu.Unlock()
+	defer l.wg.Done()
+
+	select {
+	case <-l.ready:
+	case <-l.ctx.Done():
+		nc.Close()
+		return
+	}
+	if l.cfg.Secret != "" && !secretsEqual(l.cfg.Secret, rc.Secret) {
+		l.cfg.Logger.Warn("clusterclient: refusing follower with a wrong secret", "channel", l.name, "remote", nc.RemoteAddr())
+		refuse(nc, reg, l.cfg.Codec, &registerErrorObject{Name: "ClusterAuthError", Message: "wrong secret", Code: codeJSON("ERR_CLUSTER_AUTH")})
+		return
+	}
+	if l.err != nil {
+		re := toRemote(l.err)
+		refuse(nc, reg, l.cfg.Codec, &registerErrorObject{Message: re.Message, Stack: re.Stack, Name: re.Name, Code: codeJSON(re.Code)})
+		return
+	}
+
+	sc := &serverConn{l: l, nc: nc, keys: make(map[string]struct{})}
+	sc.w = newSender(nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close)
+	sc.lastActive.Store(time.Now().UnixNano())
+	l.mu.Lock()
+	if l.closing {
+		l.mu.Unlock()
+		nc.Close()
+		return
+	}
+	l.conns[sc] = struct{}{}
+	l.mu.Unlock()
+
+	r.max = l.cfg.MaxPacketSize
+	ok, _ := l.cfg.Codec.Marshal(registerResult{Success: true})
+	sc.w.send(true, func(b []byte) ([]byte, error) {
+		return appendPacket(b, true, reg.ID, reg.Timeout, registerChannelRes{}, ok)
+	})
+
+	var p Packet
+	var err error
+	for {
+		if err = r.ReadPacket(&p); err != nil {
+			break
+		}
+		sc.lastActive.Store(time.Now().UnixNano())
+		if err = l.handle(sc, &p); err != nil {
+			break
+		}
+	}
+	if err != io.EOF && !errors.Is(err, net.ErrClosed) {
+		l.cfg.Logger.Warn("clusterclient: closing follower connection", "channel", l.name, "remote", nc.RemoteAddr(), "err", err)
+	}
+	sc.close(err)
+	l.dropConn(sc)
+}
+
+// secretsEqual compares in constant time, whatever the lengths.
+func secretsEqual(want, got string) bool {
+	a, b := sha256.Sum256([]byte(want)), sha256.Sum256([]byte(got))
+	return subtle.ConstantTimeCompare(a[:], b[:]) == 1
+}
+
+func (sc *serverConn) close(err error) {
+	sc.closeOnce.Do(func() {
+		sc.w.fail(net.ErrClosed)
+		sc.nc.Close()
+	})
+}
+
+// handle acts on one packet from a follower. An error closes the
+// connection.
+func (l *leader) handle(sc *serverConn, p *Packet) error {
+	c, typ, err := parseConn(p.Conn)
+	if err != nil {
+		return err
+	}
+	if p.Response {
+		return nil // acknowledgements of pushes and notices
+	}
+	switch c := c.(type) {
+	case invoke:
+		args, err := splitArgs(p.App, c.ArgLength)
+		if err != nil {
+			return err
+		}
+		l.inflight.Add(1)
+		go l.runInvoke(sc, p.ID, p.Timeout, c, args)
+	case heartbeat:
+		id, timeout := p.ID, p.Timeout
+		sc.w.send(false, func(b []byte) ([]byte, error) {
+			return appendPacket(b, true, id, timeout, heartbeatRes{}, nil)
+		})
+	case subscribe:
+		l.subscribeConn(sc, c.Reg)
+	case unSubscribe:
+		l.unsubscribeConn(sc, c.Reg)
+	case registerChannel:
+		// Already registered; answer again.
+		ok, _ := l.cfg.Codec.Marshal(registerResult{Success: true})
+		id, timeout := p.ID, p.Timeout
+		sc.w.send(false, func(b []byte) ([]byte, error) {
+			return appendPacket(b, true, id, timeout, registerChannelRes{}, ok)
+		})
+	default:
+		l.cfg.Logger.Warn("clusterclient: ignoring request of unknown type", "channel", l.name, "type", typ)
+	}
+	return nil
+}
+
+// runInvoke runs one invoke from a follower and answers it, unless it is
+// oneway or its timeout passed (the follower gave up; the reference also
+// stays silent then).
+func (l *leader) runInvoke(sc *serverConn, id uint64, timeoutMS int32, c invoke, raw [][]byte) {
+	defer l.inflight.Done()
+	ctx, cancel := l.ctx, context.CancelFunc(nil)
+	if timeoutMS > 0 {
+		ctx, cancel = context.WithTimeout(ctx, time.Duration(timeoutMS)*time.Millisecond)
+		defer cancel()
+	}
+	args := make([]Value, len(raw))
+	for i, a := range raw {
+		args[i] = Value{data: a, codec: l.cfg.Codec}
+	}
+	var result any
+	var err error
+	if c.Method == publishMethod && c.Oneway && len(args) == 1 {
+		err = l.publish(ctx, args[0])
+	} else {
+		result, err = l.real.Invoke(ctx, c.Method, args)
+	}
+	if c.Oneway {
+		if err != nil {
+			l.cfg.Logger.Warn("clusterclient: oneway invoke failed", "channel", l.name, "method", c.Method, "err", err)
+		}
+		return
+	}
+	if timeoutMS > 0 && ctx.Err() == context.DeadlineExceeded {
+		l.cfg.Logger.Warn("clusterclient: invoke outlasted its timeout; no answer sent",
+			"channel", l.name, "method", c.Method, "timeout", time.Duration(timeoutMS)*time.Millisecond, "err", err)
+		return
+	}
+	success, data := l.encodeResult(c.Method, result, err)
+	sc.w.send(true, func(b []byte) ([]byte, error) {
+		return appendPacket(b, true, id, timeoutMS, invokeResult{Success: success}, data)
+	})
+}
+
+// encodeResult turns the outcome of an invoke into the app object of an
+// invoke_result.
+func (l *leader) encodeResult(method string, result any, err error) (bool, []byte) {
+	if err == nil {
+		data, merr := l.cfg.Codec.Marshal(result)
+		if merr == nil && len(data) > l.cfg.MaxPacketSize-256 {
+			merr = fmt.Errorf("result of %d bytes exceeds Config.MaxPacketSize %d", len(data), l.cfg.MaxPacketSize)
+		}
+		if merr == nil {
+			return true, data
+		}
+		err = fmt.Errorf("clusterclient: encode result of %s: %w", method, merr)
+	}
+	re := toRemote(err)
+	data, merr := l.cfg.Codec.Marshal(invokeErrorObject{Stack: re.Stack, Name: re.Name, Message: re.Message, Code: codeJSON(re.Code)})
+	if merr != nil {
+		data, _ = JSONCodec{}.Marshal(invokeErrorObject{Name: "Error", Message: merr.Error()})
+	}
+	return false, data
+}
+
+// publish hands a registration to the real client: to Publish if it has
+// one, else to Invoke as the method "publish".
+func (l *leader) publish(ctx context.Context, arg Value) error {
+	if p, ok := l.real.(Publisher); ok {
+		var reg json.RawMessage
+		if err := arg.Decode(&reg); err != nil {
+			return fmt.Errorf("clusterclient: publish registration: %w", err)
+		}
+		return p.Publish(ctx, reg)
+	}
+	_, err := l.real.Invoke(ctx, publishMethod, []Value{arg})
+	return err
+}
+
+// invokeLocal runs a call of the owner straight on the real client.
+func (l *leader) invokeLocal(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
+	l.inflight.Add(1)
+	defer l.inflight.Done()
+	ctx, cancel := context.WithTimeout(ctx, l.cfg.ResponseTimeout)
+	defer cancel()
+	vals := make([]Value, len(args))
+	for i, a := range args {
+		vals[i] = Value{data: a, codec: l.cfg.Codec}
+	}
+	result, err := l.real.Invoke(ctx, method, vals)
+	if oneway {
+		if err != nil {
+			l.cfg.Logger.Warn("clusterclient: oneway invoke failed", "channel", l.name, "method", method, "err", err)
+		}
+		return Value{}, nil
+	}
+	if err != nil {
+		if ctx.Err() == context.DeadlineExceeded && errors.Is(err, context.DeadlineExceeded) {
+			return Value{}, fmt.Errorf("%w: %s did not return within %v", ErrTimeout, method, l.cfg.ResponseTimeout)
+		}
+		return Value{}, toRemote(err)
+	}
+	data, err := l.cfg.Codec.Marshal(result)
+	if err != nil {
+		return Value{}, fmt.Errorf("clusterclient: encode result of %s: %w", method, err)
+	}
+	return Value{data: data, codec: l.cfg.Codec}, nil
+}
+
+// publishLocal publishes a registration of the owner.
+func (l *leader) publishLocal(ctx context.Context, reg json.RawMessage) error {
+	l.inflight.Add(1)
+	defer l.inflight.Done()
+	ctx, cancel := context.WithTimeout(ctx, l.cfg.ResponseTimeout)
+	defer cancel()
+	data, err := l.cfg.Codec.Marshal(reg)
+	if err != nil {
+		return err
+	}
+	if err := l.publish(ctx, Value{data: data, codec: l.cfg.Codec}); err != nil {
+		return toRemote(err)
+	}
+	return nil
+}
+
+// topicFor returns the topic of key, creating it. Called with l.mu held.
+func (l *leader) topicFor(key string, reg json.RawMessage) *topic {
+	t := l.topics[key]
+	if t == nil {
+		t = &topic{key: key, reg: reg, conns: make(map[*serverConn]struct{})}
+		l.topics[key] = t
+	}
+	return t
+}
+
+// subscribeConn subscribes a follower connection to reg's key, replaying
+// the latest value when broadcasting.
+func (l *leader) subscribeConn(sc *serverConn, reg json.RawMessage) {
+	key := subscriptionKey(reg)
+	l.mu.Lock()
+	t := l.topicFor(key, reg)
+	if _, dup := t.conns[sc]; dup {
+		l.mu.Unlock()
+		return
+	}
+	t.conns[sc] = struct{}{}
+	sc.keys[key] = struct{}{}
+	latest := t.latest
+	needReal := !t.real
+	t.real = true
+	l.mu.Unlock()
+	if latest != nil && l.cfg.Broadcast {
+		sc.push(key, latest)
+	}
+	if needReal {
+		l.subscribeReal(t)
+	}
+}
+
+// subscribeLocal records that the owner has listeners on key. It returns
+// the latest value, if any.
+func (l *leader) subscribeLocal(key string, reg json.RawMessage) []byte {
+	l.mu.Lock()
+	t := l.topicFor(key, reg)
+	t.local = true
+	latest := t.latest
+	needReal := !t.real
+	t.real = true
+	l.mu.Unlock()
+	if needReal {
+		l.subscribeReal(t)
+	}
+	return latest
+}
+
+// subscribeReal subscribes the real client to t, once per key.
+func (l *leader) subscribeReal(t *topic) {
+	s, ok := l.real.(Subscriber)
+	if !ok {
+		l.cfg.Logger.Warn("clusterclient: the real client cannot subscribe", "channel", l.name, "key", t.key)
+		return
+	}
+	if err := s.Subscribe(t.reg, func(v any) { l.pushValue(t, v) }); err != nil {
+		l.cfg.Logger.Warn("clusterclient: real client subscribe failed", "channel", l.name, "key", t.key, "err", err)
+	}
+}
+
+// pushValue keeps v as t's latest value and pushes it to t's subscribers:
+// all of them, or one picked at random when not broadcasting.
+func (l *leader) pushValue(t *topic, v any) {
+	data, err := l.cfg.Codec.Marshal(v)
+	if err != nil {
+		l.cfg.Logger.Warn("clusterclient: encode pushed value", "channel", l.name, "key", t.key, "err", err)
+		return
+	}
+	l.mu.Lock()
+	if l.topics[t.key] != t {
+		l.mu.Unlock()
+		return // released meanwhile
+	}
+	t.latest = data
+	targets := make([]*serverConn, 0, len(t.conns))
+	for sc := range t.conns {
+		targets = append(targets, sc)
+	}
+	local := t.local
+	l.mu.Unlock()
+	if !l.cfg.Broadcast {
+		n := len(targets)
+		if local {
+			n++
+		}
+		if n == 0 {
+			return
+		}
+		i := rand.IntN(n)
+		if i < len(targets) {
+			targets, local = targets[i:i+1], false
+		} else {
+			targets = nil
+		}
+	}
+	for _, sc := range targets {
+		sc.push(t.key, data)
+	}
+	if local {
+		l.owner.deliver(t.key, data)
+	}
+}
+
+// push sends a subscribe_result. It never waits on the socket.
+func (sc *serverConn) push(key string, data []byte) {
+	id, timeout := nextID(), int32(sc.l.cfg.ResponseTimeout/time.Millisecond)
+	sc.w.send(false, func(b []byte) ([]byte, error) {
+		return appendPacket(b, false, id, timeout, subscribeResult{Key: key}, data)
+	})
+}
+
+// unsubscribeConn removes a follower connection from reg's key.
+func (l *leader) unsubscribeConn(sc *serverConn, reg json.RawMessage) {
+	key := subscriptionKey(reg)
+	l.mu.Lock()
+	var release *topic
+	if t := l.topics[key]; t != nil {
+		delete(t.conns, sc)
+		delete(sc.keys, key)
+		release = l.releasable(t)
+	}
+	l.mu.Unlock()
+	l.release(release)
+}
+
+// unsubscribeLocal records that the owner has no listeners left on key.
+func (l *leader) unsubscribeLocal(key string) {
+	l.mu.Lock()
+	var release *topic
+	if t := l.topics[key]; t != nil {
+		t.local = false
+		release = l.releasable(t)
+	}
+	l.mu.Unlock()
+	l.release(release)
+}
+
+// releasable removes t if nobody listens to it any more and the real
+// client can unsubscribe, and returns it then. Called with l.mu held.
+func (l *leader) releasable(t *topic) *topic {
+	if len(t.conns) > 0 || t.local {
+		return nil
+	}
+	if _, ok := l.real.(Unsubscriber); !ok || !t.real {
+		return nil
+	}
+	delete(l.topics, t.key)
+	return t
+}
+
+func (l *leader) release(t *topic) {
+	if t == nil {
+		return
+	}
+	if err := l.real.(Unsubscriber).Unsubscribe(t.reg); err != nil {
+		l.cfg.Logger.Warn("clusterclient: real client unsubscribe failed", "channel", l.name, "key", t.key, "err", err)
+	}
+}
+
+// dropConn forgets a closed follower connection and its subscriptions.
+func (l *leader) dropConn(sc *serverConn) {
+	l.mu.Lock()
+	delete(l.conns, sc)
+	var released []*topic
+	for key := range sc.keys {
+		if t := l.topics[key]; t != nil {
+			delete(t.conns, sc)
+			if t := l.releasable(t); t != nil {
+				released = append(released, t)
+			}
+		}
+	}
+	sc.keys = nil
+	if l.closing && len(l.conns) == 0 {
+		select {
+		case <-l.drained:
+		default:
+			close(l.drained)
+		}
+	}
+	l.mu.Unlock()
+	for _, t := range released {
+		l.release(t)
+	}
+}
+
+// close stops the leader on purpose: it frees the port (if no other
+// channel of this process uses it), tells every follower that it is
+// closing, lets calls in flight finish and Go followers leave, bounded by
+// Config.DrainTimeout, then closes what is left and the real client.
+func (l *leader) close() {
+	l.mu.Lock()
+	if l.closing {
+		l.mu.Unlock()
+		return
+	}
+	l.closing = true
+	conns := make([]*serverConn, 0, len(l.conns))
+	for sc := range l.conns {
+		conns = append(conns, sc)
+	}
+	if len(l.conns) == 0 {
+		close(l.drained)
+	}
+	l.mu.Unlock()
+
+	if l.host != nil {
+		l.host.unhost(l)
+	}
+	timeout := int32(l.cfg.ResponseTimeout / time.Millisecond)
+	for _, sc := range conns {
+		id := nextID()
+		sc.w.send(false, func(b []byte) ([]byte, error) {
+			return appendPacket(b, false, id, timeout, leaderClosing{}, nil)
+		})
+	}
+	timer := time.NewTimer(l.cfg.DrainTimeout)
+	defer timer.Stop()
+	inflight := make(chan struct{})
+	go func() { l.inflight.Wait(); close(inflight) }()
+	expired := false
+	select {
+	case <-l.drained:
+	case <-timer.C:
+		expired = true
+	}
+	if !expired {
+		select {
+		case <-inflight:
+		case <-timer.C:
+		}
+	}
+	l.mu.Lock()
+	conns = conns[:0]
+	for sc := range l.conns {
+		conns = append(conns, sc)
+	}
+	l.mu.Unlock()
+	for _, sc := range conns {
+		sc.close(ErrClosed)
+	}
+	l.cancel()
+	<-inflight
+	l.wg.Wait()
+	if c, ok := l.real.(io.Closer); ok {
+		if err := c.Close(); err != nil {
+			l.cfg.Logger.Warn("clusterclient: closing the real client", "channel", l.name, "err", err)
+		}
+	}
+}

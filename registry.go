@@ -1,0 +1,235 @@
+package clusterclient
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+)
+
+// registerMaxPacket bounds the first packet of a connection, which must
+// be a register_channel: a channel name and a secret fit easily.
+const registerMaxPacket = 64 << 10
+
+// readBufferSize is the read buffer of one connection.
+const readBufferSize = 4 << 10
+
+// hosts holds the ports this process listens on: one listener per port,
+// shared by every channel that the process leads on it.
+var hosts struct {
+	mu sync.Mutex
+	m  map[int]*portHost // guarded by mu
+}
+
+// portHost is a listener on 127.0.0.1:port and the channels that this
+// process leads on it. It reads the first packet of each new connection
+// and hands the connection to the leader of the channel it names.
+type portHost struct {
+	port     int
+	ln       net.Listener
+	log      *slog.Logger
+	maxUnreg int           // Config.MaxUnregistered of the first channel
+	regWait  time.Duration // Config.RegisterTimeout of the first channel
+	wg       sync.WaitGroup
+
+	mu       sync.Mutex
+	channels map[string]*leader // guarded by mu
+	unreg    []net.Conn         // guarded by mu: not yet registered, oldest first
+	closed   bool               // guarded by mu
+}
+
+// hostChannel makes l the leader of its channel on the port, listening
+// first if this process does not hold the port yet. It returns false,
+// and a listen error if there was one, when the port is another
+// process's or the channel already has a leader in this process.
+// Called with hosts.mu held.
+func hostChannel(cfg *Config, l *leader) (bool, error) {
+	if hosts.m == nil {
+		hosts.m = make(map[int]*portHost)
+	}
+	h := hosts.m[cfg.Port]
+	if h == nil {
+		ln, err := net.Listen("tcp", loopback(cfg.Port))
+		if err != nil {
+			return false, err
+		}
+		h = &portHost{
+			port:     cfg.Port,
+			ln:       ln,
+			log:      cfg.Logger,
+			maxUnreg: cfg.MaxUnregistered,
+			regWait:  cfg.RegisterTimeout,
+			channels: make(map[string]*leader),
+		}
+		hosts.m[cfg.Port] = h
+		h.wg.Add(1)
+		go h.acceptLoop()
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if _, taken := h.channels[l.name]; taken {
+		return false, nil
+	}
+	h.channels[l.name] = l
+	l.host = h
+	return true, nil
+}
+
+// unhost removes l from its port; the last channel to leave closes the
+// listener and frees the port for a new election.
+func (h *portHost) unhost(l *leader) {
+	hosts.mu.Lock()
+	h.mu.Lock()
+	if h.channels[l.name] == l {
+		delete(h.channels, l.name)
+	}
+	last := len(h.channels) == 0 && !h.closed
+	var unreg []net.Conn
+	if last {
+		h.closed = true
+		unreg, h.unreg = h.unreg, nil
+		if hosts.m[h.port] == h {
+			delete(hosts.m, h.port)
+		}
+	}
+	h.mu.Unlock()
+	hosts.mu.Unlock()
+	if !last {
+		return
+	}
+	h.ln.Close()
+	for _, nc := range unreg {
+		nc.Close()
+	}
+	h.wg.Wait()
+}
+
+func (h *portHost) acceptLoop() {
+	defer h.wg.Done()
+	var delay time.Duration
+	for {
+		nc, err := h.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Out of file descriptors or similar: back off, as
+			// net/http does, rather than spin.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			h.log.Warn("clusterclient: accept failed", "port", h.port, "err", err, "retry", delay)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		h.mu.Lock()
+		if h.closed {
+			h.mu.Unlock()
+			nc.Close()
+			return
+		}
+		h.unreg = append(h.unreg, nc)
+		var evict net.Conn
+		if len(h.unreg) > h.maxUnreg {
+			evict = h.unreg[0]
+			h.unreg = h.unreg[1:]
+		}
+		h.wg.Add(1)
+		h.mu.Unlock()
+		if evict != nil {
+			h.log.Warn("clusterclient: closing unregistered connection: too many connections have not registered",
+				"remote", evict.RemoteAddr(), "limit", h.maxUnreg)
+			evict.Close()
+		}
+		go h.register(nc)
+	}
+}
+
+// registered takes nc off the list of unregistered connections. It
+// returns false if nc was evicted or the host closed meanwhile.
+func (h *portHost) registered(nc net.Conn) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i, c := range h.unreg {
+		if c == nc {
+			h.unreg = append(h.unreg[:i], h.unreg[i+1:]...)
+			return true
+		}
+	}
+	return false
+}
+
+// register reads the first packet of a connection, which must register a
+// channel that this process leads, and hands the connection to that
+// channel's leader.
+func (h *portHost) register(nc net.Conn) {
+	l, p, rc, br, r := h.handshake(nc)
+	h.wg.Done()
+	if l != nil {
+		l.serve(nc, br, r, p, rc)
+	}
+}
+
+// handshake reads and checks the first packet of nc. It returns the
+// leader of the channel named, or nil after closing nc.
+func (h *portHost) handshake(nc net.Conn) (*leader, *Packet, registerChannel, *bufio.Reader, *Reader) {
+	nc.SetReadDeadline(time.Now().Add(h.regWait))
+	br := bufio.NewReaderSize(nc, readBufferSize)
+	r := NewReader(br, registerMaxPacket)
+	var p Packet
+	err := r.ReadPacket(&p)
+	if !h.registered(nc) {
+		nc.Close()
+		return nil, nil, registerChannel{}, nil, nil
+	}
+	var rc registerChannel
+	if err == nil {
+		var c connObject
+		var typ string
+		c, typ, err = parseConn(p.Conn)
+		if err == nil {
+			var ok bool
+			if rc, ok = c.(registerChannel); !ok || p.Response {
+				err = fmt.Errorf("first packet is %q, not a register_channel request", typ)
+			}
+		}
+	}
+	if err != nil {
+		h.log.Warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
+		nc.Close()
+		return nil, nil, rc, nil, nil
+	}
+	h.mu.Lock()
+	l := h.channels[rc.ChannelName]
+	h.mu.Unlock()
+	if l == nil {
+		h.log.Warn("clusterclient: refusing register for a channel this leader does not host",
+			"remote", nc.RemoteAddr(), "channel", rc.ChannelName, "port", h.port)
+		refuse(nc, &p, JSONCodec{}, &registerErrorObject{
+			Name:    "ClusterChannelNotFoundError",
+			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.port, rc.ChannelName),
+			Code:    codeJSON(codeChannelNotHosted),
+		})
+		return nil, nil, rc, nil, nil
+	}
+	return l, &p, rc, br, r
+}
+
+// codeChannelNotHosted is the error code of a register refused because
+// the leader does not host the channel. A follower keeps trying.
+const codeChannelNotHosted = "ERR_CLUSTER_CHANNEL_NOT_HOSTED"
+
+// refuse answers a register_channel with success:false and closes nc.
+func refuse(nc net.Conn, req *Packet, codec Codec, e *registerErrorObject) {
+	data, err := codec.Marshal(registerResult{Success: false, Error: e})
+	if err == nil {
+		b, _ := appendPacket(nil, true, req.ID, req.Timeout, registerChannelRes{}, data)
+		nc.SetWriteDeadline(time.Now().Add(time.Second))
+		nc.Write(b)
+	}
+	nc.Close()
+}
+
+func loopback(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
