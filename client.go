@@ -247,7 +247,7 @@ func (c *Client) run(l *leader) {
 			c.runLeader(l)
 			return
 		}
-		f, err := dialLeader(c, deadline)
+		f, err := dialLeader(c)
 		if err == nil {
 			if !c.setRoute(nil, f) {
 				f.close()
@@ -266,11 +266,17 @@ func (c *Client) run(l *leader) {
 		}
 		switch {
 		case !retryable(err):
+			// The leader refused: its real client failed to build.
 			c.setError(err)
 			backoff = time.Second
 		case time.Now().After(deadline):
 			c.setError(fmt.Errorf("%w on port %d after %v: %w", ErrNoLeader, c.cfg.Port, c.cfg.MaxWaitTime, err))
-			backoff = time.Second
+			backoff = 100 * time.Millisecond
+		case errors.Is(err, ErrTimeout):
+			// A leader that does not answer: waiting calls fail now,
+			// and the attempt already took a response timeout.
+			c.setError(err)
+			backoff = 0
 		default:
 			backoff = min(max(2*backoff, time.Millisecond), 100*time.Millisecond)
 		}

@@ -44,9 +44,8 @@ type call struct {
 }
 
 // dialLeader connects to the leader on the port and registers the
-// channel. It waits for the answer until deadline: the leader answers
-// only once its real client is ready.
-func dialLeader(c *Client, deadline time.Time) (*follower, error) {
+// channel. The leader answers only once its real client is ready.
+func dialLeader(c *Client) (*follower, error) {
 	cfg := &c.cfg
 	addr := loopback(cfg.Port)
 	d := net.Dialer{Timeout: cfg.ResponseTimeout}
@@ -64,7 +63,10 @@ func dialLeader(c *Client, deadline time.Time) (*follower, error) {
 		nc.Close()
 		return nil, err
 	}
-	nc.SetReadDeadline(latest(deadline, time.Now().Add(cfg.ResponseTimeout)))
+	// Like the reference, wait one response timeout for the answer, then
+	// try again: a leader still building its real client answers a later
+	// attempt.
+	nc.SetReadDeadline(time.Now().Add(cfg.ResponseTimeout))
 	f.r = NewReader(bufio.NewReaderSize(nc, readBufferSize), cfg.MaxPacketSize)
 	if err := f.readRegistered(id); err != nil {
 		nc.Close()
@@ -75,13 +77,6 @@ func dialLeader(c *Client, deadline time.Time) (*follower, error) {
 	f.hb = time.AfterFunc(cfg.HeartbeatInterval, f.beat)
 	go f.readLoop()
 	return f, nil
-}
-
-func latest(a, b time.Time) time.Time {
-	if a.After(b) {
-		return a
-	}
-	return b
 }
 
 // errNotLeader says that what answers on the port does not speak the
@@ -104,7 +99,9 @@ func (f *follower) readRegistered(id uint64) error {
 	if err := f.r.ReadPacket(&p); err != nil {
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
-			return &errNotLeader{addr, fmt.Errorf("no answer to register_channel: %w", err)}
+			return fmt.Errorf("%w: %s accepted the connection but did not answer register_channel within %v: "+
+				"the leader is stopped or overloaded, its real client is still being built, or it is not a cluster-client leader",
+				ErrTimeout, addr, f.cfg.ResponseTimeout)
 		}
 		if isProtocolError(err) {
 			return &errNotLeader{addr, err}
