@@ -1,0 +1,601 @@
+package clusterclient
+
+// Interoperability with the Node.js package cluster-client 3.7.0, set to a
+// JSON transcode. The Node.js side is testdata/node/member.js, driven over
+// stdin/stdout like the Go child processes of proc_test.go. The tests skip
+// when node or testdata/node/node_modules is missing (install with
+// `cd testdata/node && npm ci`), except under CI=true, where they fail.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"os"
+	"os/exec"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+const (
+	nodeDir    = "testdata/node"
+	nodeScript = "testdata/node/member.js"
+	// interopChannel is the channel name of the interop tests.
+	interopChannel = "Interop"
+	// waitLong bounds every wait on another process: generous, as the
+	// machine is shared.
+	waitLong = 10 * time.Second
+)
+
+// needNode returns the path of node, or skips the test when node or the
+// installed package is missing. Under CI=true it fails instead, so that a
+// CI run proves interoperability.
+func needNode(t *testing.T) string {
+	t.Helper()
+	path, err := exec.LookPath("node")
+	why := ""
+	switch {
+	case err != nil:
+		why = "node is not on PATH"
+	default:
+		if _, err := os.Stat(nodeDir + "/node_modules/cluster-client/package.json"); err != nil {
+			why = nodeDir + "/node_modules is missing: run (cd " + nodeDir + " && npm ci)"
+		}
+	}
+	if why != "" {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("interop with Node.js cluster-client cannot run: %s", why)
+		}
+		t.Skipf("interop with Node.js cluster-client skipped: %s", why)
+	}
+	return path
+}
+
+// nodeMember is a Node.js cluster member: testdata/node/member.js, which
+// speaks the line protocol of childMain (proc_test.go).
+type nodeMember struct {
+	t      *testing.T
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	pid    int
+	exited chan struct{}
+
+	mu      sync.Mutex
+	nextID  int
+	replies map[int]chan msg // guarded by mu
+	log     []msg            // guarded by mu: every line without an id
+	taken   map[int]bool     // guarded by mu: indexes in log handed out by event
+	grew    chan struct{}    // guarded by mu: closed and replaced when log grows
+}
+
+// startNode starts testdata/node/member.js with spec. It is killed when
+// the test ends.
+func startNode(t *testing.T, spec childSpec) *nodeMember {
+	t.Helper()
+	node := needNode(t)
+	b, _ := json.Marshal(spec)
+	cmd := exec.Command(node, nodeScript)
+	cmd.Env = append(os.Environ(), childEnv+"="+string(b))
+	cmd.Stderr = testWriter{t}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	n := &nodeMember{t: t, cmd: cmd, stdin: stdin, pid: cmd.Process.Pid, exited: make(chan struct{}),
+		replies: map[int]chan msg{}, taken: map[int]bool{}, grew: make(chan struct{})}
+	go n.readLoop(stdout)
+	t.Cleanup(func() {
+		n.cmd.Process.Kill()
+		<-n.exited
+	})
+	return n
+}
+
+func (n *nodeMember) readLoop(r io.Reader) {
+	defer func() {
+		n.cmd.Wait()
+		close(n.exited)
+	}()
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var m msg
+		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+			n.t.Logf("node %d: %s", n.pid, sc.Bytes())
+			continue
+		}
+		n.mu.Lock()
+		if id, ok := m["id"].(float64); ok {
+			ch := n.replies[int(id)]
+			delete(n.replies, int(id))
+			n.mu.Unlock()
+			if ch != nil {
+				ch <- m
+			}
+			continue
+		}
+		n.log = append(n.log, m)
+		close(n.grew)
+		n.grew = make(chan struct{})
+		n.mu.Unlock()
+	}
+}
+
+// do sends a command and waits for its reply.
+func (n *nodeMember) do(cmd msg, timeout time.Duration) msg {
+	n.t.Helper()
+	n.mu.Lock()
+	n.nextID++
+	id := n.nextID
+	ch := make(chan msg, 1)
+	n.replies[id] = ch
+	n.mu.Unlock()
+	cmd["id"] = id
+	b, _ := json.Marshal(cmd)
+	if _, err := n.stdin.Write(append(b, '\n')); err != nil {
+		n.t.Fatalf("node %d: %v", n.pid, err)
+	}
+	select {
+	case m := <-ch:
+		return m
+	case <-time.After(timeout):
+		n.t.Fatalf("node %d: no reply to %v within %v", n.pid, cmd, timeout)
+	case <-n.exited:
+		n.t.Fatalf("node %d exited before replying to %v", n.pid, cmd)
+	}
+	return nil
+}
+
+// event waits for the first event named name that no earlier call took.
+func (n *nodeMember) event(name string, timeout time.Duration) msg {
+	n.t.Helper()
+	deadline := time.After(timeout)
+	for {
+		n.mu.Lock()
+		for i, m := range n.log {
+			if !n.taken[i] && m["event"] == name {
+				n.taken[i] = true
+				n.mu.Unlock()
+				return m
+			}
+		}
+		grew := n.grew
+		n.mu.Unlock()
+		select {
+		case <-grew:
+		case <-deadline:
+			n.t.Fatalf("node %d: no %q event within %v", n.pid, name, timeout)
+			return nil
+		}
+	}
+}
+
+// ready waits for the ready event and says whether the member leads.
+func (n *nodeMember) ready(timeout time.Duration) bool {
+	n.t.Helper()
+	deadline := time.After(timeout)
+	for {
+		n.mu.Lock()
+		for _, m := range n.log {
+			switch m["event"] {
+			case "ready":
+				n.mu.Unlock()
+				return m["leader"] == true
+			case "error":
+				n.mu.Unlock()
+				n.t.Fatalf("node %d: %v", n.pid, m)
+			}
+		}
+		grew := n.grew
+		n.mu.Unlock()
+		select {
+		case <-grew:
+		case <-deadline:
+			n.t.Fatalf("node %d: not ready within %v", n.pid, timeout)
+		}
+	}
+}
+
+// errors returns the error events that no call to event took.
+func (n *nodeMember) errors() []msg {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var errs []msg
+	for i, m := range n.log {
+		if !n.taken[i] && (m["event"] == "nodeerror" || m["event"] == "error") {
+			errs = append(errs, m)
+		}
+	}
+	return errs
+}
+
+// noNodeErrors fails the test if the member reported an error that the
+// test did not expect.
+func noNodeErrors(t *testing.T, n *nodeMember) {
+	t.Helper()
+	for _, m := range n.errors() {
+		t.Errorf("node %d: %v", n.pid, m)
+	}
+}
+
+// kill sends SIGKILL and waits until the process is gone.
+func (n *nodeMember) kill() {
+	n.cmd.Process.Kill()
+	<-n.exited
+}
+
+// sameJSON reports whether two JSON texts hold the same value.
+func sameJSON(t *testing.T, got any, want string) bool {
+	t.Helper()
+	var g, w any
+	var gb []byte
+	switch x := got.(type) {
+	case []byte:
+		gb = x
+	case json.RawMessage:
+		gb = x
+	default:
+		gb, _ = json.Marshal(x)
+	}
+	if err := json.Unmarshal(gb, &g); err != nil {
+		t.Errorf("bad JSON %q: %v", gb, err)
+		return false
+	}
+	if err := json.Unmarshal([]byte(want), &w); err != nil {
+		t.Fatalf("bad JSON %q: %v", want, err)
+	}
+	return reflect.DeepEqual(g, w)
+}
+
+// interopReal is the Go tests' real client plus two methods the Node.js
+// tests watch: note (called oneway) and Publish, each reported on a
+// channel.
+type interopReal struct {
+	*testReal
+	notes chan json.RawMessage
+	pubs  chan json.RawMessage
+}
+
+func newInteropReal() *interopReal {
+	return &interopReal{testReal: newTestReal(), notes: make(chan json.RawMessage, 64), pubs: make(chan json.RawMessage, 64)}
+}
+
+func (r *interopReal) Invoke(ctx context.Context, method string, args []Value) (any, error) {
+	if method == "note" && len(args) == 1 {
+		r.notes <- json.RawMessage(args[0].Bytes())
+		return true, nil
+	}
+	return r.testReal.Invoke(ctx, method, args)
+}
+
+func (r *interopReal) Publish(ctx context.Context, reg json.RawMessage) error {
+	r.testReal.Publish(ctx, reg)
+	r.pubs <- reg
+	return nil
+}
+
+func receive[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(waitLong):
+		t.Fatalf("no %s within %v", what, waitLong)
+	}
+	var zero T
+	return zero
+}
+
+// TestInteropGoFollowerNodeLeader: a Go follower calls a Node.js leader:
+// invoke with results, remote errors with all their fields, oneway,
+// subscribe with pushed values, unsubscribe, publish, heartbeats.
+func TestInteropGoFollowerNodeLeader(t *testing.T) {
+	port := freePort(t)
+	node := startNode(t, childSpec{Port: port, Role: RoleLeader, Name: interopChannel, HeartbeatMS: 500})
+	if !node.ready(waitLong) {
+		t.Fatal("node member does not lead")
+	}
+
+	cfg := testConfig(t, port)
+	cfg.Role = RoleFollower
+	cfg.HeartbeatInterval = 500 * time.Millisecond
+	c, err := New(interopChannel, cfg, buildTestReal(newTestReal()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	if err := c.Ready(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if c.IsLeader() {
+		t.Fatal("Go client leads, want follower")
+	}
+
+	t.Run("invoke", func(t *testing.T) {
+		in := map[string]any{"a": 1.5, "s": "<é & \u2028>", "l": []any{true, nil, "x"}}
+		v, err := c.Invoke(ctx, "echo", in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !sameJSON(t, v.Bytes(), `{"a":1.5,"s":"<é & \u2028>","l":[true,null,"x"]}`) {
+			t.Errorf("echo = %s", v.Bytes())
+		}
+		pid, err := Invoke[int](ctx, c, "pid")
+		if err != nil || pid != node.pid {
+			t.Errorf("pid = %d, %v; want %d", pid, err, node.pid)
+		}
+		// No arguments at all, and a result that is undefined in
+		// Node.js: the reference writes an app object of zero bytes.
+		v, err = c.Invoke(ctx, "sleep", 1)
+		if err != nil || v.String() != "1" {
+			t.Errorf("sleep(1) = %q, %v", v.String(), err)
+		}
+	})
+
+	t.Run("remote error", func(t *testing.T) {
+		_, err := c.Invoke(ctx, "fail", "E_CODE", "CustomError")
+		var re *RemoteError
+		if !errors.As(err, &re) {
+			t.Fatalf("err = %v, want *RemoteError", err)
+		}
+		if re.Name != "CustomError" || re.Message != "failed on purpose" || re.Code != "E_CODE" {
+			t.Errorf("remote error = %+v", re)
+		}
+		if !strings.HasPrefix(re.Stack, "CustomError: failed on purpose\n") || !strings.Contains(re.Stack, "member.js") {
+			t.Errorf("stack = %q", re.Stack)
+		}
+		// The reference leader also reports the error on its side.
+		m := node.event("nodeerror", waitLong)
+		if m["name"] != "CustomError" {
+			t.Errorf("leader error event = %v", m)
+		}
+		// A numeric code and no name.
+		_, err = c.Invoke(ctx, "fail", 42)
+		if !errors.As(err, &re) || re.Name != "Error" || re.Code != "42" {
+			t.Errorf("err = %#v", err)
+		}
+		node.event("nodeerror", waitLong)
+	})
+
+	t.Run("oneway", func(t *testing.T) {
+		if err := c.InvokeOneway(ctx, "note", map[string]int{"n": 7}); err != nil {
+			t.Fatal(err)
+		}
+		m := node.event("note", waitLong)
+		if !sameJSON(t, m["value"], `{"n":7}`) {
+			t.Errorf("note = %v", m["value"])
+		}
+	})
+
+	t.Run("subscribe", func(t *testing.T) {
+		reg1 := map[string]string{"dataId": "d1", "group": "g"}
+		reg2 := map[string]string{"dataId": "d2"}
+		ch1, ch2 := make(chan Value, 16), make(chan Value, 16)
+		s1, err := c.Subscribe(reg1, func(v Value) { ch1 <- v })
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The subscribe packet goes out before the invoke on the same
+		// connection, so the real client has subscribed by the push.
+		pushed, err := Invoke[bool](ctx, c, "push", reg1, map[string]any{"v": 1})
+		if err != nil || !pushed {
+			t.Fatalf("push = %v, %v", pushed, err)
+		}
+		if v := receive(t, ch1, "pushed value"); !sameJSON(t, v.Bytes(), `{"v":1}`) {
+			t.Errorf("value = %s", v.Bytes())
+		}
+		// A second listener on the key gets the latest value at once.
+		ch1b := make(chan Value, 16)
+		s1b, err := c.Subscribe(reg1, func(v Value) { ch1b <- v })
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v := receive(t, ch1b, "replayed value"); !sameJSON(t, v.Bytes(), `{"v":1}`) {
+			t.Errorf("replayed value = %s", v.Bytes())
+		}
+		if n, err := Invoke[int](ctx, c, "subscribes", reg1); err != nil || n != 1 {
+			t.Errorf("real client subscribed %d times, %v; want 1", n, err)
+		}
+
+		// After unsubscribing, the leader stops pushing to this
+		// connection: a value of reg1 pushed before one of reg2 never
+		// arrives, though the one of reg2 does.
+		s1.Unsubscribe()
+		s1b.Unsubscribe()
+		if _, err := c.Subscribe(reg2, func(v Value) { ch2 <- v }); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Invoke[bool](ctx, c, "push", reg1, "late"); err != nil {
+			t.Fatal(err)
+		}
+		if pushed, err := Invoke[bool](ctx, c, "push", reg2, "w"); err != nil || !pushed {
+			t.Fatalf("push reg2 = %v, %v", pushed, err)
+		}
+		if v := receive(t, ch2, "value of reg2"); v.String() != `"w"` {
+			t.Errorf("reg2 value = %s", v)
+		}
+		select {
+		case v := <-ch1:
+			t.Errorf("value %s after unsubscribe", v)
+		case v := <-ch1b:
+			t.Errorf("value %s after unsubscribe", v)
+		default:
+		}
+	})
+
+	t.Run("publish", func(t *testing.T) {
+		if err := c.Publish(ctx, map[string]any{"dataId": "p1", "addr": "127.0.0.1:1"}); err != nil {
+			t.Fatal(err)
+		}
+		m := node.event("published", waitLong)
+		if !sameJSON(t, m["reg"], `{"dataId":"p1","addr":"127.0.0.1:1"}`) {
+			t.Errorf("published %v", m["reg"])
+		}
+	})
+
+	t.Run("heartbeat", func(t *testing.T) {
+		// Both sides beat every 500 ms; the Node.js leader drops a
+		// connection silent for 1.5 s. Stay idle for 2 s: the Go
+		// follower's heartbeats must keep the same connection.
+		c.mu.Lock()
+		f := c.fol
+		c.mu.Unlock()
+		time.Sleep(2 * time.Second)
+		if _, err := c.Invoke(ctx, "echo", 1); err != nil {
+			t.Fatal(err)
+		}
+		c.mu.Lock()
+		same := c.fol == f
+		c.mu.Unlock()
+		if !same {
+			t.Error("the follower connected again: heartbeats did not keep the connection")
+		}
+	})
+	noNodeErrors(t, node)
+}
+
+// TestInteropNodeFollowerGoLeader: a Node.js follower calls a Go leader:
+// the same calls from the other side.
+func TestInteropNodeFollowerGoLeader(t *testing.T) {
+	port := freePort(t)
+	cfg := testConfig(t, port)
+	cfg.Role = RoleLeader
+	cfg.HeartbeatInterval = 500 * time.Millisecond
+	real := newInteropReal()
+	c, err := New(interopChannel, cfg, func(context.Context) (RealClient, error) { return real, nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	if err := c.Ready(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	node := startNode(t, childSpec{Port: port, Role: RoleFollower, Name: interopChannel, HeartbeatMS: 500})
+	if node.ready(waitLong) {
+		t.Fatal("node member leads, want follower")
+	}
+	do := func(cmd msg) msg {
+		t.Helper()
+		return node.do(cmd, waitLong)
+	}
+
+	t.Run("invoke", func(t *testing.T) {
+		m := do(msg{"op": "invoke", "method": "echo", "args": []any{map[string]any{"a": 1.5, "s": "<é & \u2028>"}}})
+		if m["err"] != nil || !sameJSON(t, m["result"], `{"a":1.5,"s":"<é & \u2028>"}`) {
+			t.Errorf("echo: %v", m)
+		}
+		m = do(msg{"op": "invoke", "method": "pid"})
+		if m["result"] != float64(os.Getpid()) {
+			t.Errorf("pid: %v, want %d", m, os.Getpid())
+		}
+	})
+
+	t.Run("remote error", func(t *testing.T) {
+		m := do(msg{"op": "invoke", "method": "fail", "args": []any{"E_CODE"}})
+		if m["name"] != "Error" || m["message"] != "failed on purpose" || m["code"] != "E_CODE" {
+			t.Errorf("fail: %v", m)
+		}
+		m = do(msg{"op": "invoke", "method": "nope"})
+		if msg, _ := m["message"].(string); !strings.Contains(msg, "not implemented") {
+			t.Errorf("unknown method: %v", m)
+		}
+	})
+
+	t.Run("oneway", func(t *testing.T) {
+		do(msg{"op": "oneway", "method": "note", "args": []any{map[string]int{"n": 7}}})
+		if v := receive(t, real.notes, "oneway note"); !sameJSON(t, v, `{"n":7}`) {
+			t.Errorf("note = %s", v)
+		}
+	})
+
+	t.Run("subscribe", func(t *testing.T) {
+		reg := map[string]string{"dataId": "d1", "group": "g"}
+		do(msg{"op": "subscribe", "reg": reg})
+		// The leader handles packets of one connection in order, so the
+		// real client has subscribed by the time it runs this push.
+		m := do(msg{"op": "invoke", "method": "push", "args": []any{reg, map[string]int{"v": 1}}})
+		if m["result"] != true {
+			t.Fatalf("push: %v", m)
+		}
+		m = node.event("value", waitLong)
+		if !sameJSON(t, m["value"], `{"v":1}`) || !sameJSON(t, m["reg"], `{"dataId":"d1","group":"g"}`) {
+			t.Errorf("value event %v", m)
+		}
+		// A value the real client emits by itself.
+		real.mu.Lock()
+		push := real.push[`{"dataId":"d1","group":"g"}`]
+		real.mu.Unlock()
+		if push == nil {
+			t.Fatal("real client not subscribed under the reg's JSON")
+		}
+		push([]int{1, 2})
+		if m := node.event("value", waitLong); !sameJSON(t, m["value"], `[1,2]`) {
+			t.Errorf("value event %v", m)
+		}
+		// The Go leader's own listener shares the one subscription and
+		// gets the latest value at once.
+		local := make(chan Value, 4)
+		s, err := c.Subscribe(reg, func(v Value) { local <- v })
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v := receive(t, local, "replayed value"); v.String() != "[1,2]" {
+			t.Errorf("local value %s", v)
+		}
+		if n := real.subscribes[`{"dataId":"d1","group":"g"}`]; n != 1 {
+			t.Errorf("real client subscribed %d times, want 1", n)
+		}
+		s.Unsubscribe()
+		// The last listener anywhere leaves: the Go leader releases the
+		// real client's subscription.
+		do(msg{"op": "unsubscribe", "reg": reg})
+		m = do(msg{"op": "invoke", "method": "active", "args": []any{reg}})
+		if m["result"] != false {
+			t.Errorf("real subscription still active after the last unsubscribe: %v", m)
+		}
+	})
+
+	t.Run("publish", func(t *testing.T) {
+		do(msg{"op": "publish", "reg": map[string]any{"dataId": "p1", "addr": "127.0.0.1:1"}})
+		if v := receive(t, real.pubs, "publish"); !sameJSON(t, v, `{"dataId":"p1","addr":"127.0.0.1:1"}`) {
+			t.Errorf("published %s", v)
+		}
+	})
+
+	t.Run("heartbeat", func(t *testing.T) {
+		// The Go leader drops a connection silent for 3 × 500 ms; the
+		// Node.js follower's heartbeats must keep it for 2 s.
+		c.mu.Lock()
+		l := c.lead
+		c.mu.Unlock()
+		l.mu.Lock()
+		n := len(l.conns)
+		l.mu.Unlock()
+		time.Sleep(2 * time.Second)
+		m := do(msg{"op": "invoke", "method": "echo", "args": []any{1}})
+		if m["result"] != float64(1) {
+			t.Fatalf("echo after idle: %v", m)
+		}
+		l.mu.Lock()
+		n2 := len(l.conns)
+		l.mu.Unlock()
+		if n != 1 || n2 != 1 {
+			t.Errorf("leader had %d connections, then %d; want 1 and 1", n, n2)
+		}
+	})
+	noNodeErrors(t, node)
+}
