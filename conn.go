@@ -116,6 +116,10 @@ func (s *sender) flushLocked() error {
 			s.spare = nil
 		}
 		if err != nil && s.err == nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				err = fmt.Errorf("peer is not reading: nothing written for %v: %w", s.timeout, err)
+			}
 			s.err = fmt.Errorf("clusterclient: write to %s: %w", s.nc.RemoteAddr(), err)
 			s.buf = nil
 			s.flushing = false

@@ -64,6 +64,7 @@ type serverConn struct {
 	keys       map[string]struct{} // guarded by l.mu: keys subscribed
 	lastActive atomic.Int64        // unix nanoseconds of the last packet read
 	closeOnce  sync.Once
+	oddType    bool // reader goroutine only: a request of unknown type was logged
 }
 
 func newLeader(name string, cfg *Config, owner *Client) *leader {
@@ -190,9 +191,6 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, r *Reader, reg *Packet, rc
 			break
 		}
 	}
-	if err != io.EOF && !errors.Is(err, net.ErrClosed) {
-		l.cfg.Logger.Warn("clusterclient: closing follower connection", "channel", l.name, "remote", nc.RemoteAddr(), "err", err)
-	}
 	sc.close(err)
 	l.dropConn(sc)
 }
@@ -203,10 +201,16 @@ func secretsEqual(want, got string) bool {
 	return subtle.ConstantTimeCompare(a[:], b[:]) == 1
 }
 
+// close closes the connection once. It logs why, unless the follower
+// left or the leader is closing.
 func (sc *serverConn) close(err error) {
 	sc.closeOnce.Do(func() {
 		sc.w.fail(net.ErrClosed)
 		sc.nc.Close()
+		if err != nil && err != io.EOF && !errors.Is(err, net.ErrClosed) && !errors.Is(err, ErrClosed) {
+			sc.l.cfg.Logger.Warn("clusterclient: closing follower connection",
+				"channel", sc.l.name, "remote", sc.nc.RemoteAddr(), "err", err)
+		}
 	})
 }
 
@@ -245,7 +249,12 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 			return appendPacket(b, true, id, timeout, registerChannelRes{}, ok)
 		})
 	default:
-		l.cfg.Logger.Warn("clusterclient: ignoring request of unknown type", "channel", l.name, "type", typ)
+		// Logged once per connection: a peer cannot flood the log.
+		if !sc.oddType {
+			sc.oddType = true
+			l.cfg.Logger.Warn("clusterclient: ignoring requests of unknown type on this connection",
+				"channel", l.name, "remote", sc.nc.RemoteAddr(), "type", fmt.Sprintf("%.64q", typ))
+		}
 	}
 	return nil
 }
@@ -265,10 +274,12 @@ func (l *leader) runInvoke(sc *serverConn, id uint64, timeoutMS int32, c invoke,
 		args[i] = Value{data: a, codec: l.cfg.Codec}
 	}
 	var result any
-	var err error
-	if c.Method == publishMethod && c.Oneway && len(args) == 1 {
+	err := l.checkArgs(c.Method, raw)
+	switch {
+	case err != nil: // refused before the real client sees it
+	case c.Method == publishMethod && c.Oneway && len(args) == 1:
 		err = l.publish(ctx, args[0])
-	} else {
+	default:
 		result, err = l.real.Invoke(ctx, c.Method, args)
 	}
 	if c.Oneway {
@@ -286,6 +297,29 @@ func (l *leader) runInvoke(sc *serverConn, id uint64, timeoutMS int32, c invoke,
 	sc.w.send(true, func(b []byte) ([]byte, error) {
 		return appendPacket(b, true, id, timeoutMS, invokeResult{Success: success}, data)
 	})
+}
+
+// codeBadArgument is the error code of an invoke refused because an
+// argument is not valid JSON.
+const codeBadArgument = "ERR_CLUSTER_BAD_ARGUMENT"
+
+// checkArgs refuses, when the codec is JSONCodec, arguments that are not
+// valid JSON: the caller gets a clear error and the connection stays,
+// since the packet itself was well framed. Another codec decodes its own
+// arguments and reports its own errors.
+func (l *leader) checkArgs(method string, raw [][]byte) error {
+	switch l.cfg.Codec.(type) {
+	case JSONCodec, *JSONCodec:
+	default:
+		return nil
+	}
+	for i, a := range raw {
+		if !json.Valid(a) {
+			return &RemoteError{Name: "SyntaxError", Code: codeBadArgument,
+				Message: fmt.Sprintf("argument %d of %.64q is not valid JSON", i, method)}
+		}
+	}
+	return nil
 }
 
 // encodeResult turns the outcome of an invoke into the app object of an

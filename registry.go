@@ -39,6 +39,40 @@ type portHost struct {
 	channels map[string]*leader // guarded by mu
 	unreg    []net.Conn         // guarded by mu: not yet registered, oldest first
 	closed   bool               // guarded by mu
+	logStart time.Time          // guarded by mu: start of the current second of warn
+	logged   int                // guarded by mu: lines warn logged since logStart
+	dropped  int                // guarded by mu: lines warn left out since it last logged
+}
+
+// warnPerSecond bounds the lines that warn logs per second and port, so
+// that a flood of bad connections cannot flood the log.
+const warnPerSecond = 10
+
+// warn logs why a connection that had not registered was closed or
+// refused, at most warnPerSecond lines a second; the next line logged
+// counts those left out as "suppressed".
+func (h *portHost) warn(msg string, args ...any) {
+	now := time.Now()
+	h.mu.Lock()
+	if now.Sub(h.logStart) >= time.Second {
+		h.logStart, h.logged = now, 0
+	}
+	h.logged++
+	ok := h.logged <= warnPerSecond
+	dropped := 0
+	if ok {
+		dropped, h.dropped = h.dropped, 0
+	} else {
+		h.dropped++
+	}
+	h.mu.Unlock()
+	if !ok {
+		return
+	}
+	if dropped > 0 {
+		args = append(args, "suppressed", dropped)
+	}
+	h.log.Warn(msg, args...)
 }
 
 // hostChannel makes l the leader of its channel on the port, listening
@@ -65,8 +99,13 @@ func hostChannel(cfg *Config, l *leader) (bool, error) {
 			channels: make(map[string]*leader),
 		}
 		hosts.m[cfg.Port] = h
+		// The channel is hosted before the first accept: a follower
+		// that dials at once must not be refused.
+		h.channels[l.name] = l
+		l.host = h
 		h.wg.Add(1)
 		go h.acceptLoop()
+		return true, nil
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -139,7 +178,7 @@ func (h *portHost) acceptLoop() {
 		h.wg.Add(1)
 		h.mu.Unlock()
 		if evict != nil {
-			h.log.Warn("clusterclient: closing unregistered connection: too many connections have not registered",
+			h.warn("clusterclient: closing unregistered connection: too many connections have not registered",
 				"remote", evict.RemoteAddr(), "limit", h.maxUnreg)
 			evict.Close()
 		}
@@ -185,7 +224,14 @@ func (h *portHost) handshake(nc net.Conn) (*leader, *Packet, registerChannel, *b
 		return nil, nil, registerChannel{}, nil, nil
 	}
 	var rc registerChannel
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		err = fmt.Errorf("no register_channel within Config.RegisterTimeout %v: %w", h.regWait, err)
+	}
 	if err == nil {
+		// Registered: from here on the leader's heartbeat check bounds
+		// a silent connection.
+		nc.SetReadDeadline(time.Time{})
 		var c connObject
 		var typ string
 		c, typ, err = parseConn(p.Conn)
@@ -197,7 +243,7 @@ func (h *portHost) handshake(nc net.Conn) (*leader, *Packet, registerChannel, *b
 		}
 	}
 	if err != nil {
-		h.log.Warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
+		h.warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
 		nc.Close()
 		return nil, nil, rc, nil, nil
 	}
@@ -205,7 +251,7 @@ func (h *portHost) handshake(nc net.Conn) (*leader, *Packet, registerChannel, *b
 	l := h.channels[rc.ChannelName]
 	h.mu.Unlock()
 	if l == nil {
-		h.log.Warn("clusterclient: refusing register for a channel this leader does not host",
+		h.warn("clusterclient: refusing register for a channel this leader does not host",
 			"remote", nc.RemoteAddr(), "channel", rc.ChannelName, "port", h.port)
 		refuse(nc, &p, JSONCodec{}, &registerErrorObject{
 			Name:    "ClusterChannelNotFoundError",
