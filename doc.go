@@ -1,0 +1,69 @@
+// Package clusterclient lets the processes of one host share one client of
+// a remote service. One process, the leader, holds the real client: the
+// connections, sessions and subscriptions to the servers. The other
+// processes, the followers, forward their calls to it over TCP on
+// 127.0.0.1. It speaks the wire protocol of the Node.js package
+// cluster-client byte for byte, so Go and Node.js processes can share one
+// client.
+//
+// # Roles
+//
+// Every process creates a [Client] with [New], giving a channel name, a
+// [Config] and a [BuildFunc]. All clients of a host that use the same
+// [Config.Port] (7777 by default) compete for it: the first to listen on
+// 127.0.0.1:port leads every channel that its process opens on that port,
+// and only there does the BuildFunc run and build the [RealClient]. The
+// others dial the leader and register the channel. [Client.Ready] waits
+// for either; [Client.IsLeader] tells which. [Config.Role] can force a
+// role, and [Config.SingleMode] skips the cluster so that every process
+// builds its own real client.
+//
+// # Calls
+//
+// [Client.Invoke] (or the generic [Invoke], which decodes the result into
+// a type) runs a method of the real client with the given arguments:
+// directly in the leader's process, over loopback elsewhere. Arguments and
+// results are encoded with the [Codec], JSON by default; the real client
+// receives each argument as a [Value]. An error it returns reaches the
+// caller as a [*RemoteError] with the error's name, message and code (an
+// error with an ErrorCode() string method gives the code). [Client.InvokeOneway]
+// waits for no result. Each call is bounded by its context and
+// [Config.ResponseTimeout].
+//
+// # Subscriptions
+//
+// [Client.Subscribe] adds a listener for a registration, any value that
+// encodes as JSON. The leader subscribes the real client (a [Subscriber])
+// once per registration, however many listeners there are in all
+// processes, and pushes every value to every process that listens (to one
+// picked at random if [Config.Broadcast] is off). A
+// listener that joins late gets the latest value at once. Listeners of a
+// client run one at a time and see the latest value: a listener still busy
+// when newer values arrive gets only the newest. When the last listener
+// anywhere leaves, the real client is told (an [Unsubscriber]).
+// [Client.Publish] hands a registration to the real client (a [Publisher])
+// and remembers it.
+//
+// # Failover
+//
+// When the leader dies, its followers' connections close. A call in
+// flight on a follower fails with [ErrLeaderLost]: it may or may not have
+// run. The followers compete for the port again; the winner builds a new
+// real client. Every client then subscribes again to what its listeners
+// want and publishes again what it published, and calls made meanwhile
+// wait for the new leader. If none is found within [Config.MaxWaitTime],
+// waiting calls fail with [ErrNoLeader] while the client keeps trying.
+// [Client.Close] on a leader is a planned handover: it frees the port,
+// tells its followers that it is closing, lets calls in flight finish
+// (bounded by [Config.DrainTimeout]) and then closes the real client. Go
+// followers hold new calls for the next leader, so none of their calls
+// fails.
+//
+// # Security
+//
+// Any local process, of any user, can connect to the port and, once it
+// has registered a channel, call the real client like any follower; a
+// process that holds the port first leads. The limits in [Config] bound
+// what one connection can cost, and [Config.Secret] makes followers
+// present a shared secret (Go peers only). See the README for details.
+package clusterclient
