@@ -11,7 +11,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"reflect"
@@ -132,9 +134,8 @@ func (n *nodeMember) readLoop(r io.Reader) {
 	}
 }
 
-// do sends a command and waits for its reply.
-func (n *nodeMember) do(cmd msg, timeout time.Duration) msg {
-	n.t.Helper()
+// send sends a command and returns the channel of its reply.
+func (n *nodeMember) send(cmd msg) <-chan msg {
 	n.mu.Lock()
 	n.nextID++
 	id := n.nextID
@@ -143,11 +144,15 @@ func (n *nodeMember) do(cmd msg, timeout time.Duration) msg {
 	n.mu.Unlock()
 	cmd["id"] = id
 	b, _ := json.Marshal(cmd)
-	if _, err := n.stdin.Write(append(b, '\n')); err != nil {
-		n.t.Fatalf("node %d: %v", n.pid, err)
-	}
+	n.stdin.Write(append(b, '\n'))
+	return ch
+}
+
+// do sends a command and waits for its reply.
+func (n *nodeMember) do(cmd msg, timeout time.Duration) msg {
+	n.t.Helper()
 	select {
-	case m := <-ch:
+	case m := <-n.send(cmd):
 		return m
 	case <-time.After(timeout):
 		n.t.Fatalf("node %d: no reply to %v within %v", n.pid, cmd, timeout)
@@ -598,4 +603,217 @@ func TestInteropNodeFollowerGoLeader(t *testing.T) {
 		}
 	})
 	noNodeErrors(t, node)
+}
+
+// TestInteropLeaderClosing: a Go leader that closes on purpose sends its
+// Go-only leader_closing notice; a Node.js follower ignores it without an
+// error, still gets the answer of its call in flight, and takes over the
+// port once the leader has closed the connection.
+func TestInteropLeaderClosing(t *testing.T) {
+	port := freePort(t)
+	cfg := testConfig(t, port)
+	cfg.Role = RoleLeader
+	cfg.DrainTimeout = time.Second
+	c, err := New(interopChannel, cfg, buildTestReal(newTestReal()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Ready(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	node := startNode(t, childSpec{Port: port, Name: interopChannel})
+	if node.ready(waitLong) {
+		t.Fatal("node member leads, want follower")
+	}
+	reply := node.send(msg{"op": "invoke", "method": "sleep", "args": []any{300}})
+	// Close once the call is running on the leader.
+	c.mu.Lock()
+	l := c.lead
+	c.mu.Unlock()
+	for start := time.Now(); ; time.Sleep(5 * time.Millisecond) {
+		l.mu.Lock()
+		n := len(l.conns)
+		l.mu.Unlock()
+		if n == 1 {
+			break
+		}
+		if time.Since(start) > waitLong {
+			t.Fatal("node follower never registered")
+		}
+	}
+	time.Sleep(50 * time.Millisecond)
+	start := time.Now()
+	c.Close()
+	took := time.Since(start)
+	m := receive(t, reply, "answer to the call in flight")
+	if m["result"] != float64(300) {
+		t.Errorf("call in flight during close: %v", m)
+	}
+	t.Logf("Close of a Go leader with a Node.js follower took %v (DrainTimeout %v)", took, cfg.DrainTimeout)
+	// The Node.js follower elects again and leads.
+	for start := time.Now(); ; time.Sleep(20 * time.Millisecond) {
+		if m := node.do(msg{"op": "status"}, waitLong); m["leader"] == true {
+			break
+		}
+		if time.Since(start) > waitLong {
+			t.Fatal("node member did not take over the port")
+		}
+	}
+	m = node.do(msg{"op": "invoke", "method": "pid"}, waitLong)
+	if m["result"] != float64(node.pid) {
+		t.Errorf("pid after takeover: %v", m)
+	}
+	noNodeErrors(t, node)
+}
+
+// TestInteropSubscriptionKeys: a registration's key is the text of
+// JSON.stringify(reg) on the Node.js side, and the Node.js leader pushes
+// under the key it computes itself. A Go follower must compute the same
+// key for registrations that JSON.stringify writes differently from
+// encoding/json: U+2028, numbers written as 1.0 or 1e2, index-like keys
+// (which a JavaScript object puts first), repeated keys.
+func TestInteropSubscriptionKeys(t *testing.T) {
+	port := freePort(t)
+	node := startNode(t, childSpec{Port: port, Role: RoleLeader, Name: interopChannel})
+	if !node.ready(waitLong) {
+		t.Fatal("node member does not lead")
+	}
+	cfg := testConfig(t, port)
+	cfg.Role = RoleFollower
+	c, err := New(interopChannel, cfg, buildTestReal(newTestReal()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	if err := c.Ready(ctx); err != nil {
+		t.Fatal(err)
+	}
+	regs := []any{
+		map[string]string{"s": "a\u2028b\u2029c<&>"},
+		json.RawMessage(`{"n":1.0,"e":1e2,"big":1e21,"small":0.0000001,"neg":-0}`),
+		json.RawMessage(`{"b":1,"2":"x","a":2,"1":"y","01":3}`),
+		json.RawMessage(`{ "a" : 1, "b" : [ 1 , "\u0041" ], "a" : 3 }`),
+		struct {
+			Z string `json:"z"`
+			A int    `json:"a"`
+		}{"last", 1},
+	}
+	for i, reg := range regs {
+		ch := make(chan Value, 4)
+		if _, err := c.Subscribe(reg, func(v Value) { ch <- v }); err != nil {
+			t.Fatal(err)
+		}
+		pushed, err := Invoke[bool](ctx, c, "push", reg, i)
+		if err != nil || !pushed {
+			t.Fatalf("reg %d: push = %v, %v", i, pushed, err)
+		}
+		select {
+		case v := <-ch:
+			if v.String() != fmt.Sprint(i) {
+				t.Errorf("reg %d: value %s", i, v)
+			}
+		case <-time.After(2 * time.Second):
+			t.Errorf("reg %d (%v): the Node.js leader pushed a value the Go follower did not match to its key", i, reg)
+		}
+	}
+}
+
+// TestInteropStringifyJSON compares stringifyJSON, which makes the
+// registrations behind subscription keys, with what Node.js makes of the
+// same text: JSON.stringify(JSON.parse(text)). Hand-picked cases first,
+// then random documents.
+func TestInteropStringifyJSON(t *testing.T) {
+	node := needNode(t)
+	cmd := exec.Command(node, nodeDir+"/stringify.js")
+	cmd.Stderr = testWriter{t}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	defer stdin.Close()
+	lines := bufio.NewScanner(stdout)
+	lines.Buffer(make([]byte, 1<<20), 1<<20)
+	check := func(in string) {
+		t.Helper()
+		if _, err := io.WriteString(stdin, in+"\n"); err != nil {
+			t.Fatal(err)
+		}
+		if !lines.Scan() {
+			t.Fatalf("stringify.js stopped: %v", lines.Err())
+		}
+		var want string
+		if err := json.Unmarshal(lines.Bytes(), &want); err != nil {
+			t.Fatalf("%s: node: %s", in, lines.Bytes())
+		}
+		got, err := stringifyJSON([]byte(in))
+		if err != nil {
+			t.Errorf("%s: %v", in, err)
+		} else if string(got) != want {
+			t.Errorf("%s:\n got %s\nwant %s", in, got, want)
+		}
+	}
+	for _, in := range []string{
+		`{"dataId":"d1","group":"g"}`,
+		`{ "a" : 1, "b" : [ 1 , "\u0041\u00e9\u2028" ], "a" : 3 }`,
+		`{"b":1,"2":"x","a":2,"1":"y","01":3,"-1":4,"4294967294":5,"4294967295":6,"1.5":7}`,
+		`[1.0,1e2,1E+2,-0,0.1,1e21,1e-7,1.5e-7,0.000001,123456789012345678901234,1e400,-1e400,5e-324,2e-324]`,
+		`"\u0000\u001f\u007f\"\\/\b\f\n\r\t<>&\u2029"`,
+		`{"":{"":[]},"x":{}}`,
+		`[true,false,null,"",[[]],{}]`,
+		`9007199254740993`,
+		`-1.7976931348623157e308`,
+	} {
+		check(in)
+	}
+	rnd := rand.New(rand.NewPCG(1, 2))
+	for range 300 {
+		var b strings.Builder
+		randomJSON(rnd, &b, 3)
+		check(b.String())
+	}
+}
+
+// randomJSON writes a random JSON value, nested at most depth deep,
+// drawn from the cases where JavaScript and encoding/json differ.
+func randomJSON(r *rand.Rand, b *strings.Builder, depth int) {
+	keys := []string{"a", "b", "0", "1", "10", "01", "-1", "x y", `\u2028`, "__proto__", "é"}
+	strs := []string{"", "a", `\u2028`, "\u2028", "<&>", `\u00e9`, "é", `\"`, `\\`, `\n`, `\u0001`, `\ud83d\ude00`}
+	nums := []string{"0", "-0", "1", "1.0", "1e2", "1.5E-7", "0.1", "1e21", "123456789012345678901", "-12.50", "1e-6"}
+	switch k := r.IntN(6); {
+	case depth > 0 && k == 0:
+		b.WriteByte('[')
+		for i := range r.IntN(4) {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			randomJSON(r, b, depth-1)
+		}
+		b.WriteByte(']')
+	case depth > 0 && k <= 2:
+		b.WriteByte('{')
+		for i := range r.IntN(5) {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			b.WriteString(`"` + keys[r.IntN(len(keys))] + `" : `)
+			randomJSON(r, b, depth-1)
+		}
+		b.WriteByte('}')
+	case k == 3:
+		b.WriteString(`"` + strs[r.IntN(len(strs))] + `"`)
+	case k == 4:
+		b.WriteString(nums[r.IntN(len(nums))])
+	default:
+		b.WriteString([]string{"true", "false", "null"}[r.IntN(3)])
+	}
 }

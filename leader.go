@@ -43,6 +43,7 @@ type leader struct {
 	conns   map[*serverConn]struct{} // guarded by mu
 	topics  map[string]*topic        // guarded by mu
 	closing bool                     // guarded by mu
+	stopped bool                     // guarded by mu: the drain is over; no call may start
 	drained chan struct{}            // guarded by mu: closed when closing and conns is empty
 }
 
@@ -230,7 +231,20 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 		if err != nil {
 			return err
 		}
-		l.inflight.Add(1)
+		if !l.enter() {
+			// A Node.js follower does not heed leader_closing and may
+			// call after the drain: tell it, as the reference would by
+			// closing the connection.
+			if !c.Oneway {
+				_, data := l.encodeResult(c.Method, nil, &RemoteError{Name: "ClusterLeaderClosingError",
+					Message: "the leader of channel " + l.name + " is closing", Code: "ERR_CLUSTER_LEADER_CLOSING"})
+				id, timeout := p.ID, p.Timeout
+				sc.w.send(false, func(b []byte) ([]byte, error) {
+					return appendPacket(b, true, id, timeout, invokeResult{Success: false}, data)
+				})
+			}
+			return nil
+		}
 		go l.runInvoke(sc, p.ID, p.Timeout, c, args)
 	case heartbeat:
 		id, timeout := p.ID, p.Timeout
@@ -257,6 +271,19 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 		}
 	}
 	return nil
+}
+
+// enter counts a call in flight, unless the leader has stopped taking
+// calls. Taking l.mu orders every Add before close's Wait, as
+// sync.WaitGroup requires.
+func (l *leader) enter() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.stopped {
+		return false
+	}
+	l.inflight.Add(1)
+	return true
 }
 
 // runInvoke runs one invoke from a follower and answers it, unless it is
@@ -359,7 +386,9 @@ func (l *leader) publish(ctx context.Context, arg Value) error {
 
 // invokeLocal runs a call of the owner straight on the real client.
 func (l *leader) invokeLocal(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
-	l.inflight.Add(1)
+	if !l.enter() {
+		return Value{}, ErrClosed
+	}
 	defer l.inflight.Done()
 	ctx, cancel := context.WithTimeout(ctx, l.cfg.ResponseTimeout)
 	defer cancel()
@@ -389,7 +418,9 @@ func (l *leader) invokeLocal(ctx context.Context, method string, args [][]byte, 
 
 // publishLocal publishes a registration of the owner.
 func (l *leader) publishLocal(ctx context.Context, reg json.RawMessage) error {
-	l.inflight.Add(1)
+	if !l.enter() {
+		return ErrClosed
+	}
 	defer l.inflight.Done()
 	ctx, cancel := context.WithTimeout(ctx, l.cfg.ResponseTimeout)
 	defer cancel()
@@ -623,14 +654,19 @@ func (l *leader) close() {
 	}
 	timer := time.NewTimer(l.cfg.DrainTimeout)
 	defer timer.Stop()
-	inflight := make(chan struct{})
-	go func() { l.inflight.Wait(); close(inflight) }()
 	expired := false
 	select {
 	case <-l.drained:
 	case <-timer.C:
 		expired = true
 	}
+	// From here on no call starts, so every inflight.Add happened
+	// before the Wait below, as sync.WaitGroup requires.
+	l.mu.Lock()
+	l.stopped = true
+	l.mu.Unlock()
+	inflight := make(chan struct{})
+	go func() { l.inflight.Wait(); close(inflight) }()
 	if !expired {
 		select {
 		case <-inflight:
