@@ -41,8 +41,10 @@ const (
 
 	// readChunk is the largest body allocated before any of it arrived.
 	// Larger bodies grow as their bytes arrive, so a header that lies
-	// about its length costs at most this much.
-	readChunk = 64 << 10
+	// about its length costs at most this much. 256 KiB lets the common
+	// sizes, a 64 KiB app object with its conn object among them, be
+	// read with one allocation and no copy.
+	readChunk = 256 << 10
 )
 
 // Errors of the packet codec. Each kind of protocol fault has its own
@@ -179,9 +181,10 @@ func (h *header) fill(p *Packet, body []byte) error {
 	return nil
 }
 
+// isJSONObject reports whether b is one JSON object, with optional JSON
+// whitespace around it, as JSON.parse accepts it (see walkObject).
 func isJSONObject(b []byte) bool {
-	b = bytes.TrimLeft(b, " \t\r\n")
-	return len(b) > 0 && b[0] == '{' && json.Valid(b)
+	return walkObject(b, nil) == nil
 }
 
 func truncated(where string, got, want int) error {
@@ -477,8 +480,8 @@ func appendJSONString(b []byte, s string) []byte {
 // caller decides (the reference ignores such packets).
 //
 // It reads b as JSON.parse would, not as encoding/json would:
-//   - b must be one valid JSON object (json.Valid checks it), with
-//     optional surrounding JSON whitespace;
+//   - b must be one valid JSON object, with optional JSON whitespace
+//     around it (walkObject checks it as json.Valid would);
 //   - keys match case-sensitively, so {"Type":"heartbeat"} has no type;
 //   - a repeated key counts by its last value, but every value of a
 //     known key must have that key's JSON type (null is allowed and
@@ -499,31 +502,28 @@ func parseConn(b []byte) (connObject, string, error) {
 	}
 	switch typ {
 	case typeRegisterChannel:
-		name, err := jsonString(f.channelName)
+		name, err := decodeString(f.channelName)
 		if err != nil {
 			return nil, "", fmt.Errorf("%w: channelName: %v", ErrBadConn, err)
 		}
-		secret, err := jsonString(f.secret)
+		secret, err := decodeString(f.secret)
 		if err != nil {
 			return nil, "", fmt.Errorf("%w: secret: %v", ErrBadConn, err)
 		}
 		return registerChannel{ChannelName: name, Secret: secret}, typ, nil
 	case typeSubscribe, typeUnSubscribe, typeSubscribeResult:
-		key, err := jsonString(f.key)
+		key, err := decodeString(f.key)
 		if err != nil {
 			return nil, "", fmt.Errorf("%w: key: %v", ErrBadConn, err)
 		}
-		var reg json.RawMessage
-		if f.reg != nil {
-			reg = bytes.Clone(f.reg)
+		if typ == typeSubscribeResult {
+			return subscribeResult{Key: key}, typ, nil
 		}
-		switch typ {
-		case typeSubscribe:
+		reg := json.RawMessage(bytes.Clone(f.reg)) // nil stays nil
+		if typ == typeSubscribe {
 			return subscribe{Key: key, Reg: reg}, typ, nil
-		case typeUnSubscribe:
-			return unSubscribe{Key: key, Reg: reg}, typ, nil
 		}
-		return subscribeResult{Key: key}, typ, nil
+		return unSubscribe{Key: key, Reg: reg}, typ, nil
 	case typeInvoke:
 		if f.argLength < 0 {
 			return nil, typ, fmt.Errorf("%w: argLength %d", ErrArgCount, f.argLength)
@@ -569,55 +569,10 @@ type connFields struct {
 	oneway, success                       bool
 }
 
-// errMalformed is reported if scan ever runs off the end of input that
-// json.Valid accepted; it cannot happen unless the two disagree.
-var errMalformed = errors.New("malformed JSON")
-
 // scan checks that b is one valid JSON object and records the values of
-// the known keys among its members. Nested values are skipped, not
-// looked into. json.Valid bounds the nesting depth (10000 levels) and
-// proves the grammar, so the walk below only has to find where each
-// member starts and ends; it still checks every index it reads.
+// the known keys among its members, in one pass.
 func (f *connFields) scan(b []byte) error {
-	if !isJSONObject(b) {
-		return errors.New("not a JSON object")
-	}
-	i := skipSpace(b, 0) + 1 // past '{'
-	i = skipSpace(b, i)
-	if i < len(b) && b[i] == '}' {
-		return nil
-	}
-	for i < len(b) {
-		keyEnd := stringEnd(b, i)
-		if keyEnd < 0 {
-			return errMalformed
-		}
-		key := b[i:keyEnd]
-		i = skipSpace(b, keyEnd)
-		if i >= len(b) || b[i] != ':' {
-			return errMalformed
-		}
-		i = skipSpace(b, i+1)
-		valEnd := valueEnd(b, i)
-		if valEnd < 0 {
-			return errMalformed
-		}
-		if err := f.set(key, b[i:valEnd]); err != nil {
-			return err
-		}
-		i = skipSpace(b, valEnd)
-		if i >= len(b) {
-			break
-		}
-		if b[i] == '}' {
-			return nil
-		}
-		if b[i] != ',' {
-			break
-		}
-		i = skipSpace(b, i+1)
-	}
-	return errMalformed
+	return walkObject(b, f.set)
 }
 
 // set records val, the raw JSON value of member key (a raw string
@@ -626,7 +581,7 @@ func (f *connFields) set(key, val []byte) error {
 	name := key[1 : len(key)-1]
 	if bytes.IndexByte(name, '\\') >= 0 {
 		// A key spelled with escapes: rare, decode it properly.
-		s, err := jsonString(key)
+		s, err := decodeString(key)
 		if err != nil {
 			return err
 		}
@@ -720,7 +675,7 @@ func (f *connFields) typeName() (string, error) {
 			}
 		}
 	}
-	return jsonString(f.typ)
+	return decodeString(f.typ)
 }
 
 var knownTypes = [...]string{
@@ -730,15 +685,16 @@ var knownTypes = [...]string{
 	typeLeaderClosing,
 }
 
-// jsonString decodes lit, a JSON string literal that json.Valid accepted,
-// or nil for an absent value (""). Without escapes and in valid UTF-8 it
-// is the bytes between the quotes; otherwise encoding/json decodes it.
-func jsonString(lit []byte) (string, error) {
+// decodeString decodes lit, a JSON string literal that jsonString
+// accepted, or nil for an absent value (""). Without escapes and in
+// valid UTF-8 it is the bytes between the quotes; otherwise
+// encoding/json decodes it.
+func decodeString(lit []byte) (string, error) {
 	if lit == nil {
 		return "", nil
 	}
 	if len(lit) < 2 || lit[0] != '"' || lit[len(lit)-1] != '"' {
-		return "", errMalformed
+		return "", errJSONSyntax
 	}
 	s := lit[1 : len(lit)-1]
 	if bytes.IndexByte(s, '\\') < 0 && utf8.Valid(s) {
@@ -766,14 +722,14 @@ var methodNames struct {
 	m map[string]string
 }
 
-// methodName decodes lit like jsonString, through the intern table.
+// methodName decodes lit like decodeString, through the intern table.
 func methodName(lit []byte) (string, error) {
 	if lit == nil {
 		return "", nil
 	}
 	s := lit[1 : len(lit)-1]
 	if len(s) > maxMethodNameLen || bytes.IndexByte(s, '\\') >= 0 || !utf8.Valid(s) {
-		return jsonString(lit)
+		return decodeString(lit)
 	}
 	methodNames.Lock()
 	defer methodNames.Unlock()
@@ -790,6 +746,235 @@ func methodName(lit []byte) (string, error) {
 	return name, nil
 }
 
+// A JSON validator, written out so that decoding a conn object needs
+// neither encoding/json nor an allocation. It accepts exactly what
+// json.Valid accepts (FuzzParseConn checks the two against each other):
+// RFC 8259 grammar, JSON whitespace only, any bytes >= 0x80 inside
+// strings (JSON.parse sees the UTF-8 decoding of the buffer, where
+// invalid bytes are U+FFFD), and objects and arrays nested at most
+// maxJSONDepth deep. Every function checks each index before it reads
+// it and returns the index just past what it read.
+
+// maxJSONDepth bounds the nesting of objects and arrays, as
+// encoding/json bounds it. The validator recurses once per level, so
+// this also bounds the goroutine stack it needs: about 2 MiB for the
+// deepest input (measured), given back when the stack next shrinks.
+const maxJSONDepth = 10000
+
+var (
+	errNotObject  = errors.New("not a JSON object")
+	errJSONSyntax = errors.New("JSON syntax error")
+	errJSONDepth  = errors.New("JSON nested too deep")
+)
+
+// walkObject checks that b is one JSON object with optional whitespace
+// around it. If member is not nil, it is called with the raw key (a
+// string literal, quotes included) and raw value of each member of the
+// outermost object, in order; an error from it stops the walk.
+func walkObject(b []byte, member func(key, val []byte) error) error {
+	i := skipSpace(b, 0)
+	if i >= len(b) || b[i] != '{' {
+		return errNotObject
+	}
+	end, err := jsonObject(b, i, 1, member)
+	if err != nil {
+		return err
+	}
+	if skipSpace(b, end) != len(b) {
+		return errJSONSyntax
+	}
+	return nil
+}
+
+// jsonObject checks the object that starts at b[i], depth levels deep.
+func jsonObject(b []byte, i, depth int, member func(key, val []byte) error) (int, error) {
+	if depth > maxJSONDepth {
+		return 0, errJSONDepth
+	}
+	i = skipSpace(b, i+1)
+	if i < len(b) && b[i] == '}' {
+		return i + 1, nil
+	}
+	for {
+		keyEnd, err := jsonString(b, i)
+		if err != nil {
+			return 0, err
+		}
+		colon := skipSpace(b, keyEnd)
+		if colon >= len(b) || b[colon] != ':' {
+			return 0, errJSONSyntax
+		}
+		start := skipSpace(b, colon+1)
+		end, err := jsonValue(b, start, depth)
+		if err != nil {
+			return 0, err
+		}
+		if member != nil {
+			if err := member(b[i:keyEnd], b[start:end]); err != nil {
+				return 0, err
+			}
+		}
+		i = skipSpace(b, end)
+		if i >= len(b) {
+			return 0, errJSONSyntax
+		}
+		switch b[i] {
+		case '}':
+			return i + 1, nil
+		case ',':
+			i = skipSpace(b, i+1)
+		default:
+			return 0, errJSONSyntax
+		}
+	}
+}
+
+// jsonArray checks the array that starts at b[i], depth levels deep.
+func jsonArray(b []byte, i, depth int) (int, error) {
+	if depth > maxJSONDepth {
+		return 0, errJSONDepth
+	}
+	i = skipSpace(b, i+1)
+	if i < len(b) && b[i] == ']' {
+		return i + 1, nil
+	}
+	for {
+		end, err := jsonValue(b, i, depth)
+		if err != nil {
+			return 0, err
+		}
+		i = skipSpace(b, end)
+		if i >= len(b) {
+			return 0, errJSONSyntax
+		}
+		switch b[i] {
+		case ']':
+			return i + 1, nil
+		case ',':
+			i = skipSpace(b, i+1)
+		default:
+			return 0, errJSONSyntax
+		}
+	}
+}
+
+// jsonValue checks the value that starts at b[i], inside depth levels
+// of objects and arrays.
+func jsonValue(b []byte, i, depth int) (int, error) {
+	if i >= len(b) {
+		return 0, errJSONSyntax
+	}
+	switch c := b[i]; {
+	case c == '{':
+		return jsonObject(b, i, depth+1, nil)
+	case c == '[':
+		return jsonArray(b, i, depth+1)
+	case c == '"':
+		return jsonString(b, i)
+	case c == '-' || '0' <= c && c <= '9':
+		return jsonNumber(b, i)
+	case c == 't':
+		return jsonLiteral(b, i, "true")
+	case c == 'f':
+		return jsonLiteral(b, i, "false")
+	case c == 'n':
+		return jsonLiteral(b, i, "null")
+	}
+	return 0, errJSONSyntax
+}
+
+// jsonString checks the string literal that starts at b[i]: no raw
+// control characters, and only the escapes \" \\ \/ \b \f \n \r \t and
+// \u with four hex digits.
+func jsonString(b []byte, i int) (int, error) {
+	if i >= len(b) || b[i] != '"' {
+		return 0, errJSONSyntax
+	}
+	for i++; i < len(b); i++ {
+		switch c := b[i]; {
+		case c == '"':
+			return i + 1, nil
+		case c < 0x20:
+			return 0, errJSONSyntax
+		case c == '\\':
+			i++
+			if i >= len(b) {
+				return 0, errJSONSyntax
+			}
+			switch b[i] {
+			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+			case 'u':
+				if i+4 >= len(b) {
+					return 0, errJSONSyntax
+				}
+				for _, h := range b[i+1 : i+5] {
+					if !isHexDigit(h) {
+						return 0, errJSONSyntax
+					}
+				}
+				i += 4
+			default:
+				return 0, errJSONSyntax
+			}
+		}
+	}
+	return 0, errJSONSyntax
+}
+
+func isHexDigit(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+// jsonNumber checks the number that starts at b[i]:
+// -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
+func jsonNumber(b []byte, i int) (int, error) {
+	if i < len(b) && b[i] == '-' {
+		i++
+	}
+	switch {
+	case i < len(b) && b[i] == '0':
+		i++
+	case i < len(b) && '1' <= b[i] && b[i] <= '9':
+		i = skipDigits(b, i)
+	default:
+		return 0, errJSONSyntax
+	}
+	if i < len(b) && b[i] == '.' {
+		j := skipDigits(b, i+1)
+		if j == i+1 {
+			return 0, errJSONSyntax
+		}
+		i = j
+	}
+	if i < len(b) && (b[i] == 'e' || b[i] == 'E') {
+		i++
+		if i < len(b) && (b[i] == '+' || b[i] == '-') {
+			i++
+		}
+		j := skipDigits(b, i)
+		if j == i {
+			return 0, errJSONSyntax
+		}
+		i = j
+	}
+	return i, nil
+}
+
+func skipDigits(b []byte, i int) int {
+	for i < len(b) && '0' <= b[i] && b[i] <= '9' {
+		i++
+	}
+	return i
+}
+
+// jsonLiteral checks that lit (true, false or null) starts at b[i].
+func jsonLiteral(b []byte, i int, lit string) (int, error) {
+	if !bytes.HasPrefix(b[i:], []byte(lit)) {
+		return 0, errJSONSyntax
+	}
+	return i + len(lit), nil
+}
+
 // skipSpace returns the index of the first byte at or after i that is
 // not JSON whitespace, or len(b).
 func skipSpace(b []byte, i int) int {
@@ -802,75 +987,6 @@ func skipSpace(b []byte, i int) int {
 		}
 	}
 	return i
-}
-
-// stringEnd returns the index just past the string literal that starts
-// at b[i], or -1 if there is none.
-func stringEnd(b []byte, i int) int {
-	if i >= len(b) || b[i] != '"' {
-		return -1
-	}
-	for i++; i < len(b); i++ {
-		switch b[i] {
-		case '\\':
-			i++ // the escaped byte; \uXXXX's hex digits need no care
-		case '"':
-			return i + 1
-		}
-	}
-	return -1
-}
-
-// valueEnd returns the index just past the JSON value that starts at
-// b[i], or -1. Objects and arrays are skipped by counting brackets
-// outside strings, which is enough for input that json.Valid accepted.
-func valueEnd(b []byte, i int) int {
-	if i >= len(b) {
-		return -1
-	}
-	switch b[i] {
-	case '"':
-		return stringEnd(b, i)
-	case '{', '[':
-		depth := 0
-		for i < len(b) {
-			switch b[i] {
-			case '"':
-				i = stringEnd(b, i)
-				if i < 0 {
-					return -1
-				}
-				continue
-			case '{', '[':
-				depth++
-			case '}', ']':
-				depth--
-				if depth == 0 {
-					return i + 1
-				}
-			}
-			i++
-		}
-		return -1
-	}
-	// A number, true, false or null: up to the next delimiter.
-	start := i
-	for i < len(b) && !isDelimiter(b[i]) {
-		i++
-	}
-	if i == start {
-		return -1
-	}
-	return i
-}
-
-// isDelimiter reports whether c ends a number or a literal.
-func isDelimiter(c byte) bool {
-	switch c {
-	case ',', '}', ']', ' ', '\t', '\r', '\n':
-		return true
-	}
-	return false
 }
 
 // appendPacket appends a whole packet with conn object c and app object

@@ -2,6 +2,7 @@ package clusterclient
 
 import (
 	"bytes"
+	"encoding"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -18,6 +19,13 @@ import (
 	"testing/iotest"
 	"testing/quick"
 	"unicode/utf8"
+)
+
+// *Packet is a binary marshaler, appender and unmarshaler.
+var (
+	_ encoding.BinaryMarshaler   = (*Packet)(nil)
+	_ encoding.BinaryAppender    = (*Packet)(nil)
+	_ encoding.BinaryUnmarshaler = (*Packet)(nil)
 )
 
 // goldenVector is one packet written by the reference encoder, with the
@@ -209,20 +217,20 @@ func TestGoldenConnValues(t *testing.T) {
 	reg := json.RawMessage(`{"dataId":"com.example.svc","group":"G1"}`)
 	key := `$$inner$$__{"dataId":"com.example.svc","group":"G1"}`
 	for name, want := range map[string]connObject{
-		"register_channel":       registerChannel{ChannelName: "DataClient"},
-		"unicode_channel":        registerChannel{ChannelName: "Klient-é-日本-😀"},
-		"html_chars_not_escaped": invoke{Method: "a<b>&c"},
-		"invoke_two_args":        invoke{Method: "getData", ArgLength: 2},
-		"invoke_oneway_publish":  invoke{Method: "publish", ArgLength: 1, Oneway: true},
-		"invoke_result_error":    invokeResult{},
-		"invoke_result_ok":       invokeResult{Success: true},
-		"subscribe":              subscribe{Key: key, Reg: reg},
-		"unSubscribe":            unSubscribe{Key: key, Reg: reg},
-		"subscribe_result":       subscribeResult{Key: key},
-		"subscribe_result_res":   subscribeResultRes{},
+		"register_channel":        registerChannel{ChannelName: "DataClient"},
+		"unicode_channel":         registerChannel{ChannelName: "Klient-é-日本-😀"},
+		"html_chars_not_escaped":  invoke{Method: "a<b>&c"},
+		"invoke_two_args":         invoke{Method: "getData", ArgLength: 2},
+		"invoke_oneway_publish":   invoke{Method: "publish", ArgLength: 1, Oneway: true},
+		"invoke_result_error":     invokeResult{},
+		"invoke_result_ok":        invokeResult{Success: true},
+		"subscribe":               subscribe{Key: key, Reg: reg},
+		"unSubscribe":             unSubscribe{Key: key, Reg: reg},
+		"subscribe_result":        subscribeResult{Key: key},
+		"subscribe_result_res":    subscribeResultRes{},
 		"register_channel_res_ok": registerChannelRes{},
-		"heartbeat":              heartbeat{},
-		"heartbeat_res":          heartbeatRes{},
+		"heartbeat":               heartbeat{},
+		"heartbeat_res":           heartbeatRes{},
 	} {
 		got, _, err := parseConn([]byte(goldenByName(t, g, name).Conn))
 		if err != nil || !reflect.DeepEqual(got, want) {
@@ -621,8 +629,32 @@ var parseConnCases = []struct {
 	{`{"type":"heartbeat","x":tru}`, nil, "", ErrBadConn},
 	{`{"type":"heartbeat","x":"\x"}`, nil, "", ErrBadConn},
 	{"\ufeff{}", nil, "", ErrBadConn},
+	{"{\"type\":\"heart\x1fbeat\"}", nil, "", ErrBadConn},
+	{"{\"type\":\"heartbeat\"\x00}", nil, "", ErrBadConn},
+	{`{"type":"\u00e"}`, nil, "", ErrBadConn},
+	{`{"type":"\u00eg"}`, nil, "", ErrBadConn},
+	{`{"type":"\`, nil, "", ErrBadConn},
+	{`{"x":-}`, nil, "", ErrBadConn},
+	{`{"x":1.}`, nil, "", ErrBadConn},
+	{`{"x":1e}`, nil, "", ErrBadConn},
+	{`{"x":1e+}`, nil, "", ErrBadConn},
+	{`{"x":.5}`, nil, "", ErrBadConn},
+	{`{"x":-01}`, nil, "", ErrBadConn},
+	{`{"x":+1}`, nil, "", ErrBadConn},
+	{`{"x":[1,]}`, nil, "", ErrBadConn},
+	{`{"x":[,1]}`, nil, "", ErrBadConn},
+	{`{"x":[1 2]}`, nil, "", ErrBadConn},
+	{`{"x":nul}`, nil, "", ErrBadConn},
+	{`{"x":nullx}`, nil, "", ErrBadConn},
+	{`{"x":1 2}`, nil, "", ErrBadConn},
+	{`{"x":{"a"}}`, nil, "", ErrBadConn},
+	{`{"x":{1:2}}`, nil, "", ErrBadConn},
+	{`{,}`, nil, "", ErrBadConn},
+	{`{"x":-0.5E+10,"y":[1, "a" ,{} ,[]],"z":"\u00E9\/\b","w":0,"v":1e-7}`, nil, "", nil},
 	{strings.Repeat(`{"a":`, 10001) + `1` + strings.Repeat(`}`, 10001), nil, "", ErrBadConn},
-	{strings.Repeat(`{"a":`, 9999) + `1` + strings.Repeat(`}`, 9999), nil, "", nil},
+	{strings.Repeat(`{"a":`, 10000) + `1` + strings.Repeat(`}`, 10000), nil, "", nil},
+	{`{"a":` + strings.Repeat(`[`, 9999) + strings.Repeat(`]`, 9999) + `}`, nil, "", nil},
+	{`{"a":` + strings.Repeat(`[`, 10000) + strings.Repeat(`]`, 10000) + `}`, nil, "", ErrBadConn},
 }
 
 func TestParseConn(t *testing.T) {
@@ -664,9 +696,9 @@ func TestParseConnAllocs(t *testing.T) {
 	}
 	for conn, want := range map[string]float64{
 		`{"type":"invoke","method":"getData","argLength":2,"oneway":false}`: 1,
-		`{"type":"invoke_result","success":true}`:                          0,
-		`{"type":"invoke_result","success":false}`:                         0,
-		`{"type":"heartbeat"}`:                                             0,
+		`{"type":"invoke_result","success":true}`:                           0,
+		`{"type":"invoke_result","success":false}`:                          0,
+		`{"type":"heartbeat"}`:                                              0,
 	} {
 		b := []byte(conn)
 		if got := testing.AllocsPerRun(100, func() { parseConn(b) }); got > want {
@@ -815,15 +847,15 @@ func checkConnOracle(t *testing.T, b []byte) {
 	}
 	if !caseConfusable(b) {
 		var f struct {
-			Type        string `json:"type"`
-			ChannelName string `json:"channelName"`
-			Secret      string `json:"secret"`
-			Key         string `json:"key"`
+			Type        string          `json:"type"`
+			ChannelName string          `json:"channelName"`
+			Secret      string          `json:"secret"`
+			Key         string          `json:"key"`
 			Reg         json.RawMessage `json:"reg"`
-			Method      string `json:"method"`
-			ArgLength   int    `json:"argLength"`
-			Oneway      bool   `json:"oneway"`
-			Success     bool   `json:"success"`
+			Method      string          `json:"method"`
+			ArgLength   int             `json:"argLength"`
+			Oneway      bool            `json:"oneway"`
+			Success     bool            `json:"success"`
 		}
 		if err := json.Unmarshal(b, &f); err != nil || f.Type != typ {
 			t.Fatalf("%q: json.Unmarshal: %+v, %v; parseConn type %q", b, f, err, typ)
@@ -940,17 +972,17 @@ func checkJSONString(t *testing.T, s string) {
 
 func TestAppendJSONString(t *testing.T) {
 	for s, want := range map[string]string{
-		"":                  `""`,
-		"plain":             `"plain"`,
-		`a"b\c/`:            `"a\"b\\c/"`,
-		"\b\f\n\r\t":        `"\b\f\n\r\t"`,
-		"\x00\x01\x1f\x7f":  `"\u0000\u0001\u001f` + "\x7f\"",
-		"<b>&amp;</b>":      `"<b>&amp;</b>"`,
-		"\u2028\u2029":      "\"\u2028\u2029\"",
+		"":                 `""`,
+		"plain":            `"plain"`,
+		`a"b\c/`:           `"a\"b\\c/"`,
+		"\b\f\n\r\t":       `"\b\f\n\r\t"`,
+		"\x00\x01\x1f\x7f": `"\u0000\u0001\u001f` + "\x7f\"",
+		"<b>&amp;</b>":     `"<b>&amp;</b>"`,
+		"\u2028\u2029":     "\"\u2028\u2029\"",
 		"é日本😀\u0080\u009f": "\"é日本😀\u0080\u009f\"",
-		"a\xffb":            "\"a\ufffdb\"",
-		"\xe6\x97":          "\"\ufffd\ufffd\"",
-		"\xed\xa0\x80":      "\"\ufffd\ufffd\ufffd\"",
+		"a\xffb":           "\"a\ufffdb\"",
+		"\xe6\x97":         "\"\ufffd\ufffd\"",
+		"\xed\xa0\x80":     "\"\ufffd\ufffd\ufffd\"",
 	} {
 		if got := string(appendJSONString(nil, s)); got != want {
 			t.Errorf("appendJSONString(%q) = %q, want %q", s, got, want)
@@ -1141,7 +1173,7 @@ func TestLyingHeaderBounded(t *testing.T) {
 	}{
 		{0, 1 << 20},
 		{4 << 10, 1 << 20},
-		{1 << 20, 4<<20 + 1<<20}, // at most 4m past the first chunk
+		{1 << 20, 5 << 20}, // readBody: at most max(readChunk, 4m), and a little
 	} {
 		data := append(bytes.Clone(hdr), make([]byte, tc.sent)...)
 		var err error
