@@ -694,6 +694,7 @@ func TestParseConnAllocs(t *testing.T) {
 	if testing.CoverMode() != "" {
 		t.Skip("coverage counters change allocations")
 	}
+	freshMethodNames(t)
 	for conn, want := range map[string]float64{
 		`{"type":"invoke","method":"getData","argLength":2,"oneway":false}`: 1,
 		`{"type":"invoke_result","success":true}`:                           0,
@@ -707,18 +708,23 @@ func TestParseConnAllocs(t *testing.T) {
 	}
 }
 
-func TestMethodNamesBounded(t *testing.T) {
-	// Fill a fresh table and put the old one back afterwards, so that
-	// the other tests see the table they would have seen.
+// freshMethodNames gives the test an empty method name table, and puts
+// the old one back when it ends: what other tests interned cannot fill
+// the table, and what this one interns does not stay.
+func freshMethodNames(tb testing.TB) {
 	methodNames.Lock()
 	saved := methodNames.m
 	methodNames.m = nil
 	methodNames.Unlock()
-	defer func() {
+	tb.Cleanup(func() {
 		methodNames.Lock()
 		methodNames.m = saved
 		methodNames.Unlock()
-	}()
+	})
+}
+
+func TestMethodNamesBounded(t *testing.T) {
+	freshMethodNames(t)
 	for i := range 2 * maxMethodNames {
 		conn := fmt.Sprintf(`{"type":"invoke","method":"bounded%d","argLength":0}`, i)
 		c, _, err := parseConn([]byte(conn))
@@ -1292,6 +1298,7 @@ func BenchmarkEncodeApp64KiB(b *testing.B) {
 func BenchmarkDecodeInvoke(b *testing.B) {
 	for _, size := range []int{32, 4 << 10} {
 		b.Run(fmt.Sprintf("arg=%dB", size), func(b *testing.B) {
+			freshMethodNames(b)
 			raw, _ := appendInvoke(nil, 1, 3000, "getData", false, benchArgs(size))
 			r := NewReader(&repeatReader{data: raw}, 0)
 			var p Packet
