@@ -316,6 +316,14 @@ func answer(ctx context.Context, c *clusterclient.Client) (event, error) {
 	return event{Ev: "answer", By: w.Worker, Took: ms(time.Since(start)), Err: errText(err)}, err
 }
 
+// times spells a count of times.
+func times(n int) string {
+	if n == 1 {
+		return "once"
+	}
+	return strconv.Itoa(n) + " times"
+}
+
 func errText(err error) string {
 	if err == nil {
 		return ""
@@ -649,7 +657,7 @@ func (d *demo) run(verbose bool) error {
 		}
 	}
 	s.listeners = d.n * listenersPerWorker
-	d.say("%d listeners in %d processes; the real client subscribed %d time(s)", s.listeners, d.n, d.subscribes[s.first.id])
+	d.say("%d listeners in %d processes; the real client subscribed %s", s.listeners, d.n, times(d.subscribes[s.first.id]))
 	d.send(publisher, command{Op: "publish", Provider: want[0]})
 	d.say("worker %d publishes %s, once", publisher.id, want[0])
 	if err := d.waitValues(d.live(), want, ""); err != nil {
