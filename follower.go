@@ -172,9 +172,11 @@ func (f *follower) readLoop() {
 		}
 		switch c := c.(type) {
 		case subscribeResult:
-			id, timeout := p.ID, p.Timeout
+			// The reference follower writes timeout 0 here: its
+			// decoded request has no timeout to repeat.
+			id := p.ID
 			f.w.send(false, func(b []byte) ([]byte, error) {
-				return appendPacket(b, true, id, timeout, subscribeResultRes{}, nil)
+				return appendPacket(b, true, id, 0, subscribeResultRes{}, nil)
 			})
 			f.c.deliver(c.Key, p.App)
 		case leaderClosing:

@@ -8,15 +8,19 @@ package clusterclient
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -815,5 +819,285 @@ func randomJSON(r *rand.Rand, b *strings.Builder, depth int) {
 		b.WriteString(nums[r.IntN(len(nums))])
 	default:
 		b.WriteString([]string{"true", "false", "null"}[r.IntN(3)])
+	}
+}
+
+// rawPacket is one packet as it crossed the wire.
+type rawPacket struct {
+	raw []byte
+	p   Packet
+	typ string
+}
+
+// readRaw reads one packet and keeps its bytes.
+func readRaw(r io.Reader) (rawPacket, error) {
+	hdr := make([]byte, HeaderSize)
+	if _, err := io.ReadFull(r, hdr); err != nil {
+		return rawPacket{}, err
+	}
+	connLen, appLen := int32(binary.BigEndian.Uint32(hdr[16:])), int32(binary.BigEndian.Uint32(hdr[20:]))
+	if connLen < 0 || appLen < 0 || int64(connLen)+int64(appLen) > 1<<20 {
+		return rawPacket{}, fmt.Errorf("bad lengths %d, %d", connLen, appLen)
+	}
+	raw := make([]byte, HeaderSize+int(connLen)+int(appLen))
+	copy(raw, hdr)
+	if _, err := io.ReadFull(r, raw[HeaderSize:]); err != nil {
+		return rawPacket{}, err
+	}
+	rp := rawPacket{raw: raw}
+	if err := rp.p.UnmarshalBinary(raw); err != nil {
+		return rawPacket{}, err
+	}
+	_, typ, err := parseConn(rp.p.Conn)
+	rp.typ = typ
+	return rp, err
+}
+
+func writeRaw(t *testing.T, w io.Writer, response bool, id uint64, timeout int32, conn connObject, app []byte) {
+	t.Helper()
+	b, err := appendPacket(nil, response, id, timeout, conn, app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write(b); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// fakeLeader listens on a port, answers register_channel, heartbeat and
+// invoke (echoing the first argument), and hands every packet it reads
+// to the test.
+type fakeLeader struct {
+	t   *testing.T
+	ln  net.Listener
+	got chan rawPacket
+
+	mu sync.Mutex
+	nc net.Conn // guarded by mu: the connection that registered
+}
+
+func startFakeLeader(t *testing.T, port int) *fakeLeader {
+	ln, err := net.Listen("tcp", loopback(port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fakeLeader{t: t, ln: ln, got: make(chan rawPacket, 64)}
+	var wg sync.WaitGroup
+	var conns []net.Conn
+	var connsMu sync.Mutex
+	t.Cleanup(func() {
+		ln.Close()
+		connsMu.Lock()
+		for _, nc := range conns {
+			nc.Close()
+		}
+		connsMu.Unlock()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			connsMu.Lock()
+			conns = append(conns, nc)
+			connsMu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				f.serve(nc)
+			}()
+		}
+	}()
+	return f
+}
+
+func (f *fakeLeader) serve(nc net.Conn) {
+	var wmu sync.Mutex
+	reply := func(p Packet, conn connObject, app []byte) {
+		b, _ := appendPacket(nil, true, p.ID, p.Timeout, conn, app)
+		wmu.Lock()
+		nc.Write(b)
+		wmu.Unlock()
+	}
+	br := bufio.NewReader(nc)
+	for {
+		rp, err := readRaw(br)
+		if err != nil {
+			return // the Node.js follower's probe closes without a byte
+		}
+		switch c, _, _ := parseConn(rp.p.Conn); c := c.(type) {
+		case registerChannel:
+			f.mu.Lock()
+			f.nc = nc
+			f.mu.Unlock()
+			reply(rp.p, registerChannelRes{}, []byte(`{"success":true}`))
+		case heartbeat:
+			reply(rp.p, heartbeatRes{}, nil)
+		case invoke:
+			if !c.Oneway {
+				args, _ := splitArgs(rp.p.App, c.ArgLength)
+				result := []byte("null")
+				if len(args) > 0 {
+					result = args[0]
+				}
+				reply(rp.p, invokeResult{Success: true}, result)
+			}
+		}
+		f.got <- rp
+	}
+}
+
+// push sends a subscribe_result to the registered connection.
+func (f *fakeLeader) push(key string, value []byte) {
+	f.mu.Lock()
+	nc := f.nc
+	f.mu.Unlock()
+	writeRaw(f.t, nc, false, 4242, 3000, subscribeResult{Key: key}, value)
+}
+
+// next returns the next packet of type typ, keeping the first heartbeat
+// aside and failing on anything else.
+func (f *fakeLeader) next(typ string, hb *rawPacket) rawPacket {
+	f.t.Helper()
+	for {
+		select {
+		case rp := <-f.got:
+			if rp.typ == typ {
+				return rp
+			}
+			if rp.typ == "heartbeat" {
+				if hb.raw == nil {
+					*hb = rp
+				}
+				continue
+			}
+			f.t.Fatalf("got a %s packet, want %s: %s", rp.typ, typ, rp.raw[HeaderSize:])
+		case <-time.After(waitLong):
+			f.t.Fatalf("no %s packet within %v", typ, waitLong)
+		}
+	}
+}
+
+// TestInteropFollowerBytes: what a Node.js follower writes for register,
+// invoke, subscribe, the answer to a push, publish, oneway, unsubscribe
+// and heartbeat, byte for byte against what a Go follower writes for the
+// same calls. Request ids come from each process's own counter and are
+// left out of the comparison; the answer to a push carries the leader's
+// id and is compared whole.
+func TestInteropFollowerBytes(t *testing.T) {
+	needNode(t)
+	reg := json.RawMessage(`{"dataId":"d1","group":"g","n":[1,2.5]}`)
+	pub := json.RawMessage(`{"dataId":"p1","addr":"127.0.0.1:1"}`)
+	arg := json.RawMessage(`{"b":1,"a":[true,null],"s":"<é & \"q\">"}`)
+	key := subscriptionKey(reg)
+	steps := []string{"register_channel", "invoke", "subscribe", "subscribe_result_res", "invoke", "invoke", "unSubscribe", "heartbeat"}
+
+	collect := func(f *fakeLeader, do func(op string)) []rawPacket {
+		var hb rawPacket
+		var out []rawPacket
+		for _, op := range []string{"start", "invoke", "subscribe", "push", "publish", "oneway", "unsubscribe"} {
+			if op == "push" {
+				f.push(key, []byte(`{"v":1}`))
+			} else {
+				do(op)
+			}
+			out = append(out, f.next(steps[len(out)], &hb))
+			if op == "push" {
+				do("value")
+			}
+		}
+		if hb.raw == nil {
+			hb = f.next("heartbeat", &hb)
+		}
+		return append(out, hb)
+	}
+
+	// The Go follower.
+	port := freePort(t)
+	f := startFakeLeader(t, port)
+	ctx := context.Background()
+	var gc *Client
+	var sub *Subscription
+	values := make(chan Value, 4)
+	goPackets := collect(f, func(op string) {
+		var err error
+		switch op {
+		case "start":
+			cfg := testConfig(t, port)
+			cfg.Role = RoleFollower
+			cfg.HeartbeatInterval = 300 * time.Millisecond
+			if gc, err = New(interopChannel, cfg, buildTestReal(newTestReal())); err == nil {
+				t.Cleanup(func() { gc.Close() })
+				err = gc.Ready(ctx)
+			}
+		case "invoke":
+			_, err = gc.Invoke(ctx, "echo", "x", arg)
+		case "subscribe":
+			sub, err = gc.Subscribe(reg, func(v Value) { values <- v })
+		case "value":
+			if v := receive(t, values, "pushed value"); v.String() != `{"v":1}` {
+				t.Errorf("Go follower got %s", v)
+			}
+		case "publish":
+			err = gc.Publish(ctx, pub)
+		case "oneway":
+			err = gc.InvokeOneway(ctx, "note", 7)
+		case "unsubscribe":
+			sub.Unsubscribe()
+		}
+		if err != nil {
+			t.Fatalf("Go follower, %s: %v", op, err)
+		}
+	})
+
+	// The Node.js follower, same calls.
+	port = freePort(t)
+	f = startFakeLeader(t, port)
+	var node *nodeMember
+	nodePackets := collect(f, func(op string) {
+		var m msg
+		switch op {
+		case "start":
+			node = startNode(t, childSpec{Port: port, Role: RoleFollower, Name: interopChannel, ResponseMS: 3000, HeartbeatMS: 300})
+			node.ready(waitLong)
+		case "invoke":
+			// The answer comes after the packet is captured.
+			node.send(msg{"op": "invoke", "method": "echo", "args": []any{"x", arg}})
+		case "subscribe":
+			m = node.do(msg{"op": "subscribe", "reg": reg}, waitLong)
+		case "value":
+			if m := node.event("value", waitLong); !sameJSON(t, m["value"], `{"v":1}`) {
+				t.Errorf("Node.js follower got %v", m)
+			}
+		case "publish":
+			m = node.do(msg{"op": "publish", "reg": pub}, waitLong)
+		case "oneway":
+			m = node.do(msg{"op": "oneway", "method": "note", "args": []any{7}}, waitLong)
+		case "unsubscribe":
+			m = node.do(msg{"op": "unsubscribe", "reg": reg}, waitLong)
+		}
+		if e, _ := m["err"].(string); e != "" {
+			t.Fatalf("Node.js follower, %s: %v", op, m)
+		}
+	})
+	noNodeErrors(t, node)
+
+	for i, typ := range steps {
+		g, n := goPackets[i], nodePackets[i]
+		gb, nb := slices.Clone(g.raw), slices.Clone(n.raw)
+		if typ != "subscribe_result_res" {
+			clear(gb[4:12])
+			clear(nb[4:12])
+		}
+		if !bytes.Equal(gb, nb) {
+			t.Errorf("%s packets differ:\n Go      % x\n         %s\n Node.js % x\n         %s",
+				typ, g.raw[:HeaderSize], g.raw[HeaderSize:], n.raw[:HeaderSize], n.raw[HeaderSize:])
+		} else {
+			t.Logf("%-20s %d bytes alike: %s", typ, len(gb), g.raw[HeaderSize:])
+		}
 	}
 }
