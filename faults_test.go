@@ -1,0 +1,508 @@
+package clusterclient
+
+// Faults with real processes: a leader killed again and again while its
+// followers work, a leader stopped and resumed, a port held by something
+// that is not a leader, followers that die or stop reading.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// member is a child in TestFaultKillLeaderTenTimes, with what it has
+// published and subscribed.
+type member struct {
+	c      *child
+	i      int
+	pubs   []msg          // every registration it published
+	extras map[string]msg // listener label -> reg, subscribed while a leader died
+}
+
+func ownReg(i int) msg { return msg{"k": "own", "i": i} }
+
+var sharedReg = msg{"k": "shared"}
+
+// TestFaultKillLeaderTenTimes kills the leader with SIGKILL ten times in a
+// row while the followers invoke, publish and subscribe; a new process
+// replaces each dead one. After every election and at the end, every
+// subscriber holds the latest value of each of its keys, and every
+// registration that a living process published has reached the real
+// client of the final leader. (What a killed process published dies with
+// it: nobody is left to publish it again.)
+func TestFaultKillLeaderTenTimes(t *testing.T) {
+	t.Parallel()
+	const kills = 10
+	spec := childSpec{Port: freePort(t), ResponseMS: 2000}
+	var live []*member
+	next := 0
+	add := func() {
+		m := &member{c: startChild(t, spec), i: next, extras: map[string]msg{}}
+		next++
+		m.c.ready(20 * time.Second)
+		m.c.ok(msg{"op": "subscribe", "reg": sharedReg, "as": "shared"})
+		m.c.ok(msg{"op": "subscribe", "reg": ownReg(m.i), "as": "own"})
+		pub := msg{"pub": m.i, "round": 0}
+		m.c.ok(msg{"op": "publish", "reg": pub})
+		m.pubs = append(m.pubs, pub)
+		live = append(live, m)
+	}
+	// settle waits until every live member reaches the same leader, one
+	// of them, and returns it.
+	settle := func() *member {
+		t.Helper()
+		var lead *member
+		waitUntil(t, 20*time.Second, "one leader for every member", func() bool {
+			var pid any
+			for j, m := range live {
+				r := m.c.do(msg{"op": "invoke", "method": "pid", "timeoutMS": 2000}, 10*time.Second)
+				if r["result"] == nil || (j > 0 && r["result"] != pid) {
+					return false
+				}
+				pid = r["result"]
+			}
+			for _, m := range live {
+				if float64(m.c.pid) == pid {
+					lead = m
+				}
+			}
+			return lead != nil
+		})
+		return lead
+	}
+	// check pushes a new value to every key through the leader and
+	// waits until every listener holds it.
+	check := func(lead *member, round string) {
+		t.Helper()
+		if ok := lead.c.call("push", sharedReg, "shared "+round); ok != true {
+			t.Fatalf("round %s: the leader's real client has no subscription for %v", round, sharedReg)
+		}
+		for _, m := range live {
+			if ok := m.c.call("push", ownReg(m.i), fmt.Sprintf("own %d %s", m.i, round)); ok != true {
+				t.Fatalf("round %s: the leader's real client has no subscription for %v", round, ownReg(m.i))
+			}
+			for as, reg := range m.extras {
+				if ok := m.c.call("push", reg, as+" "+round); ok != true {
+					t.Fatalf("round %s: the leader's real client has no subscription for %v", round, reg)
+				}
+			}
+		}
+		for _, m := range live {
+			want := map[string]any{"shared": "shared " + round, "own": fmt.Sprintf("own %d %s", m.i, round)}
+			for as := range m.extras {
+				want[as] = as + " " + round
+			}
+			for as, v := range want {
+				m.c.waitLog(isValue(as, v), 10*time.Second)
+			}
+		}
+	}
+
+	for range 3 {
+		add()
+	}
+	for round := 1; round <= kills; round++ {
+		lead := settle()
+		check(lead, fmt.Sprint(round))
+
+		// Load on every follower, then the kill.
+		var fols []*member
+		for _, m := range live {
+			if m != lead {
+				fols = append(fols, m)
+			}
+		}
+		var pending []<-chan msg
+		for _, m := range fols {
+			m.c.ok(msg{"op": "hammer", "method": "echo", "args": []any{m.i}, "workers": 2, "timeoutMS": 5000})
+		}
+		for _, m := range fols {
+			pub := msg{"pub": m.i, "round": round}
+			m.pubs = append(m.pubs, pub)
+			pending = append(pending, m.c.send(msg{"op": "publish", "reg": pub}))
+			as := fmt.Sprintf("extra%d", round)
+			m.extras[as] = msg{"k": "extra", "i": m.i, "round": round}
+			pending = append(pending, m.c.send(msg{"op": "subscribe", "reg": m.extras[as], "as": as}))
+		}
+		lead.c.kill()
+		live = fols
+		// Publish and subscribe return at once, whatever the leader
+		// does: a publish that met the dead connection reports it and
+		// is published again on the next leader anyway.
+		for _, ch := range pending {
+			select {
+			case <-ch:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("round %d: publish or subscribe still waiting 10s after the kill", round)
+			}
+		}
+		settle()
+		for _, m := range fols {
+			r := m.c.do(msg{"op": "stop"}, 20*time.Second)
+			if n, _ := r["ok"].(float64); n == 0 {
+				t.Errorf("round %d: %v: no call succeeded: %v", round, m.c, r)
+			}
+			t.Logf("round %d: %v: %v calls ok, %v failed %v", round, m.c, r["ok"], r["failed"], r["errs"])
+		}
+		add()
+	}
+
+	lead := settle()
+	check(lead, "final")
+	// The last value each listener got is the final one: nothing older
+	// arrived after it.
+	for _, m := range live {
+		last := map[string]any{}
+		m.c.mu.Lock()
+		for _, e := range m.c.log {
+			if e["event"] == "value" {
+				last[e["as"].(string)] = e["value"]
+			}
+		}
+		m.c.mu.Unlock()
+		for as, v := range last {
+			if s, _ := v.(string); !strings.HasSuffix(s, " final") {
+				t.Errorf("%v: listener %s holds %v after the final value", m.c, as, v)
+			}
+		}
+	}
+	got := map[string]bool{}
+	for _, r := range lead.c.call("published").([]any) {
+		b, _ := json.Marshal(r)
+		got[string(b)] = true
+	}
+	published := 0
+	for _, m := range live {
+		for _, pub := range m.pubs {
+			b, _ := json.Marshal(pub)
+			if !got[string(b)] {
+				t.Errorf("%v published %s; the final leader's real client does not have it", m.c, b)
+			}
+			published++
+		}
+	}
+	if n := lead.c.call("subscribes", sharedReg); n != float64(1) {
+		t.Errorf("the final real client subscribed %v %v times, want once", sharedReg, n)
+	}
+	t.Logf("%d kills; %d members alive hold the final values; %d publications on the final leader", kills, len(live), published)
+}
+
+// TestFaultLeaderStopped stops the leader with SIGSTOP while its
+// followers keep their connections (heartbeats far apart): their calls
+// fail within the response timeout with an error that says the leader
+// did not answer, never hang; after SIGCONT the same leader serves
+// again; stopped again and then killed, a survivor takes over.
+func TestFaultLeaderStopped(t *testing.T) {
+	t.Parallel()
+	const response = 500 * time.Millisecond
+	kids, li := startCluster(t, 3, childSpec{Port: freePort(t), ResponseMS: int(response / time.Millisecond), HeartbeatMS: 60000})
+	lead := kids[li]
+	var fols []*child
+	for i, k := range kids {
+		if i != li {
+			fols = append(fols, k)
+		}
+	}
+	for _, f := range fols {
+		if got := f.call("pid"); got != float64(lead.pid) {
+			t.Fatalf("%v reached %v, want %d", f, got, lead.pid)
+		}
+	}
+
+	lead.signal(syscall.SIGSTOP)
+	start := time.Now()
+	var replies []<-chan msg
+	for _, f := range fols {
+		replies = append(replies, f.send(msg{"op": "invoke", "method": "echo", "args": []any{1}}))
+	}
+	for i, ch := range replies {
+		select {
+		case m := <-ch:
+			d := time.Since(start)
+			e, _ := m["err"].(string)
+			if m["timeout"] != true || !strings.Contains(e, "no answer from the leader") {
+				t.Fatalf("%v: call to a stopped leader: %v", fols[i], m)
+			}
+			if d < response*8/10 {
+				t.Errorf("%v: call failed after %v, before the response timeout %v", fols[i], d, response)
+			}
+			t.Logf("%v: failed after %v: %s", fols[i], d.Round(time.Millisecond), e)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%v: call to a stopped leader still waiting after 5s (response timeout %v)", fols[i], response)
+		}
+	}
+
+	lead.signal(syscall.SIGCONT)
+	for _, f := range fols {
+		waitUntil(t, 10*time.Second, "service after SIGCONT", func() bool {
+			return f.do(msg{"op": "invoke", "method": "pid"}, 10*time.Second)["result"] == float64(lead.pid)
+		})
+	}
+
+	lead.signal(syscall.SIGSTOP)
+	lead.kill()
+	var pids []any
+	for _, f := range fols {
+		var got any
+		waitUntil(t, 10*time.Second, "a call served by a survivor", func() bool {
+			got = f.do(msg{"op": "invoke", "method": "pid", "timeoutMS": 3000}, 10*time.Second)["result"]
+			return got != nil
+		})
+		pids = append(pids, got)
+	}
+	if pids[0] != pids[1] || (pids[0] != float64(fols[0].pid) && pids[0] != float64(fols[1].pid)) {
+		t.Fatalf("after the kill the followers reached %v, want one of them (%d, %d)", pids, fols[0].pid, fols[1].pid)
+	}
+}
+
+// foreignListener holds a port with something that is not a leader: on
+// each connection it writes garbage (when garbage is not nil) and then
+// keeps the connection open without reading.
+func foreignListener(t *testing.T, garbage []byte) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	var conns []net.Conn // accept goroutine only, until done
+	go func() {
+		defer close(done)
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				for _, nc := range conns {
+					nc.Close()
+				}
+				return
+			}
+			conns = append(conns, nc)
+			if garbage != nil {
+				nc.Write(garbage)
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+	})
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// TestFaultPortNotLeader: the port is held by a process that does not
+// speak the protocol. A client gives up within its wait with an error
+// that wraps ErrNoLeader, names the port and says that what answers there
+// is not a cluster-client leader.
+func TestFaultPortNotLeader(t *testing.T) {
+	const wait = 600 * time.Millisecond
+	for _, tc := range []struct {
+		name    string
+		garbage []byte
+	}{
+		{"garbage", []byte("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")},
+		{"header of a huge packet", rawHeader(true, 1, 1<<30, 1<<30)},
+		{"not a register answer", packetBytes(t, true, 1, heartbeatRes{}, nil)},
+		{"silent", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			port := foreignListener(t, tc.garbage)
+			addr := loopback(port)
+			cfg := testConfig(t, port)
+			cfg.MaxWaitTime = wait
+			cfg.ResponseTimeout = 200 * time.Millisecond
+			start := time.Now()
+			c, err := New("TestChannel", cfg, buildTestReal(newTestReal()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if c.IsLeader() {
+				t.Fatal("leads on a port held by another process")
+			}
+			// Ready may report an attempt that timed out before the wait
+			// ran out; the error once it has run out wraps ErrNoLeader.
+			var last error
+			waitUntil(t, wait+5*time.Second, "ErrNoLeader", func() bool {
+				last = c.Ready(context.Background())
+				return errors.Is(last, ErrNoLeader)
+			})
+			d := time.Since(start)
+			t.Logf("after %v: %v", d.Round(time.Millisecond), last)
+			if d > wait+3*time.Second {
+				t.Errorf("gave up after %v, MaxWaitTime %v", d, wait)
+			}
+			msg := last.Error()
+			if !strings.Contains(msg, addr) || !strings.Contains(msg, "not a cluster-client leader") {
+				t.Errorf("error does not name %s or say what is wrong: %v", addr, last)
+			}
+			var nl *errNotLeader
+			if tc.garbage != nil && !errors.As(last, &nl) {
+				t.Errorf("error does not carry errNotLeader: %v", last)
+			}
+			_, err = c.Invoke(context.Background(), "echo", 1)
+			if !errors.Is(err, ErrNoLeader) {
+				t.Errorf("Invoke: %v", err)
+			}
+		})
+	}
+}
+
+// faultLeader is a leader in this process for child followers, logging
+// into a capture.
+func faultLeader(t *testing.T, tune func(*Config)) (*Client, *testReal, *logCapture, int) {
+	t.Helper()
+	port := freePort(t)
+	logs := newLogCapture()
+	cfg := testConfig(t, port)
+	cfg.Role = RoleLeader
+	cfg.Logger = slog.New(logs)
+	if tune != nil {
+		tune(cfg)
+	}
+	real := newTestReal()
+	c, err := New("TestChannel", cfg, buildTestReal(real))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		c.Close()
+		if t.Failed() {
+			t.Logf("leader log:\n%s", logs.dump())
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := c.Ready(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return c, real, logs, port
+}
+
+// realActive reports whether r is subscribed to reg now.
+func realActive(r *testReal, reg msg) bool {
+	b, _ := marshalReg(reg)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.push[string(b)] != nil
+}
+
+// TestFaultFollowerDies: when a follower process dies, the leader drops
+// its subscriptions, and releases the real subscription of a key whose
+// last listener it was; a key that another follower still listens to
+// stays.
+func TestFaultFollowerDies(t *testing.T) {
+	t.Parallel()
+	lead, real, _, port := faultLeader(t, nil)
+	only, shared := msg{"k": "only-a"}, msg{"k": "both"}
+	a := startChild(t, childSpec{Port: port, Role: RoleFollower})
+	b := startChild(t, childSpec{Port: port, Role: RoleFollower})
+	a.ready(10 * time.Second)
+	b.ready(10 * time.Second)
+	a.ok(msg{"op": "subscribe", "reg": only, "as": "only"})
+	a.ok(msg{"op": "subscribe", "reg": shared, "as": "both"})
+	b.ok(msg{"op": "subscribe", "reg": shared, "as": "both"})
+	waitUntil(t, 10*time.Second, "real subscriptions", func() bool {
+		return realActive(real, only) && realActive(real, shared) && topicConns(lead, shared) == 2
+	})
+
+	a.kill()
+	waitUntil(t, 10*time.Second, "release of the dead follower's key", func() bool { return !realActive(real, only) })
+	if !realActive(real, shared) {
+		t.Fatal("the key that another follower listens to was released")
+	}
+	waitUntil(t, 10*time.Second, "the dead follower's subscriptions dropped", func() bool {
+		return topicConns(lead, shared) == 1
+	})
+	lead.lead.mu.Lock()
+	conns := len(lead.lead.conns)
+	lead.lead.mu.Unlock()
+	if conns != 1 {
+		t.Fatalf("leader holds %d connections, want 1", conns)
+	}
+	if ok, err := Invoke[bool](context.Background(), lead, "push", shared, "after"); err != nil || !ok {
+		t.Fatalf("push: %v, %v", ok, err)
+	}
+	b.waitLog(isValue("both", "after"), 10*time.Second)
+}
+
+// topicConns is the number of follower connections subscribed to reg on
+// c's leader.
+func topicConns(c *Client, reg msg) int {
+	raw, _ := marshalReg(reg)
+	l := c.lead
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	t := l.topics[subscriptionKey(raw)]
+	if t == nil {
+		return 0
+	}
+	return len(t.conns)
+}
+
+// TestFaultFollowerStopsReading stops a follower process with SIGSTOP
+// while the leader pushes large values: the leader drops it once its
+// queue passes Config.MaxQueuedBytes, logging why, and keeps serving the
+// other follower without waiting. After SIGCONT the stopped follower
+// reconnects by itself and gets the latest value.
+func TestFaultFollowerStopsReading(t *testing.T) {
+	t.Parallel()
+	const maxPkt = 64 << 10
+	// The other follower is in this process, so that the pushes can be
+	// paced by it cheaply; the response timeout, which bounds a write,
+	// is long, so that only the queue bound can drop the stopped one.
+	r := newRig(t, func(c *Config) {
+		c.MaxPacketSize = maxPkt
+		c.MaxQueuedBytes = 4 * maxPkt
+		c.ResponseTimeout = 10 * time.Second
+	})
+	stuck := startChild(t, childSpec{Port: r.port, Role: RoleFollower})
+	stuck.ready(10 * time.Second)
+	stuck.ok(msg{"op": "subscribe", "reg": goodReg, "as": "big"})
+	reg := msg(goodReg)
+	waitUntil(t, 10*time.Second, "both subscribed", func() bool { return topicConns(r.lead, reg) == 2 })
+
+	stuck.signal(syscall.SIGSTOP)
+	stopped := time.Now()
+	value := strings.Repeat("v", 32<<10)
+	var last string
+	var slowest time.Duration
+	pushes := 0
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if l, _ := r.logs.find("closing follower connection", "not reading"); l != "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("stopped follower not dropped after %d pushes of 32 KiB", pushes)
+		}
+		pushes++
+		last = fmt.Sprintf("%d %s", pushes, value)
+		start := time.Now()
+		if ok, err := Invoke[bool](context.Background(), r.lead, "push", reg, last); err != nil || !ok {
+			t.Fatalf("push %d: %v, %v", pushes, ok, err)
+		}
+		slowest = max(slowest, time.Since(start))
+		r.waitValue(`"`+last+`"`, 10*time.Second)
+	}
+	t.Logf("dropped after %d pushes of 32 KiB in %v; slowest push %v", pushes, time.Since(stopped).Round(time.Millisecond), slowest)
+	if slowest > 5*time.Second {
+		t.Errorf("a push took %v: the stopped follower blocked the leader", slowest)
+	}
+	waitUntil(t, 10*time.Second, "the stopped follower's subscription dropped", func() bool { return topicConns(r.lead, reg) == 1 })
+
+	stuck.signal(syscall.SIGCONT)
+	resumed := time.Now()
+	stuck.waitLog(isValue("big", last), 20*time.Second)
+	t.Logf("the follower holds the latest value %v after SIGCONT", time.Since(resumed).Round(time.Millisecond))
+	waitUntil(t, 10*time.Second, "the follower back on the key", func() bool { return topicConns(r.lead, reg) == 2 })
+	if got := stuck.call("pid"); got == nil {
+		t.Fatal("no service after reconnecting")
+	}
+	r.serving() // the other follower kept its connection throughout
+}
