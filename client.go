@@ -238,6 +238,7 @@ func (c *Client) run(l *leader) {
 	defer c.wg.Done()
 	deadline := time.Now().Add(c.cfg.MaxWaitTime)
 	var backoff time.Duration
+	failures := 0 // failed attempts since the last connection
 	for {
 		if l == nil {
 			var err error
@@ -265,9 +266,10 @@ func (c *Client) run(l *leader) {
 				return
 			}
 			deadline = time.Now().Add(c.cfg.MaxWaitTime)
-			backoff = 0
+			backoff, failures = 0, 0
 			continue
 		}
+		failures++
 		switch {
 		case !retryable(err):
 			// The leader refused: its real client failed to build.
@@ -281,8 +283,22 @@ func (c *Client) run(l *leader) {
 			// and the attempt already took a response timeout.
 			c.setError(err)
 			backoff = 0
+		case failures == 1:
+			// The first retry goes at once: a killed leader's listener
+			// may outlive its connections by a moment, so the first
+			// attempt after a loss can meet it, and the next finds the
+			// port free.
+			backoff = 0
 		default:
 			backoff = min(max(2*backoff, time.Millisecond), 100*time.Millisecond)
+		}
+		if backoff == 0 {
+			select {
+			case <-c.done:
+				return
+			default:
+			}
+			continue
 		}
 		t := time.NewTimer(backoff)
 		select {
@@ -384,7 +400,7 @@ func (c *Client) Invoke(ctx context.Context, method string, args ...any) (Value,
 		p, err := f.request(ctx, method, func(b []byte, id uint64, ms int32) ([]byte, error) {
 			return c.appendInvoke(b, id, ms, method, false, raw)
 		})
-		if errors.Is(err, errDraining) {
+		if c.retry(f, err) {
 			continue
 		}
 		if err != nil {
@@ -392,6 +408,17 @@ func (c *Client) Invoke(ctx context.Context, method string, args ...any) (Value,
 		}
 		return c.result(&p)
 	}
+}
+
+// retry reports whether f refused a call without sending it, because its
+// leader is closing or the connection has ended. The call then waits for
+// the next route, and f gets no more calls.
+func (c *Client) retry(f *follower, err error) bool {
+	if errors.Is(err, errDraining) || errors.Is(err, errGone) {
+		c.unroute(f)
+		return true
+	}
+	return false
 }
 
 // result reads an invoke_result.
@@ -450,7 +477,7 @@ func (c *Client) InvokeOneway(ctx context.Context, method string, args ...any) e
 		err = f.oneway(func(b []byte) ([]byte, error) {
 			return c.appendInvoke(b, nextID(), c.timeoutMS(), method, true, raw)
 		}, true)
-		if !errors.Is(err, errDraining) {
+		if !c.retry(f, err) {
 			return err
 		}
 	}
@@ -657,7 +684,7 @@ func (c *Client) Publish(ctx context.Context, reg any) error {
 		err = f.oneway(func(b []byte) ([]byte, error) {
 			return c.appendInvoke(b, nextID(), c.timeoutMS(), publishMethod, true, [][]byte{arg})
 		}, true)
-		if !errors.Is(err, errDraining) {
+		if !c.retry(f, err) {
 			return err
 		}
 	}

@@ -15,6 +15,10 @@ import (
 // the next leader and is sent there.
 var errDraining = errors.New("clusterclient: leader is closing")
 
+// errGone: the connection to the leader had already ended when the call
+// came; the call was not sent, and waits for the next leader.
+var errGone = errors.New("clusterclient: connection to the leader is gone")
+
 // follower is a client's connection to the leader of its channel: one
 // reader goroutine, and a map of pending requests by id, each registered
 // before it is written and failed at once when the reader stops.
@@ -27,10 +31,10 @@ type follower struct {
 	dead chan struct{} // closed when the reader has stopped
 
 	lastRecv atomic.Int64 // unix nanoseconds of the last packet read
-	hb       *time.Timer  // heartbeat tick
 	hbSent   int64        // touched only by beat: when the last heartbeat went out
 
 	mu       sync.Mutex
+	hb       *time.Timer      // guarded by mu: heartbeat tick, re-armed by beat while err is nil
 	pending  map[uint64]*call // guarded by mu
 	err      error            // guarded by mu: why the connection is dead
 	draining bool             // guarded by mu: the leader is closing on purpose
@@ -48,11 +52,23 @@ type call struct {
 func dialLeader(c *Client) (*follower, error) {
 	cfg := &c.cfg
 	addr := loopback(cfg.Port)
+	// Close does not wait for the dial or the answer: ctx ends with the
+	// client, which closes the connection.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-c.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	d := net.Dialer{Timeout: cfg.ResponseTimeout}
-	nc, err := d.Dial("tcp", addr)
+	nc, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
 	}
+	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	f := &follower{c: c, cfg: cfg, nc: nc, dead: make(chan struct{}), pending: make(map[uint64]*call)}
 	f.w = newSender(nc, cfg.MaxQueuedBytes, cfg.ResponseTimeout, f.fail)
 	id, timeout := nextID(), int32(cfg.ResponseTimeout/time.Millisecond)
@@ -72,9 +88,14 @@ func dialLeader(c *Client) (*follower, error) {
 		nc.Close()
 		return nil, err
 	}
+	if !stop() {
+		return nil, ErrClosed
+	}
 	nc.SetReadDeadline(time.Time{})
 	f.lastRecv.Store(time.Now().UnixNano())
+	f.mu.Lock()
 	f.hb = time.AfterFunc(cfg.HeartbeatInterval, f.beat)
+	f.mu.Unlock()
 	go f.readLoop()
 	return f, nil
 }
@@ -212,11 +233,12 @@ func (f *follower) fail(cause error) {
 	f.err = fmt.Errorf("%w: %v", ErrLeaderLost, cause)
 	pending := f.pending
 	f.pending = nil
+	hb := f.hb
 	f.mu.Unlock()
 	f.w.fail(f.err)
 	f.nc.Close()
-	if f.hb != nil {
-		f.hb.Stop()
+	if hb != nil {
+		hb.Stop() // beat re-arms it no more: err is set
 	}
 	for _, cl := range pending {
 		cl.err = f.err
@@ -289,22 +311,21 @@ func (f *follower) oneway(encode func(b []byte) ([]byte, error), inline bool) er
 	return nil
 }
 
-// usable says why no new request may go out. Called with mu held.
+// usable says why no new request may go out: errDraining or errGone, on
+// which the call waits for the next leader. Called with mu held.
 func (f *follower) usable() error {
-	if f.err != nil {
-		if f.draining {
-			return errDraining
-		}
-		return f.err
-	}
 	if f.draining {
 		return errDraining
+	}
+	if f.err != nil {
+		return errGone
 	}
 	return nil
 }
 
 // sendError tells a refusal of the packet itself from a broken
-// connection.
+// connection, which fails the call with ErrLeaderLost: the packet may
+// have reached the leader.
 func (f *follower) sendError(err error) error {
 	if errors.Is(err, ErrPacketTooLarge) {
 		return err
@@ -312,7 +333,10 @@ func (f *follower) sendError(err error) error {
 	f.fail(err)
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.usable()
+	if f.draining {
+		return errDraining
+	}
+	return f.err
 }
 
 // beat runs every heartbeat interval. A follower that has heard nothing
@@ -343,7 +367,11 @@ func (f *follower) beat() {
 		})
 		f.hbSent = now
 	}
-	f.hb.Reset(interval)
+	f.mu.Lock()
+	if f.err == nil {
+		f.hb.Reset(interval)
+	}
+	f.mu.Unlock()
 }
 
 // close ends the connection on purpose.

@@ -1101,3 +1101,56 @@ func TestInteropFollowerBytes(t *testing.T) {
 		}
 	}
 }
+
+// TestInteropUnknownChannel: a Node.js follower of a channel that the Go
+// leader on the port does not host gets a clear error, does not spin
+// (a Node.js follower elects again as soon as its connection closes, so
+// the leader holds a refused connection open until RegisterTimeout), and
+// joins once the Go process hosts the channel.
+func TestInteropUnknownChannel(t *testing.T) {
+	port := freePort(t)
+	cfg := testConfig(t, port)
+	cfg.Role = RoleLeader
+	cfg.RegisterTimeout = time.Second
+	c, err := New(interopChannel, cfg, buildTestReal(newTestReal()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Ready(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	node := startNode(t, childSpec{Port: port, Name: "Other", Role: RoleFollower})
+	m := node.event("error", waitLong)
+	if m["code"] != codeChannelNotHosted {
+		t.Errorf("ready error %v, want code %s", m, codeChannelNotHosted)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	var refusals int
+	for _, m := range node.errors() {
+		if m["code"] == codeChannelNotHosted {
+			refusals++
+		}
+	}
+	// One refusal per RegisterTimeout at most, plus the first.
+	if refusals > 3 {
+		t.Errorf("%d refusals in 1.5 s: the Node.js follower registers again in a tight loop", refusals)
+	}
+
+	// The Go process starts hosting the channel: the Node.js follower
+	// joins it.
+	other, err := New("Other", cfg, buildTestReal(newTestReal()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	for start := time.Now(); ; time.Sleep(50 * time.Millisecond) {
+		m := node.do(msg{"op": "invoke", "method": "pid"}, waitLong)
+		if m["result"] == float64(os.Getpid()) {
+			break
+		}
+		if time.Since(start) > waitLong {
+			t.Fatalf("the Node.js follower did not join the channel once hosted: %v", m)
+		}
+	}
+}

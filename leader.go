@@ -65,7 +65,57 @@ type serverConn struct {
 	keys       map[string]struct{} // guarded by l.mu: keys subscribed
 	lastActive atomic.Int64        // unix nanoseconds of the last packet read
 	closeOnce  sync.Once
-	oddType    bool // reader goroutine only: a request of unknown type was logged
+	done       chan struct{} // closed by close
+	oddType    bool          // reader goroutine only: a request of unknown type was logged
+
+	gate     sync.Mutex
+	running  int           // guarded by gate: invokes running
+	held     int           // guarded by gate: bytes of their app objects
+	gateWake chan struct{} // guarded by gate: closed when one ends, if the reader waits
+}
+
+// maxConnInvokes bounds the invokes that one follower connection has
+// running on the leader; Config.MaxQueuedBytes bounds their app objects.
+// Past either bound the leader reads nothing more from that connection
+// until one ends, so a peer cannot make it hold unbounded goroutines or
+// memory.
+const maxConnInvokes = 1024
+
+// admit waits until the connection may start an invoke whose app object
+// has n bytes (one is always allowed). It returns false if the connection
+// closed meanwhile.
+func (sc *serverConn) admit(n int) bool {
+	for {
+		sc.gate.Lock()
+		if sc.running == 0 || (sc.running < maxConnInvokes && sc.held+n <= sc.l.cfg.MaxQueuedBytes) {
+			sc.running++
+			sc.held += n
+			sc.gate.Unlock()
+			return true
+		}
+		if sc.gateWake == nil {
+			sc.gateWake = make(chan struct{})
+		}
+		wake := sc.gateWake
+		sc.gate.Unlock()
+		select {
+		case <-wake:
+		case <-sc.done:
+			return false
+		}
+	}
+}
+
+// release ends an invoke that admit let start.
+func (sc *serverConn) release(n int) {
+	sc.gate.Lock()
+	sc.running--
+	sc.held -= n
+	if sc.gateWake != nil {
+		close(sc.gateWake)
+		sc.gateWake = nil
+	}
+	sc.gate.Unlock()
 }
 
 func newLeader(name string, cfg *Config, owner *Client) *leader {
@@ -136,7 +186,7 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, r *Reader, reg *Packet, rc
 	l.mu.Lock()
 	if l.closing {
 		l.mu.Unlock()
-		refuse(nc, reg, l.cfg.Codec, &registerErrorObject{
+		refuse(l.host, nc, reg, l.cfg.Codec, &registerErrorObject{
 			Name: "ClusterChannelNotFoundError", Message: "the leader of channel " + l.name + " is closing",
 			Code: codeJSON(codeChannelNotHosted),
 		})
@@ -154,16 +204,16 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, r *Reader, reg *Packet, rc
 	}
 	if l.cfg.Secret != "" && !secretsEqual(l.cfg.Secret, rc.Secret) {
 		l.cfg.Logger.Warn("clusterclient: refusing follower with a wrong secret", "channel", l.name, "remote", nc.RemoteAddr())
-		refuse(nc, reg, l.cfg.Codec, &registerErrorObject{Name: "ClusterAuthError", Message: "wrong secret", Code: codeJSON("ERR_CLUSTER_AUTH")})
+		refuse(l.host, nc, reg, l.cfg.Codec, &registerErrorObject{Name: "ClusterAuthError", Message: "wrong secret", Code: codeJSON("ERR_CLUSTER_AUTH")})
 		return
 	}
 	if l.err != nil {
 		re := toRemote(l.err)
-		refuse(nc, reg, l.cfg.Codec, &registerErrorObject{Message: re.Message, Stack: re.Stack, Name: re.Name, Code: codeJSON(re.Code)})
+		refuse(l.host, nc, reg, l.cfg.Codec, &registerErrorObject{Message: re.Message, Stack: re.Stack, Name: re.Name, Code: codeJSON(re.Code)})
 		return
 	}
 
-	sc := &serverConn{l: l, nc: nc, keys: make(map[string]struct{})}
+	sc := &serverConn{l: l, nc: nc, keys: make(map[string]struct{}), done: make(chan struct{})}
 	sc.w = newSender(nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close)
 	sc.lastActive.Store(time.Now().UnixNano())
 	l.mu.Lock()
@@ -206,6 +256,7 @@ func secretsEqual(want, got string) bool {
 // left or the leader is closing.
 func (sc *serverConn) close(err error) {
 	sc.closeOnce.Do(func() {
+		close(sc.done)
 		sc.w.fail(net.ErrClosed)
 		sc.nc.Close()
 		if err != nil && err != io.EOF && !errors.Is(err, net.ErrClosed) && !errors.Is(err, ErrClosed) {
@@ -231,7 +282,11 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 		if err != nil {
 			return err
 		}
+		if !sc.admit(len(p.App)) {
+			return net.ErrClosed
+		}
 		if !l.enter() {
+			sc.release(len(p.App))
 			// A Node.js follower does not heed leader_closing and may
 			// call after the drain: tell it, as the reference would by
 			// closing the connection.
@@ -245,7 +300,7 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 			}
 			return nil
 		}
-		go l.runInvoke(sc, p.ID, p.Timeout, c, args)
+		go l.runInvoke(sc, p.ID, p.Timeout, c, args, len(p.App))
 	case heartbeat:
 		id, timeout := p.ID, p.Timeout
 		sc.w.send(false, func(b []byte) ([]byte, error) {
@@ -289,7 +344,8 @@ func (l *leader) enter() bool {
 // runInvoke runs one invoke from a follower and answers it, unless it is
 // oneway or its timeout passed (the follower gave up; the reference also
 // stays silent then).
-func (l *leader) runInvoke(sc *serverConn, id uint64, timeoutMS int32, c invoke, raw [][]byte) {
+func (l *leader) runInvoke(sc *serverConn, id uint64, timeoutMS int32, c invoke, raw [][]byte, held int) {
+	defer sc.release(held)
 	defer l.inflight.Done()
 	ctx, cancel := l.ctx, context.CancelFunc(nil)
 	if timeoutMS > 0 {
@@ -469,12 +525,16 @@ func (l *leader) subscribeConn(sc *serverConn, reg json.RawMessage) {
 }
 
 // subscribeLocal records that the owner has listeners on key. It returns
-// the latest value, if any.
+// the latest value to replay, if any: only when broadcasting, as for a
+// late follower.
 func (l *leader) subscribeLocal(key string, reg json.RawMessage) []byte {
 	l.mu.Lock()
 	t := l.topicFor(key, reg)
 	t.local = true
-	latest := t.latest
+	var latest []byte
+	if l.cfg.Broadcast {
+		latest = t.latest
+	}
 	needReal := !t.real
 	t.real = true
 	l.mu.Unlock()

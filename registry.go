@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -243,7 +244,11 @@ func (h *portHost) handshake(nc net.Conn) (*leader, *Packet, registerChannel, *b
 		}
 	}
 	if err != nil {
-		h.warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
+		// A connection closed before its first byte is no fault: a
+		// Node.js follower made to follow probes the port that way.
+		if err != io.EOF {
+			h.warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
+		}
 		nc.Close()
 		return nil, nil, rc, nil, nil
 	}
@@ -253,7 +258,7 @@ func (h *portHost) handshake(nc net.Conn) (*leader, *Packet, registerChannel, *b
 	if l == nil {
 		h.warn("clusterclient: refusing register for a channel this leader does not host",
 			"remote", nc.RemoteAddr(), "channel", rc.ChannelName, "port", h.port)
-		refuse(nc, &p, JSONCodec{}, &registerErrorObject{
+		refuse(h, nc, &p, JSONCodec{}, &registerErrorObject{
 			Name:    "ClusterChannelNotFoundError",
 			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.port, rc.ChannelName),
 			Code:    codeJSON(codeChannelNotHosted),
@@ -267,14 +272,35 @@ func (h *portHost) handshake(nc net.Conn) (*leader, *Packet, registerChannel, *b
 // the leader does not host the channel. A follower keeps trying.
 const codeChannelNotHosted = "ERR_CLUSTER_CHANNEL_NOT_HOSTED"
 
-// refuse answers a register_channel with success:false and closes nc.
-func refuse(nc net.Conn, req *Packet, codec Codec, e *registerErrorObject) {
+// refuse answers a register_channel with success:false, then holds nc.
+func refuse(h *portHost, nc net.Conn, req *Packet, codec Codec, e *registerErrorObject) {
 	data, err := codec.Marshal(registerResult{Success: false, Error: e})
 	if err == nil {
 		b, _ := appendPacket(nil, true, req.ID, req.Timeout, registerChannelRes{}, data)
 		nc.SetWriteDeadline(time.Now().Add(time.Second))
 		nc.Write(b)
 	}
+	h.hold(nc)
+}
+
+// hold keeps a refused connection open until the peer closes it or
+// RegisterTimeout passes, discarding what it sends, then closes it. A
+// Node.js follower elects again as soon as its connection closes: closed
+// at once, a refused one comes back in a tight loop. A Go follower
+// closes its side on reading the refusal. Held connections count among
+// the unregistered ones, so MaxUnregistered bounds them.
+func (h *portHost) hold(nc net.Conn) {
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		nc.Close()
+		return
+	}
+	h.unreg = append(h.unreg, nc)
+	h.mu.Unlock()
+	nc.SetReadDeadline(time.Now().Add(h.regWait))
+	io.Copy(io.Discard, nc)
+	h.registered(nc)
 	nc.Close()
 }
 
