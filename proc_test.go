@@ -6,6 +6,7 @@ package clusterclient
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -39,11 +41,21 @@ func TestMain(m *testing.M) {
 //	push(reg, value)          pushes value to reg's subscription
 //	published() []reg         subscribes(reg) real Subscribe calls
 //	active(reg) bool          whether reg is subscribed now
+//	throw(name, msg, code, stack) a RemoteError with those fields
+//	sleeping() n              sleeps in progress
+//	note(x)                   records x; notes() []x returns them
+//	whoami() name             the name given to this real client
+//	calls() n                 Invoke calls so far
 type testReal struct {
+	name string
+
 	mu         sync.Mutex
 	push       map[string]func(any) // by reg JSON
 	subscribes map[string]int       // Subscribe calls by reg JSON
 	published  []json.RawMessage
+	notes      []any
+	sleeping   int
+	calls      int // Invoke calls
 	closed     bool
 }
 
@@ -67,7 +79,14 @@ func (r *testReal) Invoke(ctx context.Context, method string, args []Value) (any
 		}
 		return args[i].Decode(v)
 	}
+	r.mu.Lock()
+	r.calls++
+	r.mu.Unlock()
 	switch method {
+	case "calls":
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return r.calls, nil
 	case "echo":
 		var v any
 		if err := arg(0, &v); err != nil {
@@ -80,11 +99,44 @@ func (r *testReal) Invoke(ctx context.Context, method string, args []Value) (any
 		var code string
 		arg(0, &code)
 		return nil, &codedError{code: code, msg: "failed on purpose"}
+	case "throw":
+		var f [4]string
+		for i := range f {
+			arg(i, &f[i])
+		}
+		return nil, &RemoteError{Name: f[0], Message: f[1], Code: f[2], Stack: f[3]}
+	case "whoami":
+		return r.name, nil
+	case "note":
+		var v any
+		if err := arg(0, &v); err != nil {
+			return nil, err
+		}
+		r.mu.Lock()
+		r.notes = append(r.notes, v)
+		r.mu.Unlock()
+		return nil, nil
+	case "notes":
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return append([]any{}, r.notes...), nil
+	case "sleeping":
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return r.sleeping, nil
 	case "sleep":
 		var ms int
 		if err := arg(0, &ms); err != nil {
 			return nil, err
 		}
+		r.mu.Lock()
+		r.sleeping++
+		r.mu.Unlock()
+		defer func() {
+			r.mu.Lock()
+			r.sleeping--
+			r.mu.Unlock()
+		}()
 		select {
 		case <-time.After(time.Duration(ms) * time.Millisecond):
 			return ms, nil
@@ -194,6 +246,25 @@ func (w testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// childStderr logs a child's stderr to the test, and fails the test if
+// the child reports a data race or a panic.
+type childStderr struct {
+	t    testing.TB
+	tail []byte // the end of the previous write, for a marker cut in two
+}
+
+func (w *childStderr) Write(p []byte) (int, error) {
+	w.t.Log(string(p))
+	text := string(w.tail) + string(p)
+	for _, bad := range []string{"WARNING: DATA RACE", "panic: ", "fatal error: "} {
+		if strings.Contains(text, bad) {
+			w.t.Errorf("child process printed %q", bad)
+		}
+	}
+	w.tail = append(w.tail[:0], p[max(len(p)-32, 0):]...)
+	return len(p), nil
+}
+
 // childSpec configures a child process. Durations are in milliseconds;
 // zero keeps the test default.
 type childSpec struct {
@@ -218,13 +289,18 @@ type msg = map[string]any
 // childMain runs a cluster member. Commands on stdin, each with an "id"
 // echoed in its reply:
 //
-//	{"op":"invoke","method":m,"args":[...]}  reply {"result":r} or {"err":e,"code":c,"name":n}
+//	{"op":"invoke","method":m,"args":[...]}  reply invokeReply: {"result":r} or {"err":e,...}
 //	{"op":"oneway","method":m,"args":[...]}
-//	{"op":"subscribe","reg":r}                values arrive as {"event":"value","key":k,"value":v}
-//	{"op":"unsubscribe","reg":r}
+//	{"op":"subscribe","reg":r,"as":l}         values arrive as {"event":"value","reg":r,"as":l,"value":v}
+//	{"op":"unsubscribe","as":l}               (or "reg":r when subscribed without "as")
 //	{"op":"publish","reg":r}
 //	{"op":"status"}                           reply {"leader":b,"pid":p}
+//	{"op":"failover","old":pid}               see childFailover
+//	{"op":"hammer","method":m,"args":[...],"workers":n}  calls until "stop"
+//	{"op":"stop"}                             reply {"ok":n,"failed":n,"errs":[...],"results":{...}}
 //	{"op":"close"}                            closes the client, replies, exits
+//
+// invoke, oneway and hammer take "timeoutMS", a deadline on each call.
 //
 // It prints {"event":"ready","leader":b,"pid":p} once ready, or
 // {"event":"error","err":e} if Ready fails.
@@ -268,7 +344,9 @@ func childMain() int {
 		defer outMu.Unlock()
 		enc.Encode(m)
 	}
-	c, err := New(name, cfg, buildTestReal(newTestReal()))
+	real := newTestReal()
+	real.name = "pid" + strconv.Itoa(os.Getpid())
+	c, err := New(name, cfg, buildTestReal(real))
 	if err != nil {
 		out(msg{"event": "error", "err": err.Error()})
 		return 1
@@ -281,23 +359,14 @@ func childMain() int {
 		}
 	}
 	subs := map[string]*Subscription{}
+	var ham *hammer
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 1<<20), 1<<20)
 	for in.Scan() {
-		var cmd struct {
-			ID     int               `json:"id"`
-			Op     string            `json:"op"`
-			Method string            `json:"method"`
-			Args   []json.RawMessage `json:"args"`
-			Reg    json.RawMessage   `json:"reg"`
-		}
+		var cmd childCmd
 		if err := json.Unmarshal(in.Bytes(), &cmd); err != nil {
 			out(msg{"event": "error", "err": err.Error()})
 			continue
-		}
-		args := make([]any, len(cmd.Args))
-		for i, a := range cmd.Args {
-			args[i] = a
 		}
 		reply := func(m msg) {
 			m["id"] = cmd.ID
@@ -306,34 +375,29 @@ func childMain() int {
 		switch cmd.Op {
 		case "invoke":
 			go func() {
-				v, err := c.Invoke(context.Background(), cmd.Method, args...)
-				if err != nil {
-					m := msg{"err": err.Error(), "lost": errors.Is(err, ErrLeaderLost), "timeout": errors.Is(err, ErrTimeout)}
-					var re *RemoteError
-					if errors.As(err, &re) {
-						m["name"], m["code"], m["message"], m["stack"] = re.Name, re.Code, re.Message, re.Stack
-					}
-					reply(m)
-					return
-				}
-				reply(msg{"result": json.RawMessage(v.Bytes())})
+				ctx, cancel := cmd.ctx()
+				defer cancel()
+				v, err := c.Invoke(ctx, cmd.Method, cmd.args()...)
+				reply(invokeReply(v, err))
 			}()
 		case "oneway":
-			err := c.InvokeOneway(context.Background(), cmd.Method, args...)
+			ctx, cancel := cmd.ctx()
+			err := c.InvokeOneway(ctx, cmd.Method, cmd.args()...)
+			cancel()
 			reply(msg{"err": errString(err)})
 		case "subscribe":
-			key := string(cmd.Reg)
+			reg, as := string(cmd.Reg), cmd.label()
 			s, err := c.Subscribe(cmd.Reg, func(v Value) {
-				out(msg{"event": "value", "reg": json.RawMessage(key), "value": json.RawMessage(v.Bytes())})
+				out(msg{"event": "value", "reg": json.RawMessage(reg), "as": as, "value": json.RawMessage(v.Bytes())})
 			})
 			if err == nil {
-				subs[key] = s
+				subs[as] = s
 			}
 			reply(msg{"err": errString(err)})
 		case "unsubscribe":
-			if s := subs[string(cmd.Reg)]; s != nil {
+			if s := subs[cmd.label()]; s != nil {
 				s.Unsubscribe()
-				delete(subs, string(cmd.Reg))
+				delete(subs, cmd.label())
 			}
 			reply(msg{})
 		case "publish":
@@ -341,6 +405,22 @@ func childMain() int {
 			reply(msg{"err": errString(err)})
 		case "status":
 			reply(msg{"leader": c.IsLeader(), "pid": os.Getpid()})
+		case "failover":
+			go func() { reply(childFailover(c, cmd.Old)) }()
+		case "hammer":
+			if ham != nil {
+				reply(msg{"err": "already hammering"})
+				continue
+			}
+			ham = startHammer(c, &cmd)
+			reply(msg{})
+		case "stop":
+			if ham == nil {
+				reply(msg{"err": "not hammering"})
+				continue
+			}
+			reply(ham.stop())
+			ham = nil
 		case "close":
 			err := c.Close()
 			reply(msg{"err": errString(err)})
@@ -351,6 +431,144 @@ func childMain() int {
 	}
 	c.Close()
 	return 0
+}
+
+// childCmd is one command to a child.
+type childCmd struct {
+	ID        int               `json:"id"`
+	Op        string            `json:"op"`
+	Method    string            `json:"method"`
+	Args      []json.RawMessage `json:"args"`
+	Reg       json.RawMessage   `json:"reg"`
+	As        string            `json:"as"`        // a listener's label; default the reg's JSON
+	TimeoutMS int               `json:"timeoutMS"` // a deadline on the call's context
+	Workers   int               `json:"workers"`   // hammer: concurrent callers
+	Old       float64           `json:"old"`       // failover: the pid of the leader to be killed
+}
+
+func (cmd *childCmd) args() []any {
+	args := make([]any, len(cmd.Args))
+	for i, a := range cmd.Args {
+		args[i] = a
+	}
+	return args
+}
+
+func (cmd *childCmd) label() string {
+	if cmd.As != "" {
+		return cmd.As
+	}
+	return string(cmd.Reg)
+}
+
+func (cmd *childCmd) ctx() (context.Context, context.CancelFunc) {
+	if cmd.TimeoutMS > 0 {
+		return context.WithTimeout(context.Background(), time.Duration(cmd.TimeoutMS)*time.Millisecond)
+	}
+	return context.WithCancel(context.Background())
+}
+
+// invokeReply describes the outcome of an invoke: {"result":r}, or the
+// error with what errors.Is and errors.As find in it.
+func invokeReply(v Value, err error) msg {
+	if err == nil {
+		return msg{"result": json.RawMessage(v.Bytes())}
+	}
+	m := msg{"err": err.Error(), "lost": errors.Is(err, ErrLeaderLost), "timeout": errors.Is(err, ErrTimeout),
+		"noLeader": errors.Is(err, ErrNoLeader), "closed": errors.Is(err, ErrClosed),
+		"deadline": errors.Is(err, context.DeadlineExceeded)}
+	var re *RemoteError
+	if errors.As(err, &re) {
+		m["name"], m["code"], m["message"], m["stack"] = re.Name, re.Code, re.Message, re.Stack
+	}
+	return m
+}
+
+// childFailover measures a failover from a follower's side: a call to
+// the leader stays in flight (sleep) until the leader is killed, then
+// "pid" is called until it succeeds on another leader than old. The
+// reply has the failed calls, the first error, and the wall-clock times
+// (unix ns) of that error (lostAt) and of the first success (at).
+func childFailover(c *Client, old float64) msg {
+	v, err := c.Invoke(context.Background(), "sleep", 60000)
+	if err == nil {
+		return msg{"err": "sleep returned " + v.String()}
+	}
+	lostAt := time.Now().UnixNano()
+	failed, firstErr := 1, invokeReply(v, err)
+	errs := map[string]int{} // later errors, a few kinds
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		v, err := c.Invoke(ctx, "pid")
+		cancel()
+		now := time.Now().UnixNano()
+		if err != nil {
+			failed++
+			if _, ok := errs[err.Error()]; ok || len(errs) < 5 {
+				errs[err.Error()]++
+			}
+			continue
+		}
+		var pid float64
+		if v.Decode(&pid) == nil && pid != old {
+			return msg{"failed": failed, "first": firstErr, "errs": errs, "lostAt": lostAt, "at": now, "pid": pid}
+		}
+	}
+	return msg{"err": "no call succeeded on a new leader within 10s", "failed": failed, "first": firstErr, "errs": errs}
+}
+
+// hammer calls a method without pause from several goroutines until
+// stopped, counting successes and failures.
+type hammer struct {
+	stopped chan struct{}
+	wg      sync.WaitGroup
+
+	mu       sync.Mutex
+	ok, fail int
+	errs     []string // the first few errors
+	results  map[string]int
+}
+
+func startHammer(c *Client, cmd *childCmd) *hammer {
+	h := &hammer{stopped: make(chan struct{}), results: map[string]int{}}
+	for range max(cmd.Workers, 1) {
+		h.wg.Add(1)
+		go func() {
+			defer h.wg.Done()
+			for {
+				select {
+				case <-h.stopped:
+					return
+				default:
+				}
+				ctx, cancel := cmd.ctx()
+				v, err := c.Invoke(ctx, cmd.Method, cmd.args()...)
+				cancel()
+				h.mu.Lock()
+				if err != nil {
+					h.fail++
+					if len(h.errs) < 5 {
+						h.errs = append(h.errs, err.Error())
+					}
+				} else {
+					h.ok++
+					if len(h.results) < 10 {
+						h.results[v.String()]++
+					}
+				}
+				h.mu.Unlock()
+			}
+		}()
+	}
+	return h
+}
+
+// stop ends the hammer and reports {"ok":n,"failed":n,"errs":[...],"results":{r:n}}.
+func (h *hammer) stop() msg {
+	close(h.stopped)
+	h.wg.Wait()
+	return msg{"ok": h.ok, "failed": h.fail, "errs": h.errs, "results": h.results}
 }
 
 func errString(err error) string {
@@ -371,7 +589,9 @@ type child struct {
 	mu      sync.Mutex
 	nextID  int
 	replies map[int]chan msg
-	events  chan msg // every line without an id
+	events  chan msg      // every line without an id
+	log     []msg         // guarded by mu: every line without an id
+	logged  chan struct{} // guarded by mu: closed and replaced when log grows
 }
 
 // startChild starts a cluster member with spec. It is killed when the
@@ -381,7 +601,7 @@ func startChild(t testing.TB, spec childSpec) *child {
 	b, _ := json.Marshal(spec)
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"="+string(b))
-	cmd.Stderr = testWriter{t}
+	cmd.Stderr = &childStderr{t: t}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -394,7 +614,7 @@ func startChild(t testing.TB, spec childSpec) *child {
 		t.Fatal(err)
 	}
 	c := &child{t: t, cmd: cmd, stdin: stdin, pid: cmd.Process.Pid, exited: make(chan struct{}),
-		replies: map[int]chan msg{}, events: make(chan msg, 1024)}
+		replies: map[int]chan msg{}, events: make(chan msg, 1024), logged: make(chan struct{})}
 	go c.readLoop(stdout)
 	t.Cleanup(func() {
 		c.cmd.Process.Signal(syscall.SIGCONT)
@@ -426,10 +646,87 @@ func (c *child) readLoop(r io.Reader) {
 			}
 			continue
 		}
+		c.mu.Lock()
+		c.log = append(c.log, m)
+		close(c.logged)
+		c.logged = make(chan struct{})
+		c.mu.Unlock()
 		select {
 		case c.events <- m:
 		default:
 		}
+	}
+}
+
+// waitLog waits until the child has printed an event that match accepts,
+// at any time since it started, and returns it.
+func (c *child) waitLog(match func(msg) bool, timeout time.Duration) msg {
+	c.t.Helper()
+	deadline := time.After(timeout)
+	seen := 0
+	for {
+		c.mu.Lock()
+		log, logged := c.log, c.logged
+		c.mu.Unlock()
+		for _, m := range log[seen:] {
+			if match(m) {
+				return m
+			}
+		}
+		seen = len(log)
+		select {
+		case <-logged:
+		case <-deadline:
+			c.t.Fatalf("child %d: no matching event within %v", c.pid, timeout)
+			return nil
+		}
+	}
+}
+
+// countLog counts the events printed so far that match accepts.
+func (c *child) countLog(match func(msg) bool) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, m := range c.log {
+		if match(m) {
+			n++
+		}
+	}
+	return n
+}
+
+// isValue matches a subscription value event of listener as with value
+// v (compared as JSON text).
+func isValue(as string, v any) func(msg) bool {
+	want, _ := json.Marshal(v)
+	return func(m msg) bool {
+		if m["event"] != "value" || m["as"] != as {
+			return false
+		}
+		got, _ := json.Marshal(m["value"])
+		return string(got) == string(want)
+	}
+}
+
+// call invokes method on the child and returns its result; an error
+// fails the test.
+func (c *child) call(method string, args ...any) any {
+	c.t.Helper()
+	m := c.do(msg{"op": "invoke", "method": method, "args": args}, 10*time.Second)
+	if e, ok := m["err"]; ok {
+		c.t.Fatalf("child %d: %s: %v", c.pid, method, e)
+	}
+	return m["result"]
+}
+
+// ok runs a command that replies {"err":""} and fails the test on an
+// error.
+func (c *child) ok(cmd msg) {
+	c.t.Helper()
+	m := c.do(cmd, 10*time.Second)
+	if e, _ := m["err"].(string); e != "" {
+		c.t.Fatalf("child %d: %v: %s", c.pid, cmd, e)
 	}
 }
 
@@ -492,6 +789,28 @@ func (c *child) signal(sig syscall.Signal) {
 	c.t.Helper()
 	if err := c.cmd.Process.Signal(sig); err != nil {
 		c.t.Fatalf("signal %v to %d: %v", sig, c.pid, err)
+	}
+}
+
+// stop sends SIGSTOP and waits until the process is stopped.
+func (c *child) stop() {
+	c.t.Helper()
+	c.signal(syscall.SIGSTOP)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(c.pid) + "/stat")
+		if err != nil {
+			c.t.Fatalf("child %d: %v", c.pid, err)
+		}
+		// pid (comm) state ...: comm may hold spaces, the state follows
+		// the last ')'.
+		if i := bytes.LastIndexByte(b, ')'); i >= 0 && i+2 < len(b) && b[i+2] == 'T' {
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("child %d not stopped 10s after SIGSTOP", c.pid)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
 
