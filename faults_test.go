@@ -17,9 +17,9 @@ import (
 	"time"
 )
 
-// member is a child in TestFaultKillLeaderTenTimes, with what it has
+// faultMember is a child in TestFaultKillLeaderTenTimes, with what it has
 // published and subscribed.
-type member struct {
+type faultMember struct {
 	c      *child
 	i      int
 	pubs   []msg          // every registration it published
@@ -41,10 +41,10 @@ func TestFaultKillLeaderTenTimes(t *testing.T) {
 	t.Parallel()
 	const kills = 10
 	spec := childSpec{Port: freePort(t), ResponseMS: 2000}
-	var live []*member
+	var live []*faultMember
 	next := 0
 	add := func() {
-		m := &member{c: startChild(t, spec), i: next, extras: map[string]msg{}}
+		m := &faultMember{c: startChild(t, spec), i: next, extras: map[string]msg{}}
 		next++
 		m.c.ready(20 * time.Second)
 		m.c.ok(msg{"op": "subscribe", "reg": sharedReg, "as": "shared"})
@@ -56,9 +56,9 @@ func TestFaultKillLeaderTenTimes(t *testing.T) {
 	}
 	// settle waits until every live member reaches the same leader, one
 	// of them, and returns it.
-	settle := func() *member {
+	settle := func() *faultMember {
 		t.Helper()
-		var lead *member
+		var lead *faultMember
 		waitUntil(t, 20*time.Second, "one leader for every member", func() bool {
 			var pid any
 			for j, m := range live {
@@ -79,7 +79,7 @@ func TestFaultKillLeaderTenTimes(t *testing.T) {
 	}
 	// check pushes a new value to every key through the leader and
 	// waits until every listener holds it.
-	check := func(lead *member, round string) {
+	check := func(lead *faultMember, round string) {
 		t.Helper()
 		if ok := lead.c.call("push", sharedReg, "shared "+round); ok != true {
 			t.Fatalf("round %s: the leader's real client has no subscription for %v", round, sharedReg)
@@ -113,7 +113,7 @@ func TestFaultKillLeaderTenTimes(t *testing.T) {
 		check(lead, fmt.Sprint(round))
 
 		// Load on every follower, then the kill.
-		var fols []*member
+		var fols []*faultMember
 		for _, m := range live {
 			if m != lead {
 				fols = append(fols, m)
