@@ -113,8 +113,11 @@ type Config struct {
 	// MaxQueuedBytes bounds the bytes waiting to be written to one
 	// connection. A peer that stops reading its socket is dropped when
 	// its queue passes the bound, so it cannot hold memory or block other
-	// peers; it reconnects by itself. Default 2 × MaxPacketSize; at least
-	// MaxPacketSize + HeaderSize.
+	// peers; it reconnects by itself. On the leader it also bounds the
+	// arguments of the invokes that one connection has running (as does
+	// a limit of 1024 such invokes): past it the leader reads nothing
+	// more from that connection until one ends. Default 2 ×
+	// MaxPacketSize; at least MaxPacketSize + HeaderSize.
 	MaxQueuedBytes int
 
 	// RegisterTimeout bounds how long a new connection to the leader may

@@ -925,3 +925,65 @@ func TestSecretsEqual(t *testing.T) {
 		}
 	}
 }
+
+// connOf returns the leader's connection from the peer at addr.
+func connOf(c *Client, addr string) *serverConn {
+	l := c.lead
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for sc := range l.conns {
+		if sc.nc.RemoteAddr().String() == addr {
+			return sc
+		}
+	}
+	return nil
+}
+
+// TestHostileInvokeFlood: a follower sends far more slow invokes than
+// the leader runs at once for one connection. The leader runs
+// maxConnInvokes of them, stops reading that connection until some end,
+// keeps serving the others, and in the end answers every one.
+func TestHostileInvokeFlood(t *testing.T) {
+	const n = maxConnInvokes + 500
+	r := newRig(t, nil)
+	base := measure()
+	nc := r.dial()
+	rd := registerRaw(t, nc, "TestChannel", "")
+	arg := appendArgs(nil, [][]byte{[]byte("1500")})
+	var b []byte
+	for i := range n {
+		b = append(b, packetBytes(t, false, uint64(100+i), invoke{Method: "sleep", ArgLength: 1}, arg)...)
+	}
+	mustWrite(t, nc, b)
+	addr := nc.LocalAddr().String()
+	var sc *serverConn
+	waitUntil(t, 10*time.Second, "the invokes running", func() bool {
+		if sc = connOf(r.lead, addr); sc == nil {
+			return false
+		}
+		sc.gate.Lock()
+		defer sc.gate.Unlock()
+		return sc.running == maxConnInvokes
+	})
+	if g := runtime.NumGoroutine(); g > base.goroutines+maxConnInvokes+20 {
+		t.Errorf("%d goroutines with %d invokes sent, base %d", g, n, base.goroutines)
+	}
+	r.serving()
+	seen := map[uint64]bool{}
+	nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+	for len(seen) < n {
+		var p Packet
+		if err := rd.ReadPacket(&p); err != nil {
+			t.Fatalf("after %d answers: %v", len(seen), err)
+		}
+		if c, _, _ := parseConn(p.Conn); c != (invokeResult{Success: true}) {
+			t.Fatalf("answer %s %s", p.Conn, p.App)
+		}
+		seen[p.ID] = true
+	}
+	nc.Close()
+	r.serving()
+	// The runtime keeps the descriptors of ended goroutines for reuse,
+	// some 400 bytes each: 1024 at once leave about 400 KiB.
+	noLeak(t, base, heapSlack+maxConnInvokes<<9)
+}
