@@ -169,11 +169,18 @@ func (n *nodeMember) do(cmd msg, timeout time.Duration) msg {
 // event waits for the first event named name that no earlier call took.
 func (n *nodeMember) event(name string, timeout time.Duration) msg {
 	n.t.Helper()
+	return n.eventWhere(func(m msg) bool { return m["event"] == name }, timeout)
+}
+
+// eventWhere waits for the first event that match accepts and no earlier
+// call took.
+func (n *nodeMember) eventWhere(match func(msg) bool, timeout time.Duration) msg {
+	n.t.Helper()
 	deadline := time.After(timeout)
 	for {
 		n.mu.Lock()
 		for i, m := range n.log {
-			if !n.taken[i] && m["event"] == name {
+			if !n.taken[i] && match(m) {
 				n.taken[i] = true
 				n.mu.Unlock()
 				return m
@@ -184,7 +191,7 @@ func (n *nodeMember) event(name string, timeout time.Duration) msg {
 		select {
 		case <-grew:
 		case <-deadline:
-			n.t.Fatalf("node %d: no %q event within %v", n.pid, name, timeout)
+			n.t.Fatalf("node %d: no matching event within %v", n.pid, timeout)
 			return nil
 		}
 	}
@@ -1152,5 +1159,129 @@ func TestInteropUnknownChannel(t *testing.T) {
 		if time.Since(start) > waitLong {
 			t.Fatalf("the Node.js follower did not join the channel once hosted: %v", m)
 		}
+	}
+}
+
+// clusterProc is a cluster member process, Go or Node.js, as the election
+// tests drive it.
+type clusterProc interface {
+	do(cmd msg, timeout time.Duration) msg
+	ready(timeout time.Duration) bool
+	kill()
+}
+
+// TestInteropMixedElection: Go and Node.js processes compete for one
+// port. Exactly one leads, every one reaches its real client, and after
+// the leader is killed, twice, the survivors agree on a new one, where
+// their subscriptions and publications follow them.
+func TestInteropMixedElection(t *testing.T) {
+	needNode(t)
+	port := freePort(t)
+	type proc struct {
+		m    clusterProc
+		pid  int
+		kind string
+	}
+	var procs []proc
+	for i := range 4 {
+		spec := childSpec{Port: port, Name: interopChannel, ResponseMS: 1000}
+		if i%2 == 0 {
+			c := startChild(t, spec)
+			procs = append(procs, proc{c, c.pid, "go"})
+		} else {
+			n := startNode(t, spec)
+			procs = append(procs, proc{n, n.pid, "node"})
+		}
+	}
+	leaders := 0
+	for _, p := range procs {
+		if p.m.ready(waitLong) {
+			leaders++
+		}
+	}
+	if leaders != 1 {
+		t.Fatalf("%d leaders, want 1", leaders)
+	}
+
+	// agree waits until every member reaches the same leader, which is
+	// the only one that says it leads, and returns its index.
+	agree := func() int {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			lead, pids, why := -1, map[any]bool{}, ""
+			for i, p := range procs {
+				if p.m == nil {
+					continue
+				}
+				if m := p.m.do(msg{"op": "status"}, waitLong); m["leader"] == true {
+					if lead >= 0 {
+						why = "two leaders"
+					}
+					lead = i
+				}
+				m := p.m.do(msg{"op": "invoke", "method": "pid"}, waitLong)
+				if m["result"] == nil {
+					why = fmt.Sprintf("%s %d: %v", p.kind, p.pid, m["err"])
+				}
+				pids[m["result"]] = true
+			}
+			if why == "" && lead >= 0 && len(pids) == 1 && pids[float64(procs[lead].pid)] {
+				return lead
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("members do not agree on a leader: leader %d, pids reached %v, %s", lead, pids, why)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	reg := map[string]string{"dataId": "mixed"}
+	for _, p := range procs {
+		if m := p.m.do(msg{"op": "subscribe", "reg": reg}, waitLong); m["err"] != nil && m["err"] != "" {
+			t.Fatal(m)
+		}
+		if m := p.m.do(msg{"op": "publish", "reg": map[string]int{"pub": p.pid}}, waitLong); m["err"] != nil && m["err"] != "" {
+			t.Fatal(m)
+		}
+	}
+	for round := range 3 {
+		lead := agree()
+		t.Logf("round %d: the %s process %d leads", round, procs[lead].kind, procs[lead].pid)
+		// Every survivor's subscription reaches the new leader's real
+		// client, and so does every survivor's publication.
+		m := procs[lead].m.do(msg{"op": "invoke", "method": "push", "args": []any{reg, round}}, waitLong)
+		if m["result"] != true {
+			t.Fatalf("round %d: push: %v", round, m)
+		}
+		isRound := func(m msg) bool { return m["event"] == "value" && m["value"] == float64(round) }
+		for _, p := range procs {
+			switch m := p.m.(type) {
+			case *child:
+				m.event(isRound, waitLong)
+			case *nodeMember:
+				m.eventWhere(isRound, waitLong)
+			}
+		}
+		for start := time.Now(); ; time.Sleep(20 * time.Millisecond) {
+			m := procs[lead].m.do(msg{"op": "invoke", "method": "published"}, waitLong)
+			got, _ := json.Marshal(m["result"])
+			missing := 0
+			for _, p := range procs {
+				if p.m != nil && !strings.Contains(string(got), fmt.Sprintf(`{"pub":%d}`, p.pid)) {
+					missing++
+				}
+			}
+			if missing == 0 {
+				break
+			}
+			if time.Since(start) > waitLong {
+				t.Fatalf("round %d: the leader's real client has publications %s", round, got)
+			}
+		}
+		if round == 2 {
+			break
+		}
+		procs[lead].m.kill()
+		procs[lead].m = nil
 	}
 }
