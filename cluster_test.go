@@ -120,11 +120,14 @@ func TestPlannedCloseNoFailedCalls(t *testing.T) {
 	for _, f := range fols {
 		f.ok(msg{"op": "hammer", "method": "pid", "workers": 3})
 	}
-	// Let calls reach the old leader before it closes.
-	waitUntil(t, 10*time.Second, "calls on the old leader", func() bool {
-		n, _ := old.call("calls").(float64)
-		return n > 50
-	})
+	// Let each follower's calls reach the old leader before it closes.
+	for _, f := range fols {
+		waitUntil(t, 10*time.Second, "calls on the old leader", func() bool {
+			res, _ := f.do(msg{"op": "hammered"}, 10*time.Second)["results"].(map[string]any)
+			n, _ := res[fmt.Sprint(old.pid)].(float64)
+			return n >= 10
+		})
+	}
 	old.ok(msg{"op": "close"})
 	<-old.exited
 
@@ -853,7 +856,7 @@ func TestHeartbeatSilentLeader(t *testing.T) {
 func TestHeartbeatBusyFollower(t *testing.T) {
 	t.Parallel()
 	cfg := testConfig(t, freePort(t))
-	cfg.HeartbeatInterval = 40 * time.Millisecond
+	cfg.HeartbeatInterval = 100 * time.Millisecond
 	lead := newClient(t, "busy", cfg, newTestReal())
 	mustReady(t, lead)
 	fol := newClient(t, "busy", cfg, newTestReal())
@@ -862,7 +865,8 @@ func TestHeartbeatBusyFollower(t *testing.T) {
 	f := fol.fol
 	fol.mu.Unlock()
 
-	end := time.Now().Add(12 * cfg.HeartbeatInterval)
+	const intervals = 8
+	end := time.Now().Add(intervals * cfg.HeartbeatInterval)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var calls int
@@ -888,7 +892,7 @@ func TestHeartbeatBusyFollower(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	t.Logf("%d calls in %d heartbeat intervals", calls, 12)
+	t.Logf("%d calls in %d heartbeat intervals", calls, intervals)
 	if len(errs) > 0 {
 		t.Fatalf("%d calls failed, first: %v", len(errs), errs[0])
 	}

@@ -13,9 +13,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -297,7 +299,8 @@ type msg = map[string]any
 //	{"op":"status"}                           reply {"leader":b,"pid":p}
 //	{"op":"failover","old":pid}               see childFailover
 //	{"op":"hammer","method":m,"args":[...],"workers":n}  calls until "stop"
-//	{"op":"stop"}                             reply {"ok":n,"failed":n,"errs":[...],"results":{...}}
+//	{"op":"hammered"}                         reply {"ok":n,"failed":n,"errs":[...],"results":{...}} so far
+//	{"op":"stop"}                             stops the hammer, replies as "hammered"
 //	{"op":"close"}                            closes the client, replies, exits
 //
 // invoke, oneway and hammer take "timeoutMS", a deadline on each call.
@@ -414,6 +417,12 @@ func childMain() int {
 			}
 			ham = startHammer(c, &cmd)
 			reply(msg{})
+		case "hammered":
+			if ham == nil {
+				reply(msg{"err": "not hammering"})
+				continue
+			}
+			reply(ham.stats())
 		case "stop":
 			if ham == nil {
 				reply(msg{"err": "not hammering"})
@@ -564,11 +573,18 @@ func startHammer(c *Client, cmd *childCmd) *hammer {
 	return h
 }
 
-// stop ends the hammer and reports {"ok":n,"failed":n,"errs":[...],"results":{r:n}}.
+// stop ends the hammer and reports its stats.
 func (h *hammer) stop() msg {
 	close(h.stopped)
 	h.wg.Wait()
-	return msg{"ok": h.ok, "failed": h.fail, "errs": h.errs, "results": h.results}
+	return h.stats()
+}
+
+// stats reports {"ok":n,"failed":n,"errs":[...],"results":{r:n}}.
+func (h *hammer) stats() msg {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return msg{"ok": h.ok, "failed": h.fail, "errs": slices.Clone(h.errs), "results": maps.Clone(h.results)}
 }
 
 func errString(err error) string {
