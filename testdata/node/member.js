@@ -75,6 +75,12 @@ class RealClient extends EventEmitter {
     return true;
   }
 
+  // nothing resolves to undefined, which the JSON transcode cannot
+  // encode: the reference leader then sends no answer.
+  async nothing() {
+    return undefined;
+  }
+
   async published() {
     return this.publishedRegs;
   }
