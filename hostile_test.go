@@ -18,6 +18,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -986,4 +987,106 @@ func TestHostileInvokeFlood(t *testing.T) {
 	// The runtime keeps the descriptors of ended goroutines for reuse,
 	// some 400 bytes each: 1024 at once leave about 400 KiB.
 	noLeak(t, base, heapSlack+maxConnInvokes<<9)
+}
+
+// fuzzReal is a real client that answers at once, for FuzzLeaderInput.
+type fuzzReal struct{}
+
+func (fuzzReal) Invoke(_ context.Context, method string, args []Value) (any, error) {
+	if method == "fail" {
+		return nil, errors.New("failed on purpose")
+	}
+	return len(args), nil
+}
+func (fuzzReal) Subscribe(_ json.RawMessage, push func(any)) error { push("v"); return nil }
+func (fuzzReal) Unsubscribe(json.RawMessage) error                 { return nil }
+func (fuzzReal) Publish(context.Context, json.RawMessage) error    { return nil }
+
+// FuzzLeaderInput feeds arbitrary bytes to a leader as one follower
+// connection, from the first byte (registered false) or after a valid
+// register_channel (registered true). The leader must neither panic nor
+// hang: once the peer has sent everything and closed, the leader closes
+// its end. The bytes go through a net.Pipe handed to the port's register
+// path, so that no loopback port is spent per input.
+func FuzzLeaderInput(f *testing.F) {
+	cfg := testConfig(f, freePort(f))
+	cfg.Role = RoleLeader
+	cfg.Logger = slog.New(slog.DiscardHandler)
+	cfg.MaxPacketSize = 64 << 10
+	cfg.MaxQueuedBytes = 256 << 10
+	cfg.RegisterTimeout = 10 * time.Second
+	c, err := New("TestChannel", cfg, func(context.Context) (RealClient, error) { return fuzzReal{}, nil })
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(func() { c.Close() })
+	if err := c.Ready(context.Background()); err != nil {
+		f.Fatal(err)
+	}
+	h := c.lead.host
+
+	pk := func(c connObject, app []byte) []byte {
+		b, _ := appendPacket(nil, false, 7, 1000, c, app)
+		return b
+	}
+	reg := []byte(`{"k":1}`)
+	for _, seed := range [][]byte{
+		pk(invoke{Method: "echo", ArgLength: 2}, appendArgs(nil, [][]byte{[]byte(`1`), []byte(`"x"`)})),
+		pk(invoke{Method: "fail", ArgLength: 1}, appendArgs(nil, [][]byte{[]byte(`{`)})),
+		pk(invoke{Method: "publish", ArgLength: 1, Oneway: true}, appendArgs(nil, [][]byte{reg})),
+		append(pk(subscribe{Key: subscriptionKey(reg), Reg: reg}, nil), pk(unSubscribe{Key: subscriptionKey(reg), Reg: reg}, nil)...),
+		pk(heartbeat{}, nil),
+		pk(registerChannel{ChannelName: "TestChannel"}, nil),
+		rawHeader(false, 1, 1<<30, 1<<30),
+		[]byte("GET / HTTP/1.1\r\n\r\n"),
+	} {
+		f.Add(seed, true)
+		f.Add(append(pk(registerChannel{ChannelName: "TestChannel"}, nil), seed...), false)
+	}
+	f.Add(pk(registerChannel{ChannelName: "Other"}, nil), false)
+
+	regPacket := pk(registerChannel{ChannelName: "TestChannel"}, nil)
+	f.Fuzz(func(t *testing.T, data []byte, registered bool) {
+		if registered {
+			data = append(slices.Clip(regPacket), data...)
+		}
+		ours, pipe := net.Pipe()
+		theirs := &closeSignal{Conn: pipe, closed: make(chan struct{})}
+		h.mu.Lock()
+		h.unreg = append(h.unreg, theirs)
+		h.wg.Add(1)
+		h.mu.Unlock()
+		go h.register(theirs)
+
+		drained := make(chan struct{})
+		go func() {
+			defer close(drained)
+			io.Copy(io.Discard, ours)
+		}()
+		ours.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		_, err := ours.Write(data)
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			t.Fatalf("the leader stopped reading after %d bytes", len(data))
+		}
+		ours.Close()
+		select {
+		case <-theirs.closed:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the leader did not close the connection after the peer did")
+		}
+		<-drained
+	})
+}
+
+// closeSignal is a connection that says when it was closed.
+type closeSignal struct {
+	net.Conn
+	once   sync.Once
+	closed chan struct{}
+}
+
+func (c *closeSignal) Close() error {
+	c.once.Do(func() { close(c.closed) })
+	return c.Conn.Close()
 }
