@@ -11,6 +11,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -322,7 +323,7 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 		if !sc.oddType {
 			sc.oddType = true
 			l.cfg.Logger.Warn("clusterclient: ignoring requests of unknown type on this connection",
-				"channel", l.name, "remote", sc.nc.RemoteAddr(), "type", fmt.Sprintf("%.64q", typ))
+				"channel", l.name, "remote", sc.nc.RemoteAddr(), "type", clip(typ))
 		}
 	}
 	return nil
@@ -367,19 +368,31 @@ func (l *leader) runInvoke(sc *serverConn, id uint64, timeoutMS int32, c invoke,
 	}
 	if c.Oneway {
 		if err != nil {
-			l.cfg.Logger.Warn("clusterclient: oneway invoke failed", "channel", l.name, "method", c.Method, "err", err)
+			l.cfg.Logger.Warn("clusterclient: oneway invoke failed", "channel", l.name, "method", clip(c.Method), "err", err)
 		}
 		return
 	}
 	if timeoutMS > 0 && ctx.Err() == context.DeadlineExceeded {
 		l.cfg.Logger.Warn("clusterclient: invoke outlasted its timeout; no answer sent",
-			"channel", l.name, "method", c.Method, "timeout", time.Duration(timeoutMS)*time.Millisecond, "err", err)
+			"channel", l.name, "method", clip(c.Method), "timeout", time.Duration(timeoutMS)*time.Millisecond, "err", err)
 		return
 	}
 	success, data := l.encodeResult(c.Method, result, err)
 	sc.w.send(true, func(b []byte) ([]byte, error) {
 		return appendPacket(b, true, id, timeoutMS, invokeResult{Success: success}, data)
 	})
+}
+
+// clipLen bounds a name that a peer sent (method, type, channel) in a log
+// line: a packet may carry megabytes of it.
+const clipLen = 64
+
+// clip cuts s to clipLen bytes for a log line.
+func clip(s string) string {
+	if len(s) <= clipLen {
+		return s
+	}
+	return strings.ToValidUTF8(s[:clipLen], "") + "..."
 }
 
 // codeBadArgument is the error code of an invoke refused because an

@@ -257,7 +257,7 @@ func (h *portHost) handshake(nc net.Conn) (*leader, *Packet, registerChannel, *b
 	h.mu.Unlock()
 	if l == nil {
 		h.warn("clusterclient: refusing register for a channel this leader does not host",
-			"remote", nc.RemoteAddr(), "channel", rc.ChannelName, "port", h.port)
+			"remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.port)
 		refuse(h, nc, &p, JSONCodec{}, &registerErrorObject{
 			Name:    "ClusterChannelNotFoundError",
 			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.port, rc.ChannelName),
