@@ -505,12 +505,12 @@ func marshalReg(reg any) (json.RawMessage, error) {
 // numbers as a JavaScript number prints (1.0 is 1, 1e2 is 100, -0 is 0,
 // out of range is null); in an object, keys that are array indexes first
 // in ascending order, then the others in the order they first appear, a
-// repeated key keeping its first place and its last value. Nesting is
-// bounded by encoding/json's limit.
+// repeated key keeping its first place and its last value. Nesting
+// deeper than maxRegDepth is an error.
 func stringifyJSON(b []byte) ([]byte, error) {
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.UseNumber()
-	v, err := parseJSValue(dec)
+	v, err := parseJSValue(dec, maxRegDepth)
 	if err != nil {
 		return nil, err
 	}
@@ -530,17 +530,24 @@ type jsValue struct {
 	isObj  bool
 }
 
-func parseJSValue(dec *json.Decoder) (*jsValue, error) {
+// maxRegDepth bounds the nesting of a registration, as encoding/json
+// bounds what it decodes.
+const maxRegDepth = 10000
+
+func parseJSValue(dec *json.Decoder, depth int) (*jsValue, error) {
 	tok, err := dec.Token()
 	if err != nil {
 		return nil, err
 	}
 	switch x := tok.(type) {
 	case json.Delim:
+		if depth == 0 {
+			return nil, fmt.Errorf("nested deeper than %d", maxRegDepth)
+		}
 		if x == '[' {
 			v := &jsValue{array: []*jsValue{}}
 			for dec.More() {
-				e, err := parseJSValue(dec)
+				e, err := parseJSValue(dec, depth-1)
 				if err != nil {
 					return nil, err
 				}
@@ -556,7 +563,7 @@ func parseJSValue(dec *json.Decoder) (*jsValue, error) {
 				return nil, err
 			}
 			k, _ := kt.(string)
-			e, err := parseJSValue(dec)
+			e, err := parseJSValue(dec, depth-1)
 			if err != nil {
 				return nil, err
 			}

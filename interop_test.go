@@ -733,6 +733,46 @@ func TestInteropSubscriptionKeys(t *testing.T) {
 	}
 }
 
+// TestStringifyJSONTable checks stringifyJSON against outputs that
+// Node.js gave for JSON.stringify(JSON.parse(text)), so that it is tested
+// where Node.js is not installed.
+func TestStringifyJSONTable(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"{\"dataId\":\"d1\",\"group\":\"g\"}",
+			"{\"dataId\":\"d1\",\"group\":\"g\"}"},
+		{"{ \"a\" : 1, \"b\" : [ 1 , \"\\u0041\\u00e9\\u2028\" ], \"a\" : 3 }",
+			"{\"a\":3,\"b\":[1,\"A\u00e9\u2028\"]}"},
+		{"{\"b\":1,\"2\":\"x\",\"a\":2,\"1\":\"y\",\"01\":3,\"-1\":4,\"4294967294\":5,\"4294967295\":6,\"1.5\":7}",
+			"{\"1\":\"y\",\"2\":\"x\",\"4294967294\":5,\"b\":1,\"a\":2,\"01\":3,\"-1\":4,\"4294967295\":6,\"1.5\":7}"},
+		{"[1.0,1e2,1E+2,-0,0.1,1e21,1e-7,1.5e-7,0.000001,123456789012345678901234,1e400,-1e400,5e-324,2e-324]",
+			"[1,100,100,0,0.1,1e+21,1e-7,1.5e-7,0.000001,1.2345678901234569e+23,null,null,5e-324,0]"},
+		{"\"\\u0000\\u001f\\u007f\\\"\\\\/\\b\\f\\n\\r\\t<>&\\u2029\"",
+			"\"\\u0000\\u001f\u007f\\\"\\\\/\\b\\f\\n\\r\\t<>&\u2029\""},
+		{"{\"\":{\"\":[]},\"x\":{}}",
+			"{\"\":{\"\":[]},\"x\":{}}"},
+		{"[true,false,null,\"\",[[]],{}]",
+			"[true,false,null,\"\",[[]],{}]"},
+		{"9007199254740993",
+			"9007199254740992"},
+		{"-1.7976931348623157e308",
+			"-1.7976931348623157e+308"},
+	} {
+		got, err := stringifyJSON([]byte(tc.in))
+		if err != nil || string(got) != tc.want {
+			t.Errorf("%s:\n got %s, %v\nwant %s", tc.in, got, err, tc.want)
+		}
+	}
+	deep := strings.Repeat("[", maxRegDepth+1) + strings.Repeat("]", maxRegDepth+1)
+	if _, err := stringifyJSON([]byte(deep[1 : len(deep)-1])); err != nil {
+		t.Errorf("nested %d deep: %v", maxRegDepth, err)
+	}
+	for _, bad := range []string{``, `{`, `{"a":1}x`, `[1,]`, `{"a" 1}`, `nul`, deep} {
+		if got, err := stringifyJSON([]byte(bad)); err == nil {
+			t.Errorf("%.40q: got %.40s, want an error", bad, got)
+		}
+	}
+}
+
 // TestInteropStringifyJSON compares stringifyJSON, which makes the
 // registrations behind subscription keys, with what Node.js makes of the
 // same text: JSON.stringify(JSON.parse(text)). Hand-picked cases first,
@@ -1418,4 +1458,25 @@ func TestInteropLeaderBytes(t *testing.T) {
 	}
 	node.event("nodeerror", waitLong) // the Node.js leader reports fail's error on its side
 	noNodeErrors(t, node)
+}
+
+// FuzzStringifyJSON: for any input, stringifyJSON returns an error or
+// valid JSON that encodes to itself again, without panicking.
+func FuzzStringifyJSON(f *testing.F) {
+	for _, s := range []string{`{"b":1,"2":[1.0,"\u2028"],"b":2}`, `[1e400,-0,1e-7]`, `"\ud800"`, `{"a":{"b":{"c":[]}}}`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		out, err := stringifyJSON(in)
+		if err != nil {
+			return
+		}
+		if !json.Valid(out) {
+			t.Fatalf("%q gave invalid JSON %q", in, out)
+		}
+		again, err := stringifyJSON(out)
+		if err != nil || !bytes.Equal(again, out) {
+			t.Fatalf("%q gave %q, which gives %q, %v", in, out, again, err)
+		}
+	})
 }
