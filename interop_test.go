@@ -79,14 +79,14 @@ type nodeMember struct {
 	grew    chan struct{}    // guarded by mu: closed and replaced when log grows
 }
 
-// startNode starts testdata/node/member.js with spec. It is killed when
-// the test ends.
-func startNode(t *testing.T, spec childSpec) *nodeMember {
+// startNode starts testdata/node/member.js with spec and extra
+// environment variables. It is killed when the test ends.
+func startNode(t *testing.T, spec childSpec, env ...string) *nodeMember {
 	t.Helper()
 	node := needNode(t)
 	b, _ := json.Marshal(spec)
 	cmd := exec.Command(node, nodeScript)
-	cmd.Env = append(os.Environ(), childEnv+"="+string(b))
+	cmd.Env = append(append(os.Environ(), childEnv+"="+string(b)), env...)
 	cmd.Stderr = testWriter{t}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -1477,6 +1477,66 @@ func FuzzStringifyJSON(f *testing.F) {
 		again, err := stringifyJSON(out)
 		if err != nil || !bytes.Equal(again, out) {
 			t.Fatalf("%q gave %q, which gives %q, %v", in, out, again, err)
+		}
+	})
+}
+
+// TestInteropRegisterRefused: a register that the leader refuses, in both
+// directions: a real client that failed to start, and on a Go leader a
+// Secret, which a Node.js follower cannot present.
+func TestInteropRegisterRefused(t *testing.T) {
+	t.Run("Node.js leader, start error", func(t *testing.T) {
+		port := freePort(t)
+		node := startNode(t, childSpec{Port: port, Role: RoleLeader, Name: interopChannel, NoWaitForReady: true},
+			"INTEROP_READY_ERROR=E_START")
+		cfg := testConfig(t, port)
+		cfg.Role = RoleFollower
+		c, err := New(interopChannel, cfg, buildTestReal(newTestReal()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), waitLong)
+		defer cancel()
+		err = c.Ready(ctx)
+		var re *RemoteError
+		if !errors.As(err, &re) || re.Name != "StartError" || re.Code != "E_START" ||
+			re.Message != "real client failed to start" || !strings.Contains(re.Stack, "member.js") {
+			t.Fatalf("Ready = %#v", err)
+		}
+		_ = node
+	})
+	t.Run("Go leader, build error", func(t *testing.T) {
+		port := freePort(t)
+		cfg := testConfig(t, port)
+		cfg.Role = RoleLeader
+		c, err := New(interopChannel, cfg, func(context.Context) (RealClient, error) {
+			return nil, &codedError{code: "E_BUILD", msg: "cannot build"}
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		node := startNode(t, childSpec{Port: port, Role: RoleFollower, Name: interopChannel})
+		m := node.event("error", waitLong)
+		if m["name"] != "Error" || m["code"] != "E_BUILD" || m["err"] != "cannot build" {
+			t.Errorf("Node.js follower: %v", m)
+		}
+	})
+	t.Run("Go leader, secret", func(t *testing.T) {
+		port := freePort(t)
+		cfg := testConfig(t, port)
+		cfg.Role = RoleLeader
+		cfg.Secret = "s3cret"
+		c, err := New(interopChannel, cfg, buildTestReal(newTestReal()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		node := startNode(t, childSpec{Port: port, Role: RoleFollower, Name: interopChannel})
+		m := node.event("error", waitLong)
+		if m["name"] != "ClusterAuthError" || m["code"] != "ERR_CLUSTER_AUTH" {
+			t.Errorf("Node.js follower: %v", m)
 		}
 	})
 }

@@ -40,6 +40,16 @@ const keyOf = reg => JSON.stringify(reg);
 class RealClient extends EventEmitter {
   constructor() {
     super();
+    // INTEROP_READY_ERROR makes the real client fail to get ready with
+    // an error of that code, as a leader's register answer carries it.
+    if (process.env.INTEROP_READY_ERROR) {
+      this.ready = cb => {
+        const err = new Error('real client failed to start');
+        err.name = 'StartError';
+        err.code = process.env.INTEROP_READY_ERROR;
+        process.nextTick(() => cb(err));
+      };
+    }
     this.listenersByKey = new Map();
     this.subscribeCalls = new Map();
     this.publishedRegs = [];
