@@ -283,6 +283,10 @@ type childSpec struct {
 	DrainTimeoutMS  int    `json:"drainTimeoutMS"`
 	NoWaitForReady  bool   `json:"noWaitForReady"`
 	MaxUnregistered int    `json:"maxUnregistered"`
+	// Mode, when set, runs a benchmark helper instead of a cluster
+	// member: see benchChildMain. Count is its number of connections.
+	Mode  string `json:"mode"`
+	Count int    `json:"count"`
 }
 
 // msg is one line between parent and child.
@@ -312,6 +316,9 @@ func childMain() int {
 	if err := json.Unmarshal([]byte(os.Getenv(childEnv)), &spec); err != nil {
 		fmt.Fprintln(os.Stderr, "bad child spec:", err)
 		return 2
+	}
+	if spec.Mode != "" {
+		return benchChildMain(spec)
 	}
 	cfg := DefaultConfig()
 	cfg.Port = spec.Port
