@@ -1049,3 +1049,77 @@ func TestCloseLeavesNoGoroutines(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestResubscribeDuringRelease: a key subscribed again while the real
+// client is still releasing it ends up subscribed: the release and the
+// new subscribe reach the real client in the order they were decided.
+func TestResubscribeDuringRelease(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig(t, freePort(t))
+	real := newTestReal()
+	entered, unblock := make(chan struct{}, 10), make(chan struct{})
+	real.unsubHook = func() {
+		entered <- struct{}{}
+		<-unblock
+	}
+	lead := newClient(t, "resub", cfg, real)
+	mustReady(t, lead)
+	fol := newClient(t, "resub", cfg, newTestReal())
+	mustReady(t, fol)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	reg := map[string]string{"k": "resub"}
+	s, err := fol.Subscribe(reg, func(Value) {})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 5*time.Second, "subscription", func() bool {
+		ok, err := Invoke[bool](ctx, lead, "active", reg)
+		return err == nil && ok
+	})
+	s.Unsubscribe() // the last listener: the leader releases the key
+	select {
+	case <-entered:
+	case <-ctx.Done():
+		t.Fatal("real client not unsubscribed")
+	}
+	// While the release is under way the leader's own client subscribes
+	// the key again. Give its Subscribe a moment to reach the real
+	// client first; it may also wait for the release to end.
+	got := make(chan string, 10)
+	subscribed := make(chan error, 1)
+	go func() {
+		_, err := lead.Subscribe(reg, func(v Value) { got <- v.String() })
+		subscribed <- err
+	}()
+	var err2 error
+	select {
+	case err2 = <-subscribed:
+		close(unblock)
+	case <-time.After(200 * time.Millisecond):
+		close(unblock)
+		err2 = <-subscribed
+	}
+	if err2 != nil {
+		t.Fatal(err2)
+	}
+	waitUntil(t, 5*time.Second, "end of the release", func() bool {
+		real.mu.Lock()
+		defer real.mu.Unlock()
+		return real.unsubscribes == 1
+	})
+	if ok, err := Invoke[bool](ctx, lead, "active", reg); err != nil || !ok {
+		t.Fatalf("key has a listener but the real client is not subscribed (active %v, %v)", ok, err)
+	}
+	if ok, err := Invoke[bool](ctx, lead, "push", reg, 7); err != nil || !ok {
+		t.Fatalf("push: %v %v", ok, err)
+	}
+	select {
+	case v := <-got:
+		if v != "7" {
+			t.Fatalf("got %s", v)
+		}
+	case <-ctx.Done():
+		t.Fatal("listener got nothing")
+	}
+}

@@ -40,6 +40,13 @@ type leader struct {
 	inflight sync.WaitGroup // running invokes, remote and local
 	wg       sync.WaitGroup // serve goroutines and the idle checker
 
+	// realMu is held from the decision to subscribe or release a key
+	// until the real client's Subscribe or Unsubscribe has returned, so
+	// that those calls reach it in the order decided: a key subscribed
+	// again while its release is under way ends up subscribed. It is
+	// taken before mu.
+	realMu sync.Mutex
+
 	mu      sync.Mutex
 	conns   map[*serverConn]struct{} // guarded by mu
 	topics  map[string]*topic        // guarded by mu
@@ -517,6 +524,8 @@ func (l *leader) topicFor(key string, reg json.RawMessage) *topic {
 // the latest value when broadcasting.
 func (l *leader) subscribeConn(sc *serverConn, reg json.RawMessage) {
 	key := subscriptionKey(reg)
+	l.realMu.Lock()
+	defer l.realMu.Unlock()
 	l.mu.Lock()
 	t := l.topicFor(key, reg)
 	if _, dup := t.conns[sc]; dup {
@@ -541,6 +550,8 @@ func (l *leader) subscribeConn(sc *serverConn, reg json.RawMessage) {
 // the latest value to replay, if any: only when broadcasting, as for a
 // late follower.
 func (l *leader) subscribeLocal(key string, reg json.RawMessage) []byte {
+	l.realMu.Lock()
+	defer l.realMu.Unlock()
 	l.mu.Lock()
 	t := l.topicFor(key, reg)
 	t.local = true
@@ -623,6 +634,8 @@ func (sc *serverConn) push(key string, data []byte) {
 // unsubscribeConn removes a follower connection from reg's key.
 func (l *leader) unsubscribeConn(sc *serverConn, reg json.RawMessage) {
 	key := subscriptionKey(reg)
+	l.realMu.Lock()
+	defer l.realMu.Unlock()
 	l.mu.Lock()
 	var release *topic
 	if t := l.topics[key]; t != nil {
@@ -636,6 +649,8 @@ func (l *leader) unsubscribeConn(sc *serverConn, reg json.RawMessage) {
 
 // unsubscribeLocal records that the owner has no listeners left on key.
 func (l *leader) unsubscribeLocal(key string) {
+	l.realMu.Lock()
+	defer l.realMu.Unlock()
 	l.mu.Lock()
 	var release *topic
 	if t := l.topics[key]; t != nil {
@@ -670,6 +685,8 @@ func (l *leader) release(t *topic) {
 
 // dropConn forgets a closed follower connection and its subscriptions.
 func (l *leader) dropConn(sc *serverConn) {
+	l.realMu.Lock()
+	defer l.realMu.Unlock()
 	l.mu.Lock()
 	delete(l.conns, sc)
 	var released []*topic

@@ -49,16 +49,18 @@ func TestMain(m *testing.M) {
 //	whoami() name             the name given to this real client
 //	calls() n                 Invoke calls so far
 type testReal struct {
-	name string
+	name      string
+	unsubHook func() // when set, runs first in each Unsubscribe
 
-	mu         sync.Mutex
-	push       map[string]func(any) // by reg JSON
-	subscribes map[string]int       // Subscribe calls by reg JSON
-	published  []json.RawMessage
-	notes      []any
-	sleeping   int
-	calls      int // Invoke calls
-	closed     bool
+	mu           sync.Mutex
+	push         map[string]func(any) // by reg JSON
+	subscribes   map[string]int       // Subscribe calls by reg JSON
+	published    []json.RawMessage
+	notes        []any
+	sleeping     int
+	calls        int // Invoke calls
+	unsubscribes int // Unsubscribe calls
+	closed       bool
 }
 
 func newTestReal() *testReal {
@@ -198,9 +200,13 @@ func (r *testReal) Subscribe(reg json.RawMessage, push func(any)) error {
 }
 
 func (r *testReal) Unsubscribe(reg json.RawMessage) error {
+	if r.unsubHook != nil {
+		r.unsubHook()
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	delete(r.push, string(reg))
+	r.unsubscribes++
 	return nil
 }
 
