@@ -1123,3 +1123,38 @@ func TestResubscribeDuringRelease(t *testing.T) {
 		t.Fatal("listener got nothing")
 	}
 }
+
+// TestCloseFailsCallsInFlight: closing a follower's client fails its
+// calls in flight at once with ErrClosed, and later calls too.
+func TestCloseFailsCallsInFlight(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig(t, freePort(t))
+	cfg.DrainTimeout = 100 * time.Millisecond // the orphaned sleep need not finish
+	lead := newClient(t, "closing", cfg, newTestReal())
+	mustReady(t, lead)
+	fol := newClient(t, "closing", cfg, newTestReal())
+	mustReady(t, fol)
+	inflight := make(chan error, 1)
+	go func() {
+		_, err := fol.Invoke(context.Background(), "sleep", 60000)
+		inflight <- err
+	}()
+	real := lead.lead.real.(*testReal)
+	waitUntil(t, 5*time.Second, "call in flight", func() bool {
+		real.mu.Lock()
+		defer real.mu.Unlock()
+		return real.sleeping == 1
+	})
+	fol.Close()
+	select {
+	case err := <-inflight:
+		if !errors.Is(err, ErrClosed) {
+			t.Fatalf("call in flight: %v, want ErrClosed", err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("call in flight still waiting 2s after Close")
+	}
+	if _, err := fol.Invoke(context.Background(), "echo", 1); !errors.Is(err, ErrClosed) {
+		t.Fatalf("call after Close: %v, want ErrClosed", err)
+	}
+}

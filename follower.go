@@ -223,14 +223,19 @@ func (f *follower) drain() {
 	}
 }
 
-// fail ends the connection: every pending call fails with ErrLeaderLost.
+// fail ends the connection: every pending call fails with ErrLeaderLost,
+// or with ErrClosed when the client closed it.
 func (f *follower) fail(cause error) {
 	f.mu.Lock()
 	if f.err != nil {
 		f.mu.Unlock()
 		return
 	}
-	f.err = fmt.Errorf("%w: %v", ErrLeaderLost, cause)
+	if cause == ErrClosed {
+		f.err = ErrClosed
+	} else {
+		f.err = fmt.Errorf("%w: %v", ErrLeaderLost, cause)
+	}
 	pending := f.pending
 	f.pending = nil
 	hb := f.hb
