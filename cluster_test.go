@@ -117,7 +117,10 @@ func TestPlannedCloseNoFailedCalls(t *testing.T) {
 			fols = append(fols, k)
 		}
 	}
-	for _, f := range fols {
+	reg := msg{"topic": "after-close"}
+	for i, f := range fols {
+		f.ok(msg{"op": "subscribe", "reg": reg, "as": "a"})
+		f.ok(msg{"op": "publish", "reg": msg{"pub": i}})
 		f.ok(msg{"op": "hammer", "method": "pid", "workers": 3})
 	}
 	// Let each follower's calls reach the old leader before it closes.
@@ -137,6 +140,15 @@ func TestPlannedCloseNoFailedCalls(t *testing.T) {
 		if got := f.call("pid"); got != float64(lead.pid) {
 			t.Fatalf("%v reached %v, want the new leader %d", f, got, lead.pid)
 		}
+	}
+	// Subscriptions and publications moved to the new leader.
+	waitUntil(t, 10*time.Second, "publications on the new leader", func() bool {
+		got := fmt.Sprint(lead.call("published"))
+		return strings.Contains(got, "pub:0") && strings.Contains(got, "pub:1")
+	})
+	lead.call("push", reg, "new leader")
+	for _, f := range fols {
+		f.waitLog(isValue("a", "new leader"), 5*time.Second)
 	}
 	for _, f := range fols {
 		m := f.do(msg{"op": "stop"}, 10*time.Second)
