@@ -556,17 +556,20 @@ func TestThreeClientsOneProcess(t *testing.T) {
 	}
 
 	cs[lead].Close()
-	if !reals[want].closed {
+	old := reals[want]
+	old.mu.Lock()
+	closed := old.closed
+	old.mu.Unlock()
+	if !closed {
 		t.Error("old leader's real client not closed")
 	}
 	rest := slices.Delete(slices.Clone(cs), lead, lead+1)
 	waitUntil(t, 10*time.Second, "new leader", func() bool { return rest[0].IsLeader() || rest[1].IsLeader() })
 	var next string
-	for i, c := range rest {
+	for _, c := range rest {
 		if c.IsLeader() {
 			next = fmt.Sprint("real", slices.Index(cs, c))
 		}
-		_ = i
 	}
 	for i, c := range rest {
 		if got := whoami(t, c); got != next {
