@@ -665,36 +665,46 @@ func appendJSNumber(b []byte, num string) []byte {
 
 // Publish publishes a registration through the real client: a oneway
 // invoke of "publish" on followers, Publisher.Publish on the leader. The
-// client remembers it and publishes it again on every new leader.
+// client remembers it and publishes it again on every new leader. It does
+// not wait for a leader: made before one is ready, the registration is
+// published when it is. ctx bounds the real client's Publish on the
+// leader. The record of registrations grows with each distinct one.
 func (c *Client) Publish(ctx context.Context, reg any) error {
 	raw, err := marshalReg(reg)
 	if err != nil {
 		return err
 	}
-	c.mu.Lock()
-	if !slices.ContainsFunc(c.published, func(r json.RawMessage) bool { return bytes.Equal(r, raw) }) {
-		c.published = append(c.published, raw)
-	}
-	c.mu.Unlock()
 	arg, err := c.cfg.Codec.Marshal(raw)
 	if err != nil {
 		return err
 	}
-	for {
-		l, f, err := c.route(ctx)
-		if err != nil {
-			return err
-		}
-		if l != nil {
-			return l.publishLocal(ctx, raw)
-		}
+	// Under subMu, so that a registration is either recorded before a new
+	// route replays the record, or sent on that route: never both.
+	c.subMu.Lock()
+	defer c.subMu.Unlock()
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return ErrClosed
+	}
+	if !slices.ContainsFunc(c.published, func(r json.RawMessage) bool { return bytes.Equal(r, raw) }) {
+		c.published = append(c.published, raw)
+	}
+	l, f := c.lead, c.fol
+	c.mu.Unlock()
+	switch {
+	case l != nil:
+		return l.publishLocal(ctx, raw)
+	case f != nil:
 		err = f.oneway(func(b []byte) ([]byte, error) {
 			return c.appendInvoke(b, nextID(), c.timeoutMS(), publishMethod, true, [][]byte{arg})
 		}, true)
-		if !c.retry(f, err) {
-			return err
+		if c.retry(f, err) {
+			return nil // the next leader gets it with the rest of the record
 		}
+		return err
 	}
+	return nil // no leader yet: it gets the record when it is ready
 }
 
 func (c *Client) subscribePacket(key string, reg json.RawMessage, unsub bool) func(b []byte) ([]byte, error) {
