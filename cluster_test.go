@@ -871,7 +871,9 @@ func TestHeartbeatSilentLeader(t *testing.T) {
 func TestHeartbeatBusyFollower(t *testing.T) {
 	t.Parallel()
 	cfg := testConfig(t, freePort(t))
-	cfg.HeartbeatInterval = 100 * time.Millisecond
+	// Long enough that a test process starved by a loaded machine does
+	// not go silent for a whole interval.
+	cfg.HeartbeatInterval = 250 * time.Millisecond
 	lead := newClient(t, "busy", cfg, newTestReal())
 	mustReady(t, lead)
 	fol := newClient(t, "busy", cfg, newTestReal())
@@ -880,7 +882,7 @@ func TestHeartbeatBusyFollower(t *testing.T) {
 	f := fol.fol
 	fol.mu.Unlock()
 
-	const intervals = 8
+	const intervals = 5
 	end := time.Now().Add(intervals * cfg.HeartbeatInterval)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
