@@ -1,9 +1,12 @@
 package clusterclient
 
 import (
+	"bufio"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -50,6 +53,69 @@ func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(err
 // caller may do the write itself; otherwise a flush that is needed runs
 // in a new goroutine, so the caller never waits on the socket.
 func (s *sender) send(inline bool, encode func(b []byte) ([]byte, error)) error {
+	if inline {
+		return s.queue(sendNow, encode)
+	}
+	return s.queue(sendAsync, encode)
+}
+
+// sendMode says who writes a queued packet, and when.
+type sendMode int
+
+const (
+	// sendNow: the caller writes, unless another goroutine is writing.
+	sendNow sendMode = iota
+	// sendAsync: a new goroutine writes, unless another one is writing.
+	sendAsync
+	// sendLazy: a later flush writes, unless lazyFlush bytes are queued.
+	sendLazy
+	// sendBatch: like sendNow, but the caller first yields the
+	// processor once, so that goroutines ready to send now queue their
+	// packets for the same write. For callers that have company.
+	sendBatch
+)
+
+// packetBuffered reports whether br holds a whole packet, so that
+// reading it will not wait on the socket.
+func packetBuffered(br *bufio.Reader) bool {
+	if br.Buffered() < HeaderSize {
+		return false
+	}
+	h, _ := br.Peek(HeaderSize)
+	n := int64(int32(binary.BigEndian.Uint32(h[16:]))) + int64(int32(binary.BigEndian.Uint32(h[20:])))
+	return int64(br.Buffered())-HeaderSize >= n
+}
+
+// lazyFlush is the most that sendLazy leaves queued without a write.
+const lazyFlush = 64 << 10
+
+// sendLazy queues a packet and leaves the write to a later flush, unless
+// the queue holds lazyFlush bytes or more. The caller must call flush
+// before it waits for anything.
+func (s *sender) sendLazy(encode func(b []byte) ([]byte, error)) error {
+	return s.queue(sendLazy, encode)
+}
+
+// flush writes what is queued, unless another goroutine is writing
+// already: that one writes it.
+func (s *sender) flush() error {
+	s.mu.Lock()
+	if s.flushing || s.err != nil || len(s.buf) == 0 {
+		s.mu.Unlock()
+		return nil
+	}
+	s.flushing = true
+	err := s.flushLocked()
+	s.mu.Unlock()
+	if err != nil {
+		s.onFail(err)
+	}
+	return err
+}
+
+// queue encodes a packet with encode into the queue; mode says who
+// writes it.
+func (s *sender) queue(mode sendMode, encode func(b []byte) ([]byte, error)) error {
 	s.mu.Lock()
 	if s.err != nil {
 		err := s.err
@@ -71,15 +137,20 @@ func (s *sender) send(inline bool, encode func(b []byte) ([]byte, error)) error 
 		s.onFail(errQueueFull)
 		return errQueueFull
 	}
-	if s.flushing {
+	if s.flushing || (mode == sendLazy && len(s.buf) < lazyFlush) {
 		s.mu.Unlock()
 		return nil
 	}
 	s.flushing = true
-	if !inline {
+	switch mode {
+	case sendAsync:
 		s.mu.Unlock()
 		go s.flushLoop()
 		return nil
+	case sendBatch:
+		s.mu.Unlock()
+		runtime.Gosched()
+		s.mu.Lock()
 	}
 	err = s.flushLocked()
 	s.mu.Unlock()

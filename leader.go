@@ -38,7 +38,11 @@ type leader struct {
 	cancel context.CancelFunc
 
 	inflight sync.WaitGroup // running invokes, remote and local
-	wg       sync.WaitGroup // serve goroutines and the idle checker
+
+	onReaders atomic.Int64   // invokes running on a connection's reader goroutine
+	watching  atomic.Bool    // the watchdog runs
+	ticks     atomic.Uint64  // counts the watchdog's ticks
+	wg        sync.WaitGroup // serve goroutines and the idle checker
 
 	// realMu is held from the decision to subscribe or release a key
 	// until the real client's Subscribe or Unsubscribe has returned, so
@@ -75,6 +79,15 @@ type serverConn struct {
 	closeOnce  sync.Once
 	done       chan struct{} // closed by close
 	oddType    bool          // reader goroutine only: a request of unknown type was logged
+
+	// The goroutine that reads the connection runs each invoke itself;
+	// if one runs for handOffAfter, the leader's watchdog hands the
+	// reading (br, r) to a new goroutine. See runInvoke and watch.
+	br        *bufio.Reader // reader goroutine only
+	r         *Reader       // reader goroutine only
+	rmu       sync.Mutex
+	readerGen uint64 // guarded by rmu: counts the hand-offs
+	busySince uint64 // guarded by rmu: the first watchdog tick after the reader's invoke began, 0 if none
 
 	gate     sync.Mutex
 	running  int           // guarded by gate: invokes running
@@ -239,19 +252,126 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, r *Reader, reg *Packet, rc
 		return appendPacket(b, true, reg.ID, reg.Timeout, registerChannelRes{}, ok)
 	})
 
+	sc.br, sc.r = br, r
+	l.readLoop(sc, 0)
+}
+
+// errHandedOff ends a reader goroutine whose invoke ran so long that
+// another goroutine now reads the connection.
+var errHandedOff = errors.New("reading handed to another goroutine")
+
+// readLoop reads and handles the packets of sc until the connection ends
+// or the reading is handed to another goroutine. Answers queued by
+// invokes that ran here are written when no whole packet is left to
+// read, so a burst of requests is answered in one write.
+func (l *leader) readLoop(sc *serverConn, gen uint64) {
 	var p Packet
-	var err error
 	for {
-		if err = r.ReadPacket(&p); err != nil {
-			break
+		waits := !packetBuffered(sc.br)
+		if waits {
+			sc.w.flush()
 		}
-		sc.lastActive.Store(time.Now().UnixNano())
-		if err = l.handle(sc, &p); err != nil {
-			break
+		err := sc.r.ReadPacket(&p)
+		if err == nil {
+			if waits {
+				sc.lastActive.Store(time.Now().UnixNano())
+			}
+			err = l.handle(sc, &p, gen)
+		}
+		if err == errHandedOff {
+			return
+		}
+		if err != nil {
+			sc.close(err)
+			l.dropConn(sc)
+			return
 		}
 	}
-	sc.close(err)
-	l.dropConn(sc)
+}
+
+// handOffAfter is about how long an invoke runs on the goroutine that
+// reads its connection before the watchdog hands the reading to a new
+// goroutine: between one and two of these. Running invokes on the reader
+// saves a goroutine and a thread wake-up per call and lets answers share
+// writes; the hand-off bounds how long a slow method holds up the
+// requests behind it on the same connection.
+const handOffAfter = time.Millisecond
+
+// watchQuiet is the number of ticks without an invoke running on a
+// reader after which the watchdog stops, to start again with the next.
+const watchQuiet = 1000
+
+// beginOnReader records that the reader of sc starts an invoke, and
+// starts the watchdog if it does not run.
+func (l *leader) beginOnReader(sc *serverConn) {
+	tick := l.ticks.Load() + 1 // the next tick: a whole one has passed when the one after it comes
+	sc.rmu.Lock()
+	sc.busySince = tick
+	sc.rmu.Unlock()
+	l.onReaders.Add(1)
+	if !l.watching.Load() && l.watching.CompareAndSwap(false, true) {
+		l.wg.Add(1)
+		go l.watch()
+	}
+}
+
+// endOnReader records the end of an invoke that began on the reader of
+// generation gen. It reports whether that goroutine still reads sc.
+func (l *leader) endOnReader(sc *serverConn, gen uint64) bool {
+	l.onReaders.Add(-1)
+	sc.rmu.Lock()
+	defer sc.rmu.Unlock()
+	if sc.readerGen != gen {
+		return false
+	}
+	sc.busySince = 0
+	return true
+}
+
+// watch ticks every handOffAfter while invokes run on readers, and hands
+// the reading of a connection whose invoke has run for a whole tick to a
+// new goroutine.
+func (l *leader) watch() {
+	defer l.wg.Done()
+	t := time.NewTicker(handOffAfter)
+	defer t.Stop()
+	quiet := 0
+	for {
+		select {
+		case <-l.ctx.Done():
+			l.watching.Store(false)
+			return
+		case <-t.C:
+		}
+		tick := l.ticks.Add(1)
+		if l.onReaders.Load() == 0 {
+			if quiet++; quiet < watchQuiet {
+				continue
+			}
+			// Stop, unless an invoke began meanwhile and saw the
+			// watchdog still running.
+			l.watching.Store(false)
+			if l.onReaders.Load() == 0 || !l.watching.CompareAndSwap(false, true) {
+				return
+			}
+		}
+		quiet = 0
+		l.mu.Lock()
+		for sc := range l.conns {
+			sc.rmu.Lock()
+			if sc.busySince != 0 && sc.busySince < tick {
+				sc.busySince = 0
+				sc.readerGen++
+				l.wg.Add(1)
+				go func(gen uint64) {
+					defer l.wg.Done()
+					l.readLoop(sc, gen)
+				}(sc.readerGen)
+			}
+			sc.rmu.Unlock()
+		}
+		l.mu.Unlock()
+	}
 }
 
 // secretsEqual compares in constant time, whatever the lengths.
@@ -274,9 +394,10 @@ func (sc *serverConn) close(err error) {
 	})
 }
 
-// handle acts on one packet from a follower. An error closes the
-// connection.
-func (l *leader) handle(sc *serverConn, p *Packet) error {
+// handle acts on one packet from a follower, read by the reader of
+// generation gen. An error closes the connection, but errHandedOff,
+// which ends the goroutine.
+func (l *leader) handle(sc *serverConn, p *Packet, gen uint64) error {
 	c, typ, err := parseConn(p.Conn)
 	if err != nil {
 		return err
@@ -308,10 +429,14 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 			}
 			return nil
 		}
-		go l.runInvoke(sc, p.ID, p.Timeout, c, args, len(p.App))
+		if !sc.alone() {
+			go l.runInvoke(sc, offReader, p.ID, p.Timeout, c, args, len(p.App))
+		} else if !l.runInvoke(sc, gen, p.ID, p.Timeout, c, args, len(p.App)) {
+			return errHandedOff
+		}
 	case heartbeat:
 		id, timeout := p.ID, p.Timeout
-		sc.w.send(false, func(b []byte) ([]byte, error) {
+		sc.w.sendLazy(func(b []byte) ([]byte, error) {
 			return appendPacket(b, true, id, timeout, heartbeatRes{}, nil)
 		})
 	case subscribe:
@@ -349,16 +474,36 @@ func (l *leader) enter() bool {
 	return true
 }
 
-// runInvoke runs one invoke from a follower and answers it, unless it is
-// oneway or its timeout passed (the follower gave up; the reference also
-// stays silent then).
-func (l *leader) runInvoke(sc *serverConn, id uint64, timeoutMS int32, c invoke, raw [][]byte, held int) {
+// offReader is the generation passed to runInvoke for an invoke that has
+// a goroutine of its own.
+const offReader = ^uint64(0)
+
+// alone reports whether the invoke just admitted is the only one that
+// sc has running. Only then does the reader run it itself: once an
+// invoke has been slow enough to be handed off, those behind it get
+// goroutines of their own until it ends.
+func (sc *serverConn) alone() bool {
+	sc.gate.Lock()
+	defer sc.gate.Unlock()
+	return sc.running == 1
+}
+
+// runInvoke runs one invoke from a follower, on the reader of generation
+// gen or (offReader) on a goroutine of its own, and answers it, unless it is oneway or its timeout passed (the
+// follower gave up; the reference also stays silent then). It reports
+// whether this goroutine still reads the connection; if so the answer is
+// left for the reader's next flush, else it is written now.
+func (l *leader) runInvoke(sc *serverConn, gen uint64, id uint64, timeoutMS int32, c invoke, raw [][]byte, held int) (reader bool) {
 	defer sc.release(held)
 	defer l.inflight.Done()
-	ctx, cancel := l.ctx, context.CancelFunc(nil)
+	if gen != offReader {
+		l.beginOnReader(sc)
+	}
+	ctx := l.ctx
 	if timeoutMS > 0 {
-		ctx, cancel = context.WithTimeout(ctx, time.Duration(timeoutMS)*time.Millisecond)
-		defer cancel()
+		ic := &invokeCtx{parent: l.ctx, deadline: time.Now().Add(time.Duration(timeoutMS) * time.Millisecond)}
+		defer ic.release()
+		ctx = ic
 	}
 	args := make([]Value, len(raw))
 	for i, a := range raw {
@@ -373,21 +518,78 @@ func (l *leader) runInvoke(sc *serverConn, id uint64, timeoutMS int32, c invoke,
 	default:
 		result, err = l.real.Invoke(ctx, c.Method, args)
 	}
+	reader = gen != offReader && l.endOnReader(sc, gen)
 	if c.Oneway {
 		if err != nil {
 			l.cfg.Logger.Warn("clusterclient: oneway invoke failed", "channel", l.name, "method", clip(c.Method), "err", err)
 		}
-		return
+		return reader
 	}
 	if timeoutMS > 0 && ctx.Err() == context.DeadlineExceeded {
 		l.cfg.Logger.Warn("clusterclient: invoke outlasted its timeout; no answer sent",
 			"channel", l.name, "method", clip(c.Method), "timeout", time.Duration(timeoutMS)*time.Millisecond, "err", err)
-		return
+		return reader
 	}
 	success, data := l.encodeResult(c.Method, result, err)
-	sc.w.send(true, func(b []byte) ([]byte, error) {
+	answer := func(b []byte) ([]byte, error) {
 		return appendPacket(b, true, id, timeoutMS, invokeResult{Success: success}, data)
-	})
+	}
+	if reader {
+		sc.w.sendLazy(answer)
+	} else {
+		sc.w.send(true, answer)
+	}
+	return reader
+}
+
+// invokeCtx is the context of an invoke from a follower: the leader's
+// context with the deadline that the packet carries. The timer that
+// closes Done at the deadline is made only when Done or Value is first
+// called, so a method that never looks at its context costs no timer.
+type invokeCtx struct {
+	parent   context.Context
+	deadline time.Time
+
+	mu     sync.Mutex
+	ctx    context.Context    // guarded by mu: made by inner
+	cancel context.CancelFunc // guarded by mu
+}
+
+func (c *invokeCtx) inner() context.Context {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ctx == nil {
+		c.ctx, c.cancel = context.WithDeadline(c.parent, c.deadline)
+	}
+	return c.ctx
+}
+
+// release stops the timer, if one was made.
+func (c *invokeCtx) release() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cancel != nil {
+		c.cancel()
+	}
+}
+
+func (c *invokeCtx) Deadline() (time.Time, bool) { return c.deadline, true }
+func (c *invokeCtx) Done() <-chan struct{}       { return c.inner().Done() }
+func (c *invokeCtx) Value(key any) any           { return c.inner().Value(key) }
+
+func (c *invokeCtx) Err() error {
+	c.mu.Lock()
+	inner := c.ctx
+	c.mu.Unlock()
+	switch {
+	case inner != nil:
+		return inner.Err()
+	case c.parent.Err() != nil:
+		return c.parent.Err()
+	case !time.Now().Before(c.deadline):
+		return context.DeadlineExceeded
+	}
+	return nil
 }
 
 // clipLen bounds a name that a peer sent (method, type, channel) in a log
