@@ -38,14 +38,29 @@ type follower struct {
 	pending  map[uint64]*call // guarded by mu
 	err      error            // guarded by mu: why the connection is dead
 	draining bool             // guarded by mu: the leader is closing on purpose
+	expiry   *time.Timer      // guarded by mu: fails calls past their deadline; nil until needed
+	expireAt int64            // guarded by mu: unix nanoseconds when expiry fires, 0 if not armed
 }
 
-// call is one request waiting for its response.
+// call is one request waiting for its response. The goroutine that takes
+// a call out of pending sends its outcome with finish; calls are reused.
 type call struct {
-	done chan struct{} // closed when resp or err is set
-	resp Packet
-	err  error
+	done     chan struct{} // capacity 1: receives one value once resp or err is set
+	resp     Packet
+	err      error
+	deadline int64 // unix nanoseconds when the call times out
 }
+
+var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}, 1)} }}
+
+func (cl *call) finish(resp Packet, err error) {
+	cl.resp, cl.err = resp, err
+	cl.done <- struct{}{}
+}
+
+// errExpired marks a call that expire failed; request turns it into a
+// timeout error that names the call.
+var errExpired = errors.New("call expired")
 
 // dialLeader connects to the leader on the port and registers the
 // channel. The leader answers only once its real client is ready.
@@ -178,8 +193,7 @@ func (f *follower) readLoop() {
 			leave := f.draining && len(f.pending) == 0
 			f.mu.Unlock()
 			if cl != nil {
-				cl.resp = p
-				close(cl.done)
+				cl.finish(p, nil)
 			}
 			if leave {
 				f.fail(errDraining)
@@ -239,6 +253,9 @@ func (f *follower) fail(cause error) {
 	pending := f.pending
 	f.pending = nil
 	hb := f.hb
+	if f.expiry != nil {
+		f.expiry.Stop()
+	}
 	f.mu.Unlock()
 	f.w.fail(f.err)
 	f.nc.Close()
@@ -246,17 +263,61 @@ func (f *follower) fail(cause error) {
 		hb.Stop() // beat re-arms it no more: err is set
 	}
 	for _, cl := range pending {
-		cl.err = f.err
-		close(cl.done)
+		cl.finish(Packet{}, f.err)
 	}
 }
 
-// forget drops a pending call that gave up waiting.
-func (f *follower) forget(id uint64) {
+// forget drops a pending call that gave up waiting. It reports false if
+// the call was no longer pending: its outcome is on the way.
+func (f *follower) forget(id uint64) bool {
 	f.mu.Lock()
+	_, ok := f.pending[id]
 	delete(f.pending, id)
 	leave := f.draining && f.err == nil && len(f.pending) == 0
 	f.mu.Unlock()
+	if leave {
+		f.fail(errDraining)
+	}
+	return ok
+}
+
+// armExpiry makes expire run at the unix nanosecond at. Called with mu
+// held. One timer serves every call of the connection: it is moved only
+// when a call has an earlier deadline than the one it waits for.
+func (f *follower) armExpiry(at, now int64) {
+	f.expireAt = at
+	d := time.Duration(at - now)
+	if f.expiry == nil {
+		f.expiry = time.AfterFunc(d, f.expire)
+	} else {
+		f.expiry.Reset(d)
+	}
+}
+
+// expire fails the calls past their deadline and waits for the next.
+func (f *follower) expire() {
+	now := time.Now().UnixNano()
+	var expired []*call
+	f.mu.Lock()
+	f.expireAt = 0
+	var next int64
+	for id, cl := range f.pending {
+		switch {
+		case cl.deadline <= now:
+			delete(f.pending, id)
+			expired = append(expired, cl)
+		case next == 0 || cl.deadline < next:
+			next = cl.deadline
+		}
+	}
+	if next != 0 && f.err == nil {
+		f.armExpiry(next, now)
+	}
+	leave := len(expired) > 0 && f.draining && f.err == nil && len(f.pending) == 0
+	f.mu.Unlock()
+	for _, cl := range expired {
+		cl.finish(Packet{}, errExpired)
+	}
 	if leave {
 		f.fail(errDraining)
 	}
@@ -276,30 +337,49 @@ func (f *follower) request(ctx context.Context, what string, encode func(b []byt
 	}
 	id := nextID()
 	ms := max(int32(timeout/time.Millisecond), 1)
-	cl := &call{done: make(chan struct{})}
+	now := time.Now().UnixNano()
+	cl := callPool.Get().(*call)
+	cl.deadline = now + int64(timeout)
 	f.mu.Lock()
 	if err := f.usable(); err != nil {
 		f.mu.Unlock()
+		callPool.Put(cl)
 		return Packet{}, err
 	}
 	f.pending[id] = cl
+	if f.expireAt == 0 || cl.deadline < f.expireAt {
+		f.armExpiry(cl.deadline, now)
+	}
+	mode := sendNow
+	if len(f.pending) > 1 {
+		mode = sendBatch
+	}
 	f.mu.Unlock()
-	if err := f.w.send(true, func(b []byte) ([]byte, error) { return encode(b, id, ms) }); err != nil {
-		f.forget(id)
+	if err := f.w.queue(mode, func(b []byte) ([]byte, error) { return encode(b, id, ms) }); err != nil {
+		if !f.forget(id) {
+			<-cl.done
+			cl.resp, cl.err = Packet{}, nil
+		}
+		callPool.Put(cl)
 		return Packet{}, f.sendError(err)
 	}
-	timer := time.NewTimer(timeout)
-	defer timer.Stop()
 	select {
 	case <-cl.done:
-		return cl.resp, cl.err
-	case <-timer.C:
-		f.forget(id)
-		return Packet{}, fmt.Errorf("%w: %s: no answer from the leader on port %d within %v", ErrTimeout, what, f.cfg.Port, timeout)
 	case <-ctx.Done():
-		f.forget(id)
+		if !f.forget(id) {
+			<-cl.done
+			cl.resp, cl.err = Packet{}, nil
+		}
+		callPool.Put(cl)
 		return Packet{}, ctx.Err()
 	}
+	resp, err := cl.resp, cl.err
+	cl.resp, cl.err = Packet{}, nil
+	callPool.Put(cl)
+	if err == errExpired {
+		return Packet{}, fmt.Errorf("%w: %s: no answer from the leader on port %d within %v", ErrTimeout, what, f.cfg.Port, timeout)
+	}
+	return resp, err
 }
 
 // oneway sends a request that gets no response.
