@@ -11,6 +11,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -812,4 +813,167 @@ func TestPerfReport(t *testing.T) {
 		fmt.Fprintf(&sb, "%-62s %12s %12s %7s  %-8s %v\n", r.name, fmt.Sprintf("%.1f %s", o, r.unit), base, ratio, r.target, r.met(rm, o))
 	}
 	t.Log(sb.String())
+}
+
+// TestSlowInvokeHandsOffReading: the leader runs invokes on the
+// connection's reader; a slow one must not hold up the calls behind it on
+// the same connection, nor heartbeats.
+func TestSlowInvokeHandsOffReading(t *testing.T) {
+	t.Parallel()
+	port := freePort(t)
+	cfg := testConfig(t, port)
+	cfg.Role = RoleLeader
+	lead := newClient(t, "handoff", cfg, newTestReal())
+	mustReady(t, lead)
+	fcfg := testConfig(t, port)
+	fcfg.Role = RoleFollower
+	fol := newClient(t, "handoff", fcfg, newTestReal())
+	mustReady(t, fol)
+	ctx := context.Background()
+
+	slow := make(chan error, 2)
+	for range 2 {
+		go func() {
+			_, err := fol.Invoke(ctx, "sleep", 2000)
+			slow <- err
+		}()
+	}
+	// Wait until both sleeps run on the leader, then call behind them.
+	lead.mu.Lock()
+	l := lead.lead
+	lead.mu.Unlock()
+	waitUntil(t, 5*time.Second, "two sleeps running", func() bool {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		for sc := range l.conns {
+			sc.gate.Lock()
+			n := sc.running
+			sc.gate.Unlock()
+			if n == 2 {
+				return true
+			}
+		}
+		return false
+	})
+	start := time.Now()
+	for i := range 20 {
+		v, err := fol.Invoke(ctx, "echo", i)
+		if err != nil || v.String() != strconv.Itoa(i) {
+			t.Fatalf("echo %d behind slow calls: %s, %v", i, v, err)
+		}
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("20 echoes behind two 2 s sleeps took %v", d)
+	}
+	for range 2 {
+		if err := <-slow; err != nil {
+			t.Errorf("sleep: %v", err)
+		}
+	}
+}
+
+// TestInvokeCtx checks the context an invoke from a follower gets: its
+// deadline without a timer until Done is asked for, and cancellation by
+// the leader's context.
+func TestInvokeCtx(t *testing.T) {
+	parent, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dl := time.Now().Add(50 * time.Millisecond)
+	c := &invokeCtx{parent: parent, deadline: dl}
+	if got, ok := c.Deadline(); !ok || !got.Equal(dl) {
+		t.Fatalf("Deadline() = %v, %v", got, ok)
+	}
+	if err := c.Err(); err != nil {
+		t.Fatalf("Err() before the deadline = %v", err)
+	}
+	if c.ctx != nil {
+		t.Fatal("a timer was made before Done was asked for")
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Done not closed 5 s after a 50 ms deadline")
+	}
+	if err := c.Err(); err != context.DeadlineExceeded {
+		t.Fatalf("Err() after the deadline = %v", err)
+	}
+	if err := context.Cause(c); err != context.DeadlineExceeded {
+		t.Fatalf("Cause = %v", err)
+	}
+	c.release()
+
+	// Past the deadline, Err says so without Done.
+	c = &invokeCtx{parent: parent, deadline: time.Now().Add(-time.Millisecond)}
+	if err := c.Err(); err != context.DeadlineExceeded {
+		t.Fatalf("Err() past the deadline = %v", err)
+	}
+	c.release()
+
+	// The leader's context ends it, with or without Done asked for.
+	c = &invokeCtx{parent: parent, deadline: time.Now().Add(time.Hour)}
+	d := &invokeCtx{parent: parent, deadline: time.Now().Add(time.Hour)}
+	child, stop := context.WithCancel(d)
+	defer stop()
+	cancel()
+	if err := c.Err(); err != context.Canceled {
+		t.Fatalf("Err() after the leader's context ended = %v", err)
+	}
+	select {
+	case <-child.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("a child context did not end with the leader's")
+	}
+	c.release()
+	d.release()
+}
+
+// TestCallTimeoutsShareTimer: a call with an earlier deadline than the
+// calls already waiting still times out on time, and a later one after
+// its own deadline.
+func TestCallTimeoutsShareTimer(t *testing.T) {
+	t.Parallel()
+	port := freePort(t)
+	cfg := testConfig(t, port)
+	cfg.Role = RoleLeader
+	lead := newClient(t, "expiry", cfg, newTestReal())
+	mustReady(t, lead)
+	fcfg := testConfig(t, port)
+	fcfg.Role = RoleFollower
+	fcfg.ResponseTimeout = 2 * time.Second
+	fol := newClient(t, "expiry", fcfg, newTestReal())
+	mustReady(t, fol)
+
+	long := make(chan error, 1)
+	go func() {
+		_, err := fol.Invoke(context.Background(), "sleep", 10000)
+		long <- err
+	}()
+	// The short call waits until the long one is pending.
+	waitUntil(t, 5*time.Second, "the long call pending", func() bool {
+		fol.mu.Lock()
+		f := fol.fol
+		fol.mu.Unlock()
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return len(f.pending) == 1
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := fol.Invoke(ctx, "sleep", 10000)
+	d := time.Since(start)
+	if !errors.Is(err, ErrTimeout) && !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("short call: %v, want a timeout", err)
+	}
+	if d > time.Second {
+		t.Errorf("a 100 ms call timed out after %v", d)
+	}
+	select {
+	case err := <-long:
+		if !errors.Is(err, ErrTimeout) {
+			t.Fatalf("long call: %v, want ErrTimeout", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the long call did not time out after its 2 s")
+	}
 }
