@@ -184,7 +184,9 @@ func (s *sender) flushLocked() error {
 		if cap(b) <= keepBuffer {
 			s.spare = b[:0]
 		} else {
-			s.spare = nil
+			// Start the next at the largest size kept, rather than
+			// regrow it from nothing for the next burst.
+			s.spare = make([]byte, 0, keepBuffer)
 		}
 		if err != nil && s.err == nil {
 			var ne net.Error

@@ -19,6 +19,11 @@ var errDraining = errors.New("clusterclient: leader is closing")
 // came; the call was not sent, and waits for the next leader.
 var errGone = errors.New("clusterclient: connection to the leader is gone")
 
+// followerReadBuffer is the read buffer of a follower's connection. A
+// client has one, so it can be larger than a leader's per connection
+// (readBufferSize) and take a burst of answers in fewer reads.
+const followerReadBuffer = 64 << 10
+
 // follower is a client's connection to the leader of its channel: one
 // reader goroutine, and a map of pending requests by id, each registered
 // before it is written and failed at once when the reader stops.
@@ -98,7 +103,7 @@ func dialLeader(c *Client) (*follower, error) {
 	// try again: a leader still building its real client answers a later
 	// attempt.
 	nc.SetReadDeadline(time.Now().Add(cfg.ResponseTimeout))
-	f.r = NewReader(bufio.NewReaderSize(nc, readBufferSize), cfg.MaxPacketSize)
+	f.r = NewReader(bufio.NewReaderSize(nc, followerReadBuffer), cfg.MaxPacketSize)
 	if err := f.readRegistered(id); err != nil {
 		nc.Close()
 		return nil, err
