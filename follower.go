@@ -32,6 +32,7 @@ type follower struct {
 	cfg  *Config
 	nc   net.Conn
 	w    *sender
+	br   *bufio.Reader // under r; the reader goroutine only
 	r    *Reader
 	dead chan struct{} // closed when the reader has stopped
 
@@ -103,7 +104,8 @@ func dialLeader(c *Client) (*follower, error) {
 	// try again: a leader still building its real client answers a later
 	// attempt.
 	nc.SetReadDeadline(time.Now().Add(cfg.ResponseTimeout))
-	f.r = NewReader(bufio.NewReaderSize(nc, followerReadBuffer), cfg.MaxPacketSize)
+	f.br = bufio.NewReaderSize(nc, followerReadBuffer)
+	f.r = NewReader(f.br, cfg.MaxPacketSize)
 	if err := f.readRegistered(id); err != nil {
 		nc.Close()
 		return nil, err
@@ -186,11 +188,19 @@ func (f *follower) readLoop() {
 	defer close(f.dead)
 	var p Packet
 	for {
+		// Acknowledgements queued for the packets read so far go out
+		// in one write before the reader waits.
+		waits := !packetBuffered(f.br)
+		if waits {
+			f.w.flush()
+		}
 		if err := f.r.ReadPacket(&p); err != nil {
 			f.fail(err)
 			return
 		}
-		f.lastRecv.Store(time.Now().UnixNano())
+		if waits {
+			f.lastRecv.Store(time.Now().UnixNano())
+		}
 		if p.Response {
 			f.mu.Lock()
 			cl := f.pending[p.ID]
@@ -215,7 +225,7 @@ func (f *follower) readLoop() {
 			// The reference follower writes timeout 0 here: its
 			// decoded request has no timeout to repeat.
 			id := p.ID
-			f.w.send(false, func(b []byte) ([]byte, error) {
+			f.w.sendLazy(func(b []byte) ([]byte, error) {
 				return appendPacket(b, true, id, 0, subscribeResultRes{}, nil)
 			})
 			f.c.deliver(c.Key, p.App)
