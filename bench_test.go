@@ -326,11 +326,34 @@ type benchCluster struct {
 	fol *Client
 }
 
-// startBenchCluster starts a leader (in a child process when proc is
-// set) and a follower client in this process.
-func startBenchCluster(tb testing.TB, proc bool) *benchCluster {
+// Where the leader of a benchmark runs, and with which real client.
+const (
+	kindProc        = "proc"         // a child process; the test real client
+	kindInproc      = "inproc"       // this process; the test real client
+	kindInprocValue = "inproc-value" // this process; valueEcho
+)
+
+// benchKinds are the leader placements of BenchmarkInvoke.
+var benchKinds = []string{kindProc, kindInproc, kindInprocValue}
+
+// valueEcho is a real client whose every method returns its first
+// argument as it came, without decoding it: the leader's part of an
+// invoke without the test real client's JSON work ("echo" decodes its
+// argument and encodes it again).
+type valueEcho struct{}
+
+func (valueEcho) Invoke(_ context.Context, _ string, args []Value) (any, error) {
+	if len(args) == 0 {
+		return nil, nil
+	}
+	return args[0], nil
+}
+
+// startBenchCluster starts a leader of the given kind and a follower
+// client in this process.
+func startBenchCluster(tb testing.TB, kind string) *benchCluster {
 	port := freePort(tb)
-	if proc {
+	if kind == kindProc {
 		k := startChild(tb, childSpec{Port: port, Role: RoleLeader})
 		if !k.ready(10 * time.Second) {
 			tb.Fatal("child does not lead")
@@ -338,7 +361,11 @@ func startBenchCluster(tb testing.TB, proc bool) *benchCluster {
 	} else {
 		cfg := testConfig(tb, port)
 		cfg.Role = RoleLeader
-		l, err := New("TestChannel", cfg, buildTestReal(newTestReal()))
+		build := buildTestReal(newTestReal())
+		if kind == kindInprocValue {
+			build = func(context.Context) (RealClient, error) { return valueEcho{}, nil }
+		}
+		l, err := New("TestChannel", cfg, build)
 		if err != nil {
 			tb.Fatal(err)
 		}
@@ -488,12 +515,13 @@ func BenchmarkRawEcho(b *testing.B) {
 }
 
 // BenchmarkInvoke invokes "echo" from a follower client, the leader in a
-// child process (proc) or in this process (inproc).
+// child process (proc) or in this process (inproc), or the leader in
+// this process with valueEcho as its real client (inproc-value).
 func BenchmarkInvoke(b *testing.B) {
 	ctx := context.Background()
-	for _, proc := range []bool{true, false} {
-		b.Run(procName(proc), func(b *testing.B) {
-			c := startBenchCluster(b, proc)
+	for _, kind := range benchKinds {
+		b.Run(kind, func(b *testing.B) {
+			c := startBenchCluster(b, kind)
 			for _, size := range benchSizes {
 				arg := benchArg(size)
 				rt := func() error { return c.invokeEcho(ctx, arg) }
@@ -739,21 +767,20 @@ func TestPerfReport(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, proc := range []bool{true, false} {
-		var s *rawEchoServer
-		if proc {
-			s = startRawEchoChild(t)
-		} else {
-			s = startRawEcho(t)
+	servers := map[string]*rawEchoServer{kindProc: startRawEchoChild(t), kindInproc: startRawEcho(t)}
+	for _, kind := range benchKinds {
+		s := servers[kind]
+		if s == nil {
+			s = servers[kindInproc] // kindInprocValue
 		}
-		c := startBenchCluster(t, proc)
+		c := startBenchCluster(t, kind)
 		for _, size := range benchSizes {
 			arg := benchArg(size)
 			rc := dialRaw(t, s, arg)
 			rt := func() error { return c.invokeEcho(ctx, arg) }
-			seq := &perfRow{name: fmt.Sprintf("invoke %s seq %s p50", procName(proc), sizeName(size)), unit: "µs",
+			seq := &perfRow{name: fmt.Sprintf("invoke %s seq %s p50", kind, sizeName(size)), unit: "µs",
 				target: "≤ 1.3×", met: func(r, _ float64) bool { return r <= 1.3 }}
-			conc := &perfRow{name: fmt.Sprintf("invoke %s 64 in flight %s", procName(proc), sizeName(size)), unit: "ops/s",
+			conc := &perfRow{name: fmt.Sprintf("invoke %s 64 in flight %s", kind, sizeName(size)), unit: "ops/s",
 				target: "≥ 0.5×", met: func(r, _ float64) bool { return r >= 0.5 }}
 			rows = append(rows, seq, conc)
 			for range rounds {
