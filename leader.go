@@ -489,10 +489,11 @@ func (sc *serverConn) alone() bool {
 }
 
 // runInvoke runs one invoke from a follower, on the reader of generation
-// gen or (offReader) on a goroutine of its own, and answers it, unless it is oneway or its timeout passed (the
-// follower gave up; the reference also stays silent then). It reports
-// whether this goroutine still reads the connection; if so the answer is
-// left for the reader's next flush, else it is written now.
+// gen or (offReader) on a goroutine of its own, and answers it, unless it
+// is oneway or its timeout passed (the follower gave up; the reference
+// also stays silent then). It reports whether this goroutine still reads
+// the connection; if so the answer is left for the reader's next flush,
+// else it is written now.
 func (l *leader) runInvoke(sc *serverConn, gen uint64, id uint64, timeoutMS int32, c invoke, raw [][]byte, held int) (reader bool) {
 	defer sc.release(held)
 	defer l.inflight.Done()
