@@ -500,12 +500,16 @@ func (l *leader) runInvoke(sc *serverConn, gen uint64, id uint64, timeoutMS int3
 	if gen != offReader {
 		l.beginOnReader(sc)
 	}
-	ctx := l.ctx
-	if timeoutMS > 0 {
-		ic := &invokeCtx{parent: l.ctx, deadline: time.Now().Add(time.Duration(timeoutMS) * time.Millisecond)}
-		defer ic.release()
-		ctx = ic
+	// The packet's timeout is the method's deadline. A request without
+	// one (the reference never sends that) gets the leader's
+	// ResponseTimeout, so no follower can hold the real client forever.
+	limit := time.Duration(timeoutMS) * time.Millisecond
+	if timeoutMS <= 0 {
+		limit = l.cfg.ResponseTimeout
 	}
+	ic := &invokeCtx{parent: l.ctx, deadline: time.Now().Add(limit)}
+	defer ic.release()
+	var ctx context.Context = ic
 	args := make([]Value, len(raw))
 	for i, a := range raw {
 		args[i] = Value{data: a, codec: l.cfg.Codec}
