@@ -34,6 +34,7 @@ const (
 	RoleFollower
 )
 
+// String returns the role's name: "auto", "leader" or "follower".
 func (r Role) String() string {
 	switch r {
 	case RoleAuto:
@@ -230,6 +231,7 @@ type RemoteError struct {
 	err error // the original error, in the leader's own process only
 }
 
+// Error describes the remote error with its name, message and code.
 func (e *RemoteError) Error() string {
 	s := "clusterclient: remote " + e.Name + ": " + e.Message
 	if e.Code != "" {
