@@ -3,6 +3,7 @@ package clusterclient
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -24,17 +25,25 @@ var errGone = errors.New("clusterclient: connection to the leader is gone")
 // (readBufferSize) and take a burst of answers in fewer reads.
 const followerReadBuffer = 64 << 10
 
-// follower is a client's connection to the leader of its channel: one
-// reader goroutine, and a map of pending requests by id, each registered
-// before it is written and failed at once when the reader stops.
+// follower is a client's connection to the leader of its channel: a
+// background reader goroutine, and a map of pending requests by id, each
+// registered before it is written and failed at once when reading stops.
+//
+// One goroutine at a time reads the connection: the background reader,
+// or a call that is the only one in flight, which takes the reading over
+// and reads its own answer, so no goroutine has to wake it. The call
+// holds the reading only while it waits for its answer; it reads a packet
+// only once the packet is whole in br, so it never leaves one half read,
+// and gives the reading back to the background reader when it is done.
 type follower struct {
 	c    *Client
 	cfg  *Config
 	nc   net.Conn
 	w    *sender
-	br   *bufio.Reader // under r; the reader goroutine only
+	br   *bufio.Reader // under r; read only by the goroutine that holds the reading
 	r    *Reader
-	dead chan struct{} // closed when the reader has stopped
+	dead chan struct{} // closed when the background reader has stopped
+	wake chan struct{} // capacity 1: a call gave the reading back
 
 	lastRecv atomic.Int64 // unix nanoseconds of the last packet read
 	hbSent   int64        // touched only by beat: when the last heartbeat went out
@@ -46,18 +55,28 @@ type follower struct {
 	draining bool             // guarded by mu: the leader is closing on purpose
 	expiry   *time.Timer      // guarded by mu: fails calls past their deadline; nil until needed
 	expireAt int64            // guarded by mu: unix nanoseconds when expiry fires, 0 if not armed
+	reader   *call            // guarded by mu: the call that holds the reading; nil: the background reader does
+	want     *call            // guarded by mu: a call waiting to be handed the reading
+	bgReads  bool             // guarded by mu: the background reader holds the reading
+	idle     bool             // guarded by mu: the background reader waits for a packet and may be interrupted
+	deadline bool             // guarded by mu: nc has a read deadline, set by a call
 }
+
+// longAgo is a read deadline in the past: it interrupts a wait for a
+// packet.
+var longAgo = time.Unix(1, 0)
 
 // call is one request waiting for its response. The goroutine that takes
 // a call out of pending sends its outcome with finish; calls are reused.
 type call struct {
 	done     chan struct{} // capacity 1: receives one value once resp or err is set
+	grant    chan struct{} // capacity 1: the call was handed the reading
 	resp     Packet
 	err      error
 	deadline int64 // unix nanoseconds when the call times out
 }
 
-var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}, 1)} }}
+var callPool = sync.Pool{New: func() any { return &call{done: make(chan struct{}, 1), grant: make(chan struct{}, 1)} }}
 
 func (cl *call) finish(resp Packet, err error) {
 	cl.resp, cl.err = resp, err
@@ -90,7 +109,7 @@ func dialLeader(c *Client) (*follower, error) {
 		return nil, err
 	}
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
-	f := &follower{c: c, cfg: cfg, nc: nc, dead: make(chan struct{}), pending: make(map[uint64]*call)}
+	f := &follower{c: c, cfg: cfg, nc: nc, dead: make(chan struct{}), wake: make(chan struct{}, 1), pending: make(map[uint64]*call)}
 	f.w = newSender(nc, cfg.MaxQueuedBytes, cfg.ResponseTimeout, f.fail)
 	id, timeout := nextID(), int32(cfg.ResponseTimeout/time.Millisecond)
 	err = f.w.send(true, func(b []byte) ([]byte, error) {
@@ -183,55 +202,218 @@ func isProtocolError(err error) bool {
 	return false
 }
 
-// readLoop reads packets from the leader until the connection ends.
+// readLoop reads packets from the leader while no call holds the
+// reading, hands the reading to a call that asks for it, and ends once
+// the connection has failed.
 func (f *follower) readLoop() {
 	defer close(f.dead)
 	var p Packet
 	for {
-		// Acknowledgements queued for the packets read so far go out
-		// in one write before the reader waits.
-		waits := !packetBuffered(f.br)
-		if waits {
-			f.w.flush()
+		f.mu.Lock()
+		if cl := f.want; cl != nil && f.reader == nil {
+			f.reader, f.want = cl, nil
+			cl.grant <- struct{}{}
 		}
-		if err := f.r.ReadPacket(&p); err != nil {
-			f.fail(err)
-			return
-		}
-		if waits {
-			f.lastRecv.Store(time.Now().UnixNano())
-		}
-		if p.Response {
-			f.mu.Lock()
-			cl := f.pending[p.ID]
-			delete(f.pending, p.ID)
-			leave := f.draining && len(f.pending) == 0
+		f.bgReads = f.err == nil && f.reader == nil
+		if !f.bgReads {
+			stop := f.err != nil
 			f.mu.Unlock()
-			if cl != nil {
-				cl.finish(p, nil)
+			if stop {
+				return
 			}
-			if leave {
-				f.fail(errDraining)
-			}
+			<-f.wake
 			continue
 		}
-		c, _, err := parseConn(p.Conn)
-		if err != nil {
+		buffered := packetBuffered(f.br)
+		if !buffered {
+			if f.deadline {
+				f.nc.SetReadDeadline(time.Time{})
+				f.deadline = false
+			}
+			f.idle = true
+		}
+		f.mu.Unlock()
+		if !buffered {
+			f.await()
+			f.mu.Lock()
+			f.idle = false
+			again := f.want != nil || f.deadline
+			f.mu.Unlock()
+			if again {
+				// Interrupted by a call that wants the reading, or
+				// one that no longer does: the read deadline is
+				// cleared before a packet is read.
+				continue
+			}
+		}
+		// No read deadline is set: ReadPacket reads a whole packet or
+		// one larger than br, or reports the error await saw.
+		if err := f.next(&p); err != nil {
+			f.fail(err) // the loop hands the reading to a call that asked, and ends
+		}
+	}
+}
+
+// await waits, without consuming anything, until the next packet is
+// whole in br. Acknowledgements queued for the packets read so far go
+// out in one write before it waits. It reports false, with a nil error,
+// for a packet larger than br can hold.
+func (f *follower) await() (bool, error) {
+	if packetBuffered(f.br) {
+		return true, nil
+	}
+	f.w.flush()
+	h, err := f.br.Peek(HeaderSize)
+	if err != nil {
+		return false, err
+	}
+	f.lastRecv.Store(time.Now().UnixNano())
+	n := int64(HeaderSize) + int64(int32(binary.BigEndian.Uint32(h[16:]))) + int64(int32(binary.BigEndian.Uint32(h[20:])))
+	if n > int64(f.br.Size()) {
+		return false, nil
+	}
+	_, err = f.br.Peek(int(max(n, HeaderSize)))
+	return err == nil, err
+}
+
+// next reads one packet and handles it: a response goes to its pending
+// call, a push is acknowledged and delivered, a leader_closing notice
+// starts the drain. Called by the goroutine that holds the reading.
+func (f *follower) next(p *Packet) error {
+	if err := f.r.ReadPacket(p); err != nil {
+		return err
+	}
+	if p.Response {
+		f.mu.Lock()
+		cl := f.pending[p.ID]
+		delete(f.pending, p.ID)
+		leave := f.draining && len(f.pending) == 0
+		f.mu.Unlock()
+		if cl != nil {
+			cl.finish(*p, nil)
+		}
+		if leave {
+			f.fail(errDraining)
+		}
+		return nil
+	}
+	c, _, err := parseConn(p.Conn)
+	if err != nil {
+		return err
+	}
+	switch c := c.(type) {
+	case subscribeResult:
+		// The reference follower writes timeout 0 here: its decoded
+		// request has no timeout to repeat.
+		id := p.ID
+		f.w.sendLazy(func(b []byte) ([]byte, error) {
+			return appendPacket(b, true, id, 0, subscribeResultRes{}, nil)
+		})
+		f.c.deliver(c.Key, p.App)
+	case leaderClosing:
+		f.drain()
+	}
+	return nil
+}
+
+// readOwn lets a call that ask accepted read its own answer. It waits
+// to be handed the reading, then reads whole packets until the call has
+// its outcome, ctx ends, the call's deadline passes (the read deadline),
+// or a packet is not whole (too large, or the connection failed): the
+// background reader reads those. Then it gives the reading back. It
+// reports true if it took the call's outcome from done.
+func (f *follower) readOwn(ctx context.Context, cl *call) bool {
+	granted, got := false, false
+	select {
+	case <-cl.grant:
+		granted = true
+	case <-cl.done:
+		got = true
+	case <-ctx.Done():
+	}
+	if !granted {
+		f.unask(cl)
+		return got
+	}
+	f.mu.Lock()
+	if f.reader == cl {
+		f.nc.SetReadDeadline(time.Unix(0, cl.deadline))
+		f.deadline = true
+	}
+	f.mu.Unlock()
+	if ctx.Done() != nil {
+		// A late run of this, once cl is reused by a later call that
+		// reads, only makes that call give the reading back early.
+		stop := context.AfterFunc(ctx, func() {
+			f.mu.Lock()
+			if f.reader == cl {
+				f.nc.SetReadDeadline(longAgo)
+				f.deadline = true
+			}
+			f.mu.Unlock()
+		})
+		defer stop()
+	}
+	var p Packet
+	for len(cl.done) == 0 && ctx.Err() == nil {
+		if whole, err := f.await(); !whole || err != nil {
+			break
+		}
+		if err := f.next(&p); err != nil {
 			f.fail(err)
-			return
+			break
 		}
-		switch c := c.(type) {
-		case subscribeResult:
-			// The reference follower writes timeout 0 here: its
-			// decoded request has no timeout to repeat.
-			id := p.ID
-			f.w.sendLazy(func(b []byte) ([]byte, error) {
-				return appendPacket(b, true, id, 0, subscribeResultRes{}, nil)
-			})
-			f.c.deliver(c.Key, p.App)
-		case leaderClosing:
-			f.drain()
-		}
+	}
+	f.giveBack()
+	return false
+}
+
+// ask gives the reading to cl if no one holds it, or else asks the
+// background reader to hand it over, interrupting its wait for a packet.
+// Either way cl.grant receives a value once cl holds the reading. Called
+// with mu held, before cl's request is written, so that the hand-over
+// overlaps the round trip. It reports false if another call reads or
+// asked first.
+func (f *follower) ask(cl *call) bool {
+	if f.reader != nil || f.want != nil {
+		return false
+	}
+	if !f.bgReads {
+		f.reader = cl
+		cl.grant <- struct{}{}
+		return true
+	}
+	f.want = cl
+	if f.idle {
+		f.nc.SetReadDeadline(longAgo)
+		f.deadline = true
+	}
+	return true
+}
+
+// unask withdraws a call's ask; if the reading was handed over already,
+// it gives it back.
+func (f *follower) unask(cl *call) {
+	f.mu.Lock()
+	handed := f.want != cl
+	if !handed {
+		f.want = nil
+	}
+	f.mu.Unlock()
+	if handed {
+		<-cl.grant
+		f.giveBack()
+	}
+}
+
+// giveBack returns the reading to the background reader.
+func (f *follower) giveBack() {
+	f.mu.Lock()
+	f.reader = nil
+	f.mu.Unlock()
+	select {
+	case f.wake <- struct{}{}:
+	default:
 	}
 }
 
@@ -279,6 +461,10 @@ func (f *follower) fail(cause error) {
 	}
 	for _, cl := range pending {
 		cl.finish(Packet{}, f.err)
+	}
+	select {
+	case f.wake <- struct{}{}:
+	default:
 	}
 }
 
@@ -369,8 +555,13 @@ func (f *follower) request(ctx context.Context, what string, encode func(b []byt
 	if len(f.pending) > 1 {
 		mode = sendBatch
 	}
+	// The only call in flight reads its own answer.
+	own := mode == sendNow && f.ask(cl)
 	f.mu.Unlock()
 	if err := f.w.queue(mode, func(b []byte) ([]byte, error) { return encode(b, id, ms) }); err != nil {
+		if own {
+			f.unask(cl)
+		}
 		if !f.forget(id) {
 			<-cl.done
 			cl.resp, cl.err = Packet{}, nil
@@ -378,15 +569,17 @@ func (f *follower) request(ctx context.Context, what string, encode func(b []byt
 		callPool.Put(cl)
 		return Packet{}, f.sendError(err)
 	}
-	select {
-	case <-cl.done:
-	case <-ctx.Done():
-		if !f.forget(id) {
-			<-cl.done
-			cl.resp, cl.err = Packet{}, nil
+	if !own || !f.readOwn(ctx, cl) {
+		select {
+		case <-cl.done:
+		case <-ctx.Done():
+			if !f.forget(id) {
+				<-cl.done
+				cl.resp, cl.err = Packet{}, nil
+			}
+			callPool.Put(cl)
+			return Packet{}, ctx.Err()
 		}
-		callPool.Put(cl)
-		return Packet{}, ctx.Err()
 	}
 	resp, err := cl.resp, cl.err
 	cl.resp, cl.err = Packet{}, nil
