@@ -14,6 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -225,15 +226,36 @@ func (r *testReal) Close() error {
 }
 
 // freePort returns a port that was free a moment ago.
+//
+// It picks from below the kernel's range of ephemeral ports (32768 and
+// up on Linux), so that no outgoing connection of a parallel test can
+// take the port between this check and the test's own listen, and never
+// hands out the same port twice in one test binary.
 func freePort(t testing.TB) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	for range 1000 {
+		port := 20000 + rand.IntN(12000)
+		if portsGiven[port] {
+			continue
+		}
+		ln, err := net.Listen("tcp", loopback(port))
+		if err != nil {
+			continue
+		}
+		ln.Close()
+		portsGiven[port] = true
+		return port
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	t.Fatal("no free port below the ephemeral range")
+	return 0
 }
+
+var (
+	portsMu    sync.Mutex
+	portsGiven = map[int]bool{} // guarded by portsMu
+)
 
 // testConfig returns a config for port with short intervals, logging to
 // the test.
