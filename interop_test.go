@@ -65,18 +65,13 @@ func needNode(t *testing.T) string {
 // nodeMember is a Node.js cluster member: testdata/node/member.js, which
 // speaks the line protocol of childMain (proc_test.go).
 type nodeMember struct {
-	t      *testing.T
-	cmd    *exec.Cmd
-	stdin  io.WriteCloser
-	pid    int
-	exited chan struct{}
+	lines
+	cmd *exec.Cmd
 
-	mu      sync.Mutex
-	nextID  int
-	replies map[int]chan msg // guarded by mu
-	log     []msg            // guarded by mu: every line without an id
-	taken   map[int]bool     // guarded by mu: indexes in log handed out by event
-	grew    chan struct{}    // guarded by mu: closed and replaced when log grows
+	mu    sync.Mutex
+	log   []msg         // guarded by mu: every line without an id
+	taken map[int]bool  // guarded by mu: indexes in log handed out by event
+	grew  chan struct{} // guarded by mu: closed and replaced when log grows
 }
 
 // startNode starts testdata/node/member.js with spec and extra
@@ -99,8 +94,8 @@ func startNode(t *testing.T, spec childSpec, env ...string) *nodeMember {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	n := &nodeMember{t: t, cmd: cmd, stdin: stdin, pid: cmd.Process.Pid, exited: make(chan struct{}),
-		replies: map[int]chan msg{}, taken: map[int]bool{}, grew: make(chan struct{})}
+	n := &nodeMember{lines: newLines(t, "node", stdin, cmd.Process.Pid), cmd: cmd,
+		taken: map[int]bool{}, grew: make(chan struct{})}
 	go n.readLoop(stdout)
 	t.Cleanup(func() {
 		n.cmd.Process.Kill()
@@ -122,49 +117,15 @@ func (n *nodeMember) readLoop(r io.Reader) {
 			n.t.Logf("node %d: %s", n.pid, sc.Bytes())
 			continue
 		}
-		n.mu.Lock()
-		if id, ok := m["id"].(float64); ok {
-			ch := n.replies[int(id)]
-			delete(n.replies, int(id))
-			n.mu.Unlock()
-			if ch != nil {
-				ch <- m
-			}
+		if n.route(m) {
 			continue
 		}
+		n.mu.Lock()
 		n.log = append(n.log, m)
 		close(n.grew)
 		n.grew = make(chan struct{})
 		n.mu.Unlock()
 	}
-}
-
-// send sends a command and returns the channel of its reply.
-func (n *nodeMember) send(cmd msg) <-chan msg {
-	n.mu.Lock()
-	n.nextID++
-	id := n.nextID
-	ch := make(chan msg, 1)
-	n.replies[id] = ch
-	n.mu.Unlock()
-	cmd["id"] = id
-	b, _ := json.Marshal(cmd)
-	n.stdin.Write(append(b, '\n'))
-	return ch
-}
-
-// do sends a command and waits for its reply.
-func (n *nodeMember) do(cmd msg, timeout time.Duration) msg {
-	n.t.Helper()
-	select {
-	case m := <-n.send(cmd):
-		return m
-	case <-time.After(timeout):
-		n.t.Fatalf("node %d: no reply to %v within %v", n.pid, cmd, timeout)
-	case <-n.exited:
-		n.t.Fatalf("node %d exited before replying to %v", n.pid, cmd)
-	}
-	return nil
 }
 
 // event waits for the first event named name that no earlier call took.

@@ -631,18 +631,13 @@ func errString(err error) string {
 
 // child is a cluster member process seen from the test.
 type child struct {
-	t      testing.TB
-	cmd    *exec.Cmd
-	stdin  io.WriteCloser
-	pid    int
-	exited chan struct{}
+	lines
+	cmd *exec.Cmd
 
-	mu      sync.Mutex
-	nextID  int
-	replies map[int]chan msg
-	events  chan msg      // every line without an id
-	log     []msg         // guarded by mu: every line without an id
-	logged  chan struct{} // guarded by mu: closed and replaced when log grows
+	mu     sync.Mutex
+	events chan msg      // every line without an id
+	log    []msg         // guarded by mu: every line without an id
+	logged chan struct{} // guarded by mu: closed and replaced when log grows
 }
 
 // startChild starts a cluster member with spec. It is killed when the
@@ -664,8 +659,8 @@ func startChild(t testing.TB, spec childSpec) *child {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	c := &child{t: t, cmd: cmd, stdin: stdin, pid: cmd.Process.Pid, exited: make(chan struct{}),
-		replies: map[int]chan msg{}, events: make(chan msg, 1024), logged: make(chan struct{})}
+	c := &child{lines: newLines(t, "child", stdin, cmd.Process.Pid), cmd: cmd,
+		events: make(chan msg, 1024), logged: make(chan struct{})}
 	go c.readLoop(stdout)
 	t.Cleanup(func() {
 		c.cmd.Process.Signal(syscall.SIGCONT)
@@ -687,14 +682,7 @@ func (c *child) readLoop(r io.Reader) {
 		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
 			continue
 		}
-		if id, ok := m["id"].(float64); ok {
-			c.mu.Lock()
-			ch := c.replies[int(id)]
-			delete(c.replies, int(id))
-			c.mu.Unlock()
-			if ch != nil {
-				ch <- m
-			}
+		if c.route(m) {
 			continue
 		}
 		c.mu.Lock()
@@ -781,30 +769,66 @@ func (c *child) ok(cmd msg) {
 	}
 }
 
+// lines is the command side of a member process, Go or Node.js: commands
+// go to its stdin with an id, and each reply is matched to its command by
+// that id.
+type lines struct {
+	t      testing.TB
+	name   string // "child" or "node", for messages
+	stdin  io.WriteCloser
+	pid    int
+	exited chan struct{} // closed when the process has exited
+
+	rmu     sync.Mutex
+	nextID  int              // guarded by rmu
+	replies map[int]chan msg // guarded by rmu
+}
+
+func newLines(t testing.TB, name string, stdin io.WriteCloser, pid int) lines {
+	return lines{t: t, name: name, stdin: stdin, pid: pid, exited: make(chan struct{}), replies: map[int]chan msg{}}
+}
+
+// route hands a reply to the command it answers. It reports false for a
+// line without an id, an event.
+func (l *lines) route(m msg) bool {
+	id, ok := m["id"].(float64)
+	if !ok {
+		return false
+	}
+	l.rmu.Lock()
+	ch := l.replies[int(id)]
+	delete(l.replies, int(id))
+	l.rmu.Unlock()
+	if ch != nil {
+		ch <- m
+	}
+	return true
+}
+
 // send sends a command and returns the channel of its reply.
-func (c *child) send(cmd msg) <-chan msg {
-	c.mu.Lock()
-	c.nextID++
-	id := c.nextID
+func (l *lines) send(cmd msg) <-chan msg {
+	l.rmu.Lock()
+	l.nextID++
+	id := l.nextID
 	ch := make(chan msg, 1)
-	c.replies[id] = ch
-	c.mu.Unlock()
+	l.replies[id] = ch
+	l.rmu.Unlock()
 	cmd["id"] = id
 	b, _ := json.Marshal(cmd)
-	c.stdin.Write(append(b, '\n'))
+	l.stdin.Write(append(b, '\n'))
 	return ch
 }
 
 // do sends a command and waits for its reply.
-func (c *child) do(cmd msg, timeout time.Duration) msg {
-	c.t.Helper()
+func (l *lines) do(cmd msg, timeout time.Duration) msg {
+	l.t.Helper()
 	select {
-	case m := <-c.send(cmd):
+	case m := <-l.send(cmd):
 		return m
 	case <-time.After(timeout):
-		c.t.Fatalf("child %d: no reply to %v within %v", c.pid, cmd, timeout)
-	case <-c.exited:
-		c.t.Fatalf("child %d exited before replying to %v", c.pid, cmd)
+		l.t.Fatalf("%s %d: no reply to %v within %v", l.name, l.pid, cmd, timeout)
+	case <-l.exited:
+		l.t.Fatalf("%s %d exited before replying to %v", l.name, l.pid, cmd)
 	}
 	return nil
 }
