@@ -8,6 +8,7 @@ package clusterclient
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -96,6 +97,7 @@ func serveRawEcho(nc net.Conn) {
 	bw := bufio.NewWriterSize(nc, 64<<10)
 	var in, out []byte
 	var err error
+	first := true
 	for {
 		if bw.Buffered() > 0 && !frameBuffered(br) {
 			if bw.Flush() != nil {
@@ -108,6 +110,15 @@ func serveRawEcho(nc net.Conn) {
 		id := binary.BigEndian.Uint64(in[4:])
 		timeout := int32(binary.BigEndian.Uint32(in[12:]))
 		connLen := int(binary.BigEndian.Uint32(in[16:]))
+		if first {
+			first = false
+			if bytes.Contains(in[HeaderSize:HeaderSize+connLen], []byte(`"register_channel"`)) {
+				// A follower client registers first.
+				out, _ = appendPacket(out[:0], true, id, timeout, registerChannelRes{}, []byte(`{"success":true}`))
+				bw.Write(out)
+				continue
+			}
+		}
 		arg := in[HeaderSize+connLen:]
 		if len(arg) >= 4 {
 			arg = arg[4:] // one framed argument
@@ -329,12 +340,13 @@ type benchCluster struct {
 // Where the leader of a benchmark runs, and with which real client.
 const (
 	kindProc        = "proc"         // a child process; the test real client
+	kindProcValue   = "proc-value"   // a child process; valueEcho
 	kindInproc      = "inproc"       // this process; the test real client
 	kindInprocValue = "inproc-value" // this process; valueEcho
 )
 
 // benchKinds are the leader placements of BenchmarkInvoke.
-var benchKinds = []string{kindProc, kindInproc, kindInprocValue}
+var benchKinds = []string{kindProcValue, kindProc, kindInprocValue, kindInproc}
 
 // valueEcho is a real client whose every method returns its first
 // argument as it came, without decoding it: the leader's part of an
@@ -353,8 +365,8 @@ func (valueEcho) Invoke(_ context.Context, _ string, args []Value) (any, error) 
 // client in this process.
 func startBenchCluster(tb testing.TB, kind string) *benchCluster {
 	port := freePort(tb)
-	if kind == kindProc {
-		k := startChild(tb, childSpec{Port: port, Role: RoleLeader})
+	if kind == kindProc || kind == kindProcValue {
+		k := startChild(tb, childSpec{Port: port, Role: RoleLeader, ValueEcho: kind == kindProcValue})
 		if !k.ready(10 * time.Second) {
 			tb.Fatal("child does not lead")
 		}
@@ -758,7 +770,7 @@ func TestPerfReport(t *testing.T) {
 	if n, err := strconv.Atoi(os.Getenv("CLUSTERCLIENT_PERF_ROUNDS")); err == nil && n > 0 {
 		rounds = n
 	}
-	const seqN, pipeN, concN, fanN = 3000, 100000, 30000, 200
+	const seqN, pipeN, concN, fanN = 5000, 100000, 30000, 200
 	ctx := context.Background()
 	var rows []*perfRow
 	check := func(err error) {
@@ -769,9 +781,9 @@ func TestPerfReport(t *testing.T) {
 	}
 	servers := map[string]*rawEchoServer{kindProc: startRawEchoChild(t), kindInproc: startRawEcho(t)}
 	for _, kind := range benchKinds {
-		s := servers[kind]
-		if s == nil {
-			s = servers[kindInproc] // kindInprocValue
+		s := servers[kindInproc]
+		if kind == kindProc || kind == kindProcValue {
+			s = servers[kindProc]
 		}
 		c := startBenchCluster(t, kind)
 		for _, size := range benchSizes {
@@ -1002,5 +1014,93 @@ func TestCallTimeoutsShareTimer(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the long call did not time out after its 2 s")
+	}
+}
+
+// TestInlineMethodHandsOff: a method runs on the connection's reader
+// only once its invokes have been quick; if one then runs long there,
+// the watchdog hands the reading to a new goroutine, so the calls behind
+// it wait about one period, and the method runs off the reader from then
+// on.
+func TestInlineMethodHandsOff(t *testing.T) {
+	t.Parallel()
+	port := freePort(t)
+	cfg := testConfig(t, port)
+	cfg.Role = RoleLeader
+	lead := newClient(t, "inline", cfg, newTestReal())
+	mustReady(t, lead)
+	lead.mu.Lock()
+	l := lead.lead
+	lead.mu.Unlock()
+	const period = 50 * time.Millisecond
+	l.handOff.Store(int64(period))
+	fcfg := testConfig(t, port)
+	fcfg.Role = RoleFollower
+	fol := newClient(t, "inline", fcfg, newTestReal())
+	mustReady(t, fol)
+	ctx := context.Background()
+
+	if l.inline("sleep") {
+		t.Fatal("a method never seen runs on the reader")
+	}
+	for i := 0; !l.inline("sleep"); i++ {
+		if i > 10*inlineAfter {
+			t.Fatalf("sleep(0) still off the reader after %d quick calls", i)
+		}
+		if _, err := fol.Invoke(ctx, "sleep", 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The call that made it inline answered from a goroutine of its own,
+	// which may still be ending as the next request comes: a few more
+	// calls, and each runs on the reader.
+	for range 3 {
+		if _, err := fol.Invoke(ctx, "sleep", 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	slow := make(chan error, 1)
+	go func() {
+		_, err := fol.Invoke(ctx, "sleep", 2000)
+		slow <- err
+	}()
+	var sc *serverConn
+	waitUntil(t, 5*time.Second, "the sleep running", func() bool {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		for c := range l.conns {
+			c.gate.Lock()
+			n := c.running
+			c.gate.Unlock()
+			if n == 1 {
+				sc = c
+				return true
+			}
+		}
+		return false
+	})
+	start := time.Now()
+	for i := range 20 {
+		v, err := fol.Invoke(ctx, "echo", i)
+		if err != nil || v.String() != strconv.Itoa(i) {
+			t.Fatalf("echo %d behind a slow call: %s, %v", i, v, err)
+		}
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("20 echoes behind a 2 s sleep on the reader took %v; the watchdog ticks every %v", d, period)
+	} else {
+		t.Logf("20 echoes behind a 2 s sleep on the reader: %v (watchdog period %v)", d, period)
+	}
+	sc.rmu.Lock()
+	gen := sc.readerGen
+	sc.rmu.Unlock()
+	if gen == 0 {
+		t.Error("the reading was never handed off: the sleep did not run on the reader")
+	}
+	if l.inline("sleep") {
+		t.Error("sleep still runs on the reader after a 2 s call")
+	}
+	if err := <-slow; err != nil {
+		t.Errorf("sleep: %v", err)
 	}
 }

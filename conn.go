@@ -35,14 +35,16 @@ func nextID() uint64 { return lastID.Add(1) }
 type sender struct {
 	nc       net.Conn
 	maxQueue int           // bound on len(buf), Config.MaxQueuedBytes
-	timeout  time.Duration // write deadline of one flush
+	timeout  time.Duration // a write that makes no progress for between timeout/2 and timeout fails
 	onFail   func(error)   // called once, outside mu, when a write fails
 
 	mu       sync.Mutex
 	buf      []byte // guarded by mu: encoded packets not yet written
 	spare    []byte // guarded by mu: the other buffer, empty
 	flushing bool   // guarded by mu: a goroutine is writing
+	promised bool   // guarded by mu: the goroutine reading the connection will flush before it waits for more
 	err      error  // guarded by mu: why the connection can take no more
+	deadline int64  // touched only by the flusher: unix nanoseconds of the write deadline set, 0 if none
 }
 
 func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(error)) *sender {
@@ -100,6 +102,7 @@ func (s *sender) sendLazy(encode func(b []byte) ([]byte, error)) error {
 // already: that one writes it.
 func (s *sender) flush() error {
 	s.mu.Lock()
+	s.promised = false
 	if s.flushing || s.err != nil || len(s.buf) == 0 {
 		s.mu.Unlock()
 		return nil
@@ -111,6 +114,16 @@ func (s *sender) flush() error {
 		s.onFail(err)
 	}
 	return err
+}
+
+// promise says that the goroutine reading the connection has packets to
+// handle and will call flush before it waits for more or stops reading:
+// until then sendBatch leaves its packets to that flush, so that the
+// requests of the callers woken by one burst of answers share a write.
+func (s *sender) promise() {
+	s.mu.Lock()
+	s.promised = true
+	s.mu.Unlock()
 }
 
 // queue encodes a packet with encode into the queue; mode says who
@@ -137,7 +150,7 @@ func (s *sender) queue(mode sendMode, encode func(b []byte) ([]byte, error)) err
 		s.onFail(errQueueFull)
 		return errQueueFull
 	}
-	if s.flushing || (mode == sendLazy && len(s.buf) < lazyFlush) {
+	if s.flushing || (mode != sendNow && mode != sendAsync && len(s.buf) < lazyFlush && (mode == sendLazy || s.promised)) {
 		s.mu.Unlock()
 		return nil
 	}
@@ -177,7 +190,13 @@ func (s *sender) flushLocked() error {
 		s.buf = s.spare[:0]
 		s.mu.Unlock()
 		if s.timeout > 0 {
-			s.nc.SetWriteDeadline(time.Now().Add(s.timeout))
+			// The deadline is moved only once less than half the
+			// timeout is left, not for every write: moving it
+			// costs a timer update.
+			if now := time.Now().UnixNano(); s.deadline-now < int64(s.timeout/2) {
+				s.deadline = now + int64(s.timeout)
+				s.nc.SetWriteDeadline(time.Unix(0, s.deadline))
+			}
 		}
 		_, err := s.nc.Write(b)
 		s.mu.Lock()

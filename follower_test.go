@@ -414,3 +414,42 @@ func TestFollowerReaderLeaderLost(t *testing.T) {
 		t.Fatalf("the call failed after %v", o.d)
 	}
 }
+
+// TestFollowerFreeReading: a call that read its own answer leaves the
+// reading free, so that the next call takes it with no goroutine woken;
+// the background reader takes it back within about resumeAfter, so a
+// value pushed and the end of the connection are still seen with no
+// call made.
+func TestFollowerFreeReading(t *testing.T) {
+	r := newFollowerRig(t, nil)
+	ctx := context.Background()
+	free := func() bool {
+		r.f.mu.Lock()
+		defer r.f.mu.Unlock()
+		return r.f.reader == nil && !r.f.bgReads
+	}
+	r.works(ctx, `"a"`)
+	if !free() {
+		t.Fatal("after a call that read its own answer, the reading is not left free")
+	}
+	r.works(ctx, `"b"`) // takes the free reading
+	start := time.Now()
+	r.push(7, `"pushed"`)
+	if d := time.Since(start); d > 2*resumeAfter+time.Second {
+		t.Errorf("a value pushed after a call arrived after %v; resumeAfter is %v", d, resumeAfter)
+	} else {
+		t.Logf("a value pushed after a call arrived after %v (resumeAfter %v)", d, resumeAfter)
+	}
+	r.works(ctx, `"c"`)
+	if !free() {
+		t.Fatal("the reading is not left free")
+	}
+	start = time.Now()
+	r.fc.nc.Close()
+	select {
+	case <-r.fl.conns:
+		t.Logf("the follower saw the end of its connection and reconnected after %v", time.Since(start))
+	case <-time.After(2*resumeAfter + 5*time.Second):
+		t.Fatal("the follower did not see the end of its connection with the reading free")
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"strings"
@@ -39,10 +40,13 @@ type leader struct {
 
 	inflight sync.WaitGroup // running invokes, remote and local
 
-	onReaders atomic.Int64   // invokes running on a connection's reader goroutine
-	watching  atomic.Bool    // the watchdog runs
-	ticks     atomic.Uint64  // counts the watchdog's ticks
-	wg        sync.WaitGroup // serve goroutines and the idle checker
+	onReaders atomic.Int64                           // invokes running on a connection's reader goroutine
+	watching  atomic.Bool                            // the watchdog runs
+	ticks     atomic.Uint64                          // counts the watchdog's ticks
+	methods   atomic.Pointer[map[string]*methodStat] // by method name; the map is replaced, never changed
+	methodsMu sync.Mutex                             // held while methods is replaced
+	handOff   atomic.Int64                           // the watchdog's period in nanoseconds: handOffAfter, shorter in tests
+	wg        sync.WaitGroup                         // serve goroutines and the idle checker
 
 	// realMu is held from the decision to subscribe or release a key
 	// until the real client's Subscribe or Unsubscribe has returned, so
@@ -83,11 +87,12 @@ type serverConn struct {
 	// The goroutine that reads the connection runs each invoke itself;
 	// if one runs for handOffAfter, the leader's watchdog hands the
 	// reading (br, r) to a new goroutine. See runInvoke and watch.
-	br        *bufio.Reader // reader goroutine only
-	r         *Reader       // reader goroutine only
-	rmu       sync.Mutex
-	readerGen uint64 // guarded by rmu: counts the hand-offs
-	busySince uint64 // guarded by rmu: the first watchdog tick after the reader's invoke began, 0 if none
+	br         *bufio.Reader // reader goroutine only
+	r          *Reader       // reader goroutine only
+	rmu        sync.Mutex
+	readerGen  uint64 // guarded by rmu: counts the hand-offs
+	busySince  uint64 // guarded by rmu: the first watchdog tick after the reader's invoke began, 0 if none
+	busyMethod string // guarded by rmu: the method of that invoke
 
 	gate     sync.Mutex
 	running  int           // guarded by gate: invokes running
@@ -104,15 +109,19 @@ const maxConnInvokes = 1024
 
 // admit waits until the connection may start an invoke whose app object
 // has n bytes (one is always allowed). It returns false if the connection
-// closed meanwhile.
-func (sc *serverConn) admit(n int) bool {
+// closed meanwhile. alone reports whether the invoke is the only one sc
+// has running: only then does the reader run it itself, so once an
+// invoke has been slow enough to be handed off, those behind it get
+// goroutines of their own until it ends.
+func (sc *serverConn) admit(n int) (ok, alone bool) {
 	for {
 		sc.gate.Lock()
 		if sc.running == 0 || (sc.running < maxConnInvokes && sc.held+n <= sc.l.cfg.MaxQueuedBytes) {
 			sc.running++
 			sc.held += n
+			alone = sc.running == 1
 			sc.gate.Unlock()
-			return true
+			return true, alone
 		}
 		if sc.gateWake == nil {
 			sc.gateWake = make(chan struct{})
@@ -122,7 +131,7 @@ func (sc *serverConn) admit(n int) bool {
 		select {
 		case <-wake:
 		case <-sc.done:
-			return false
+			return false, false
 		}
 	}
 }
@@ -141,7 +150,7 @@ func (sc *serverConn) release(n int) {
 
 func newLeader(name string, cfg *Config, owner *Client) *leader {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &leader{
+	l := &leader{
 		name:    name,
 		cfg:     cfg,
 		owner:   owner,
@@ -152,6 +161,8 @@ func newLeader(name string, cfg *Config, owner *Client) *leader {
 		topics:  make(map[string]*topic),
 		drained: make(chan struct{}),
 	}
+	l.handOff.Store(int64(handOffAfter))
+	return l
 }
 
 // start builds the real client in the background and starts the check
@@ -289,24 +300,41 @@ func (l *leader) readLoop(sc *serverConn, gen uint64) {
 	}
 }
 
-// handOffAfter is about how long an invoke runs on the goroutine that
-// reads its connection before the watchdog hands the reading to a new
-// goroutine: between one and two of these. Running invokes on the reader
-// saves a goroutine and a thread wake-up per call and lets answers share
-// writes; the hand-off bounds how long a slow method holds up the
-// requests behind it on the same connection.
-const handOffAfter = time.Millisecond
+// inlineLimit is how long an invoke of a method may take for the next
+// ones to run on the goroutine that reads their connection. Running
+// invokes on the reader saves a goroutine and a thread wake-up per call
+// and lets answers share writes, but the requests behind it on the same
+// connection wait for it: so a method runs on the reader only once an
+// invoke of it, on a goroutine of its own, has returned within this, and
+// no longer once one on the reader has not (see learn).
+const inlineLimit = time.Millisecond
+
+// handOffAfter bounds how long an invoke that runs on the reader holds up
+// the requests behind it: after between one and two of these, the
+// leader's watchdog hands the reading to a new goroutine and the method
+// runs on goroutines of its own from then on. The watchdog ticks only
+// while invokes run on readers. The period is long because a timer due
+// within about 100 ms makes every wait of the process for the network
+// slower on virtual machines (measured on loopback: 4 to 7 µs more per
+// round trip with a 1, 10 or 100 ms tick, none with 1 s).
+const handOffAfter = time.Second
 
 // watchQuiet is the number of ticks without an invoke running on a
 // reader after which the watchdog stops, to start again with the next.
-const watchQuiet = 1000
+const watchQuiet = 10
+
+// maxMethods bounds the method names a leader remembers, each at most
+// clipLen bytes long: names come from peers. Invokes of other methods
+// run on goroutines of their own.
+const maxMethods = 256
 
 // beginOnReader records that the reader of sc starts an invoke, and
 // starts the watchdog if it does not run.
-func (l *leader) beginOnReader(sc *serverConn) {
+func (l *leader) beginOnReader(sc *serverConn, method string) {
 	tick := l.ticks.Load() + 1 // the next tick: a whole one has passed when the one after it comes
 	sc.rmu.Lock()
 	sc.busySince = tick
+	sc.busyMethod = method
 	sc.rmu.Unlock()
 	l.onReaders.Add(1)
 	if !l.watching.Load() && l.watching.CompareAndSwap(false, true) {
@@ -333,7 +361,7 @@ func (l *leader) endOnReader(sc *serverConn, gen uint64) bool {
 // new goroutine.
 func (l *leader) watch() {
 	defer l.wg.Done()
-	t := time.NewTicker(handOffAfter)
+	t := time.NewTicker(time.Duration(l.handOff.Load()))
 	defer t.Stop()
 	quiet := 0
 	for {
@@ -361,6 +389,10 @@ func (l *leader) watch() {
 			sc.rmu.Lock()
 			if sc.busySince != 0 && sc.busySince < tick {
 				sc.busySince = 0
+				if st := l.stat(sc.busyMethod); st != nil {
+					st.quick.Store(0)
+					st.inline.Store(false)
+				}
 				sc.readerGen++
 				l.wg.Add(1)
 				go func(gen uint64) {
@@ -372,6 +404,71 @@ func (l *leader) watch() {
 		}
 		l.mu.Unlock()
 	}
+}
+
+// methodStat is what the invokes of one method taught the leader.
+type methodStat struct {
+	inline atomic.Bool  // its invokes run on the reader
+	quick  atomic.Int32 // invokes in a row, on goroutines of their own, that returned within inlineLimit
+}
+
+// inlineAfter is the number of invokes of a method in a row that must
+// return within inlineLimit, on goroutines of their own, before its
+// invokes run on the reader.
+const inlineAfter = 32
+
+// stat returns the methodStat of method, adding one if there is room.
+func (l *leader) stat(method string) *methodStat {
+	if m := l.methods.Load(); m != nil {
+		if st := (*m)[method]; st != nil {
+			return st
+		}
+	}
+	if len(method) > clipLen {
+		return nil
+	}
+	l.methodsMu.Lock()
+	defer l.methodsMu.Unlock()
+	old := l.methods.Load()
+	if old != nil {
+		if st := (*old)[method]; st != nil {
+			return st
+		}
+		if len(*old) >= maxMethods {
+			return nil
+		}
+	}
+	m := make(map[string]*methodStat, 1)
+	if old != nil {
+		maps.Copy(m, *old)
+	}
+	st := new(methodStat)
+	m[method] = st
+	l.methods.Store(&m)
+	return st
+}
+
+// ran records an invoke of method that took took.
+func (l *leader) ran(method string, took time.Duration) {
+	st := l.stat(method)
+	switch {
+	case st == nil:
+	case took > inlineLimit:
+		st.quick.Store(0)
+		st.inline.Store(false)
+	case !st.inline.Load() && st.quick.Add(1) >= inlineAfter:
+		st.inline.Store(true)
+	}
+}
+
+// inline reports whether the invokes of method run on the reader.
+func (l *leader) inline(method string) bool {
+	m := l.methods.Load()
+	if m == nil {
+		return false
+	}
+	st := (*m)[method]
+	return st != nil && st.inline.Load()
 }
 
 // secretsEqual compares in constant time, whatever the lengths.
@@ -398,7 +495,13 @@ func (sc *serverConn) close(err error) {
 // generation gen. An error closes the connection, but errHandedOff,
 // which ends the goroutine.
 func (l *leader) handle(sc *serverConn, p *Packet, gen uint64) error {
-	c, typ, err := parseConn(p.Conn)
+	if !p.Response {
+		// Most requests are invokes, written as parseInvokeFast reads.
+		if c, ok := parseInvokeFast(p.Conn); ok {
+			return l.invoke(sc, p, c, gen)
+		}
+	}
+	c, typ, err := parseConnFull(p.Conn)
 	if err != nil {
 		return err
 	}
@@ -407,33 +510,7 @@ func (l *leader) handle(sc *serverConn, p *Packet, gen uint64) error {
 	}
 	switch c := c.(type) {
 	case invoke:
-		args, err := splitArgs(p.App, c.ArgLength)
-		if err != nil {
-			return err
-		}
-		if !sc.admit(len(p.App)) {
-			return net.ErrClosed
-		}
-		if !l.enter() {
-			sc.release(len(p.App))
-			// A Node.js follower does not heed leader_closing and may
-			// call after the drain: tell it, as the reference would by
-			// closing the connection.
-			if !c.Oneway {
-				_, data := l.encodeResult(c.Method, nil, &RemoteError{Name: "ClusterLeaderClosingError",
-					Message: "the leader of channel " + l.name + " is closing", Code: "ERR_CLUSTER_LEADER_CLOSING"})
-				id, timeout := p.ID, p.Timeout
-				sc.w.send(false, func(b []byte) ([]byte, error) {
-					return appendPacket(b, true, id, timeout, invokeResult{Success: false}, data)
-				})
-			}
-			return nil
-		}
-		if !sc.alone() {
-			go l.runInvoke(sc, offReader, p.ID, p.Timeout, c, args, len(p.App))
-		} else if !l.runInvoke(sc, gen, p.ID, p.Timeout, c, args, len(p.App)) {
-			return errHandedOff
-		}
+		return l.invoke(sc, p, c, gen)
 	case heartbeat:
 		id, timeout := p.ID, p.Timeout
 		sc.w.sendLazy(func(b []byte) ([]byte, error) {
@@ -461,6 +538,41 @@ func (l *leader) handle(sc *serverConn, p *Packet, gen uint64) error {
 	return nil
 }
 
+// invoke starts an invoke from a follower: on the reader of generation
+// gen if it is the only one the connection has running and its method
+// is known to be quick (see inlineLimit), else on a goroutine of its own.
+func (l *leader) invoke(sc *serverConn, p *Packet, c invoke, gen uint64) error {
+	args, err := splitArgs(p.App, c.ArgLength)
+	if err != nil {
+		return err
+	}
+	ok, alone := sc.admit(len(p.App))
+	if !ok {
+		return net.ErrClosed
+	}
+	if !l.enter() {
+		sc.release(len(p.App))
+		// A Node.js follower does not heed leader_closing and may
+		// call after the drain: tell it, as the reference would by
+		// closing the connection.
+		if !c.Oneway {
+			_, data := l.encodeResult(c.Method, nil, &RemoteError{Name: "ClusterLeaderClosingError",
+				Message: "the leader of channel " + l.name + " is closing", Code: "ERR_CLUSTER_LEADER_CLOSING"})
+			id, timeout := p.ID, p.Timeout
+			sc.w.send(false, func(b []byte) ([]byte, error) {
+				return appendPacket(b, true, id, timeout, invokeResult{Success: false}, data)
+			})
+		}
+		return nil
+	}
+	if !alone || !l.inline(c.Method) {
+		go l.runInvoke(sc, offReader, p.ID, p.Timeout, c, args, len(p.App))
+	} else if !l.runInvoke(sc, gen, p.ID, p.Timeout, c, args, len(p.App)) {
+		return errHandedOff
+	}
+	return nil
+}
+
 // enter counts a call in flight, unless the leader has stopped taking
 // calls. Taking l.mu orders every Add before close's Wait, as
 // sync.WaitGroup requires.
@@ -478,16 +590,6 @@ func (l *leader) enter() bool {
 // a goroutine of its own.
 const offReader = ^uint64(0)
 
-// alone reports whether the invoke just admitted is the only one that
-// sc has running. Only then does the reader run it itself: once an
-// invoke has been slow enough to be handed off, those behind it get
-// goroutines of their own until it ends.
-func (sc *serverConn) alone() bool {
-	sc.gate.Lock()
-	defer sc.gate.Unlock()
-	return sc.running == 1
-}
-
 // runInvoke runs one invoke from a follower, on the reader of generation
 // gen or (offReader) on a goroutine of its own, and answers it, unless it
 // is oneway or its timeout passed (the follower gave up; the reference
@@ -498,7 +600,7 @@ func (l *leader) runInvoke(sc *serverConn, gen uint64, id uint64, timeoutMS int3
 	defer sc.release(held)
 	defer l.inflight.Done()
 	if gen != offReader {
-		l.beginOnReader(sc)
+		l.beginOnReader(sc, c.Method)
 	}
 	// The packet's timeout is the method's deadline. A request without
 	// one (the reference never sends that) gets the leader's
@@ -507,7 +609,8 @@ func (l *leader) runInvoke(sc *serverConn, gen uint64, id uint64, timeoutMS int3
 	if timeoutMS <= 0 {
 		limit = l.cfg.ResponseTimeout
 	}
-	ic := &invokeCtx{parent: l.ctx, deadline: time.Now().Add(limit)}
+	start := time.Now()
+	ic := &invokeCtx{parent: l.ctx, deadline: start.Add(limit)}
 	defer ic.release()
 	var ctx context.Context = ic
 	args := make([]Value, len(raw))
@@ -524,6 +627,7 @@ func (l *leader) runInvoke(sc *serverConn, gen uint64, id uint64, timeoutMS int3
 		result, err = l.real.Invoke(ctx, c.Method, args)
 	}
 	reader = gen != offReader && l.endOnReader(sc, gen)
+	l.ran(c.Method, time.Since(start))
 	if c.Oneway {
 		if err != nil {
 			l.cfg.Logger.Warn("clusterclient: oneway invoke failed", "channel", l.name, "method", clip(c.Method), "err", err)
@@ -624,7 +728,7 @@ func (l *leader) checkArgs(method string, raw [][]byte) error {
 		return nil
 	}
 	for i, a := range raw {
-		if !json.Valid(a) {
+		if !validJSON(a) {
 			return &RemoteError{Name: "SyntaxError", Code: codeBadArgument,
 				Message: fmt.Sprintf("argument %d of %.64q is not valid JSON", i, method)}
 		}

@@ -311,6 +311,8 @@ type childSpec struct {
 	DrainTimeoutMS  int    `json:"drainTimeoutMS"`
 	NoWaitForReady  bool   `json:"noWaitForReady"`
 	MaxUnregistered int    `json:"maxUnregistered"`
+	// ValueEcho makes valueEcho the real client, in place of testReal.
+	ValueEcho bool `json:"valueEcho"`
 	// Mode, when set, runs a benchmark helper instead of a cluster
 	// member: see benchChildMain. Count is its number of connections.
 	Mode  string `json:"mode"`
@@ -384,7 +386,11 @@ func childMain() int {
 	}
 	real := newTestReal()
 	real.name = "pid" + strconv.Itoa(os.Getpid())
-	c, err := New(name, cfg, buildTestReal(real))
+	build := buildTestReal(real)
+	if spec.ValueEcho {
+		build = func(context.Context) (RealClient, error) { return valueEcho{}, nil }
+	}
+	c, err := New(name, cfg, build)
 	if err != nil {
 		out(msg{"event": "error", "err": err.Error()})
 		return 1

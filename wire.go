@@ -187,6 +187,14 @@ func isJSONObject(b []byte) bool {
 	return walkObject(b, nil) == nil
 }
 
+// validJSON reports whether b is one JSON value with optional JSON
+// whitespace around it: what json.Valid reports (FuzzParseConn checks
+// the two against each other), in one pass with no allocation.
+func validJSON(b []byte) bool {
+	end, err := jsonValue(b, skipSpace(b, 0), 0)
+	return err == nil && skipSpace(b, end) == len(b)
+}
+
 func truncated(where string, got, want int) error {
 	return fmt.Errorf("%w: %s has %d of %d bytes: %w", ErrTruncated, where, got, want, io.ErrUnexpectedEOF)
 }
@@ -492,6 +500,70 @@ func appendJSONString(b []byte, s string) []byte {
 // An invoke with a negative argLength is ErrArgCount. Reg, when present,
 // is a copy of the raw JSON value and never aliases b.
 func parseConn(b []byte) (connObject, string, error) {
+	if c, ok := parseInvokeFast(b); ok {
+		return c, typeInvoke, nil
+	}
+	return parseConnFull(b)
+}
+
+// invokePrefix, invokeArgLength and the two endings are the conn object
+// of an invoke as Go and Node.js followers write it.
+const (
+	invokePrefix    = `{"type":"invoke","method":"`
+	invokeArgLength = `","argLength":`
+	invokeOneway    = `,"oneway":true}`
+	invokeTwoway    = `,"oneway":false}`
+)
+
+// parseInvokeFast reads the conn object of an invoke written exactly as
+// Go and Node.js followers write it, with a short plain ASCII method
+// name; it reports false for anything else, which parseConnFull reads.
+// It returns what parseConnFull returns for the same bytes
+// (FuzzParseConn checks).
+func parseInvokeFast(b []byte) (invoke, bool) {
+	if len(b) < len(invokePrefix) || string(b[:len(invokePrefix)]) != invokePrefix {
+		return invoke{}, false
+	}
+	rest := b[len(invokePrefix):]
+	q := bytes.IndexByte(rest, '"')
+	if q < 0 || q > maxMethodNameLen {
+		return invoke{}, false
+	}
+	for _, c := range rest[:q] {
+		if c < 0x20 || c == '\\' || c >= utf8.RuneSelf {
+			return invoke{}, false
+		}
+	}
+	lit := b[len(invokePrefix)-1 : len(invokePrefix)+q+1]
+	rest = rest[q:]
+	if len(rest) < len(invokeArgLength) || string(rest[:len(invokeArgLength)]) != invokeArgLength {
+		return invoke{}, false
+	}
+	rest = rest[len(invokeArgLength):]
+	n, i := 0, 0
+	for ; i < len(rest) && i < 6 && '0' <= rest[i] && rest[i] <= '9'; i++ {
+		n = n*10 + int(rest[i]-'0')
+	}
+	if i == 0 || i > 1 && rest[0] == '0' {
+		return invoke{}, false
+	}
+	var oneway bool
+	switch string(rest[i:]) {
+	case invokeOneway:
+		oneway = true
+	case invokeTwoway:
+	default:
+		return invoke{}, false
+	}
+	method, err := methodName(lit)
+	if err != nil {
+		return invoke{}, false
+	}
+	return invoke{Method: method, ArgLength: n, Oneway: oneway}, true
+}
+
+// parseConnFull is parseConn for any conn object.
+func parseConnFull(b []byte) (connObject, string, error) {
 	var f connFields
 	if err := f.scan(b); err != nil {
 		return nil, "", fmt.Errorf("%w: %v: %.64q", ErrBadConn, err, b)

@@ -324,6 +324,15 @@ func FuzzParseConn(f *testing.F) {
 		if got := isJSONObject(b); got != wantObject {
 			t.Fatalf("isJSONObject(%q) = %v, json.Valid says %v", b, got, wantObject)
 		}
+		if inv, ok := parseInvokeFast(b); ok {
+			c, typ, err := parseConnFull(b)
+			if err != nil || typ != typeInvoke || c != inv {
+				t.Fatalf("parseInvokeFast(%q) = %+v, parseConnFull says %+v %q %v", b, inv, c, typ, err)
+			}
+		}
+		if got, want := validJSON(b), json.Valid(b); got != want {
+			t.Fatalf("validJSON(%q) = %v, json.Valid says %v", b, got, want)
+		}
 		member := append(append([]byte(`{"x":`), b...), '}')
 		if got, want := isJSONObject(member), json.Valid(member); got != want {
 			t.Fatalf("isJSONObject(%q) = %v, json.Valid says %v", member, got, want)

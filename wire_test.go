@@ -1340,3 +1340,65 @@ func BenchmarkDecodeApp64KiB(b *testing.B) {
 		}
 	}
 }
+
+// TestSuccessConn: the conn object that Client.result takes without
+// parsing is the one the reference writes for a successful invoke.
+func TestSuccessConn(t *testing.T) {
+	found := false
+	for _, v := range loadGolden(t).Vectors {
+		if v.Name == "invoke_result_ok" {
+			found = true
+			if v.Conn != successConn {
+				t.Fatalf("golden invoke_result_ok conn %s, successConn %s", v.Conn, successConn)
+			}
+		}
+	}
+	if !found {
+		t.Fatal("no golden vector invoke_result_ok")
+	}
+	b, err := appendPacket(nil, true, 1, 0, invokeResult{Success: true}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var p Packet
+	if err := p.UnmarshalBinary(b); err != nil {
+		t.Fatal(err)
+	}
+	if string(p.Conn) != successConn {
+		t.Fatalf("encoder writes %s, successConn is %s", p.Conn, successConn)
+	}
+}
+
+// TestParseInvokeFast: the invokes that the reference writes take the
+// fast path and read as parseConnFull reads them; near misses do not.
+func TestParseInvokeFast(t *testing.T) {
+	n := 0
+	for _, v := range loadGolden(t).Vectors {
+		full, typ, err := parseConnFull([]byte(v.Conn))
+		if err != nil || typ != typeInvoke {
+			continue
+		}
+		n++
+		fast, ok := parseInvokeFast([]byte(v.Conn))
+		if !ok || fast != full {
+			t.Errorf("%s: parseInvokeFast = %+v, %v; parseConnFull = %+v", v.Name, fast, ok, full)
+		}
+	}
+	if n < 3 {
+		t.Fatalf("only %d golden invokes", n)
+	}
+	for _, conn := range []string{
+		`{"type":"invoke","method":"a","argLength":01,"oneway":false}`,
+		`{"type":"invoke","method":"a\"b","argLength":1,"oneway":false}`,
+		`{"type":"invoke","method":"é","argLength":1,"oneway":false}`,
+		`{"type":"invoke","method":"a","argLength":1,"oneway":false} `,
+		`{"type":"invoke","method":"a","argLength":1234567,"oneway":false}`,
+		`{"type":"invoke","method":"a","argLength":-1,"oneway":false}`,
+		`{"type":"invoke","method":"a","argLength":1,"oneway":null}`,
+		`{"type":"invoke","method":"` + strings.Repeat("m", maxMethodNameLen+1) + `","argLength":1,"oneway":false}`,
+	} {
+		if c, ok := parseInvokeFast([]byte(conn)); ok {
+			t.Errorf("parseInvokeFast(%s) = %+v; want it left to parseConnFull", conn, c)
+		}
+	}
+}
