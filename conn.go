@@ -42,7 +42,6 @@ type sender struct {
 	buf      []byte // guarded by mu: encoded packets not yet written
 	spare    []byte // guarded by mu: the other buffer, empty
 	flushing bool   // guarded by mu: a goroutine is writing
-	promised bool   // guarded by mu: the goroutine reading the connection will flush before it waits for more
 	err      error  // guarded by mu: why the connection can take no more
 	deadline int64  // touched only by the flusher: unix nanoseconds of the write deadline set, 0 if none
 }
@@ -102,7 +101,6 @@ func (s *sender) sendLazy(encode func(b []byte) ([]byte, error)) error {
 // already: that one writes it.
 func (s *sender) flush() error {
 	s.mu.Lock()
-	s.promised = false
 	if s.flushing || s.err != nil || len(s.buf) == 0 {
 		s.mu.Unlock()
 		return nil
@@ -114,16 +112,6 @@ func (s *sender) flush() error {
 		s.onFail(err)
 	}
 	return err
-}
-
-// promise says that the goroutine reading the connection has packets to
-// handle and will call flush before it waits for more or stops reading:
-// until then sendBatch leaves its packets to that flush, so that the
-// requests of the callers woken by one burst of answers share a write.
-func (s *sender) promise() {
-	s.mu.Lock()
-	s.promised = true
-	s.mu.Unlock()
 }
 
 // queue encodes a packet with encode into the queue; mode says who
@@ -150,7 +138,7 @@ func (s *sender) queue(mode sendMode, encode func(b []byte) ([]byte, error)) err
 		s.onFail(errQueueFull)
 		return errQueueFull
 	}
-	if s.flushing || (mode != sendNow && mode != sendAsync && len(s.buf) < lazyFlush && (mode == sendLazy || s.promised)) {
+	if s.flushing || (mode == sendLazy && len(s.buf) < lazyFlush) {
 		s.mu.Unlock()
 		return nil
 	}

@@ -77,6 +77,7 @@ type call struct {
 	grant    chan struct{} // capacity 1: the call was handed the reading
 	resp     Packet
 	err      error
+	sent     int64 // unix nanoseconds when the call was made
 	deadline int64 // unix nanoseconds when the call times out
 }
 
@@ -271,7 +272,6 @@ func (f *follower) await() (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	f.w.promise()
 	f.lastRecv.Store(time.Now().UnixNano())
 	n := int64(HeaderSize) + int64(int32(binary.BigEndian.Uint32(h[16:]))) + int64(int32(binary.BigEndian.Uint32(h[20:])))
 	if n > int64(f.br.Size()) {
@@ -372,7 +372,11 @@ func (f *follower) readOwn(ctx context.Context, cl *call) bool {
 			break
 		}
 	}
-	f.giveBack(len(cl.done) == 1)
+	var answered int64
+	if len(cl.done) == 1 {
+		answered = cl.sent
+	}
+	f.giveBack(answered)
 	return false
 }
 
@@ -410,7 +414,7 @@ func (f *follower) unask(cl *call) {
 	f.mu.Unlock()
 	if handed {
 		<-cl.grant
-		f.giveBack(false)
+		f.giveBack(0)
 	}
 }
 
@@ -425,17 +429,18 @@ func (f *follower) unask(cl *call) {
 // cost 2 to 3 µs per round trip on loopback, 200 ms none).
 var resumeAfter = 250 * time.Millisecond
 
-// giveBack gives up the reading. After a call that has its answer, with
-// no other call pending, the reading is left free and the background
-// reader takes it back only resumeAfter later (resume); otherwise it is
-// woken now.
-func (f *follower) giveBack(answered bool) {
+// giveBack gives up the reading. After a call that has its answer
+// (answered: when that call was made, in unix nanoseconds; 0 for none),
+// with no other call pending, the reading is left free and the
+// background reader takes it back about resumeAfter later (resume);
+// otherwise it is woken now.
+func (f *follower) giveBack(answered int64) {
 	f.w.flush()
 	f.mu.Lock()
 	f.reader = nil
-	free := answered && f.err == nil && f.want == nil && len(f.pending) == 0
+	free := answered != 0 && f.err == nil && f.want == nil && len(f.pending) == 0
 	if free {
-		f.freedAt = time.Now().UnixNano()
+		f.freedAt = answered
 		if !f.resuming {
 			f.resuming = true
 			if f.resumer == nil {
@@ -615,7 +620,7 @@ func (f *follower) request(ctx context.Context, what string, encode func(b []byt
 	ms := max(int32(timeout/time.Millisecond), 1)
 	now := time.Now().UnixNano()
 	cl := callPool.Get().(*call)
-	cl.deadline = now + int64(timeout)
+	cl.sent, cl.deadline = now, now+int64(timeout)
 	f.mu.Lock()
 	if err := f.usable(); err != nil {
 		f.mu.Unlock()
@@ -645,15 +650,19 @@ func (f *follower) request(ctx context.Context, what string, encode func(b []byt
 		return Packet{}, f.sendError(err)
 	}
 	if !own || !f.readOwn(ctx, cl) {
-		select {
-		case <-cl.done:
-		case <-ctx.Done():
-			if !f.forget(id) {
-				<-cl.done
-				cl.resp, cl.err = Packet{}, nil
+		if done := ctx.Done(); done == nil {
+			<-cl.done // a plain receive: cheaper to wake than a select
+		} else {
+			select {
+			case <-cl.done:
+			case <-done:
+				if !f.forget(id) {
+					<-cl.done
+					cl.resp, cl.err = Packet{}, nil
+				}
+				callPool.Put(cl)
+				return Packet{}, ctx.Err()
 			}
-			callPool.Put(cl)
-			return Packet{}, ctx.Err()
 		}
 	}
 	resp, err := cl.resp, cl.err

@@ -627,14 +627,15 @@ func (l *leader) runInvoke(sc *serverConn, gen uint64, id uint64, timeoutMS int3
 		result, err = l.real.Invoke(ctx, c.Method, args)
 	}
 	reader = gen != offReader && l.endOnReader(sc, gen)
-	l.ran(c.Method, time.Since(start))
+	took := time.Since(start)
+	l.ran(c.Method, took)
 	if c.Oneway {
 		if err != nil {
 			l.cfg.Logger.Warn("clusterclient: oneway invoke failed", "channel", l.name, "method", clip(c.Method), "err", err)
 		}
 		return reader
 	}
-	if timeoutMS > 0 && ctx.Err() == context.DeadlineExceeded {
+	if timeoutMS > 0 && took >= limit {
 		l.cfg.Logger.Warn("clusterclient: invoke outlasted its timeout; no answer sent",
 			"channel", l.name, "method", clip(c.Method), "timeout", time.Duration(timeoutMS)*time.Millisecond, "err", err)
 		return reader
