@@ -963,6 +963,12 @@ func jsonString(b []byte, i int) (int, error) {
 		return 0, errJSONSyntax
 	}
 	for i++; i < len(b); i++ {
+		for i+8 <= len(b) && !specialInWord(binary.LittleEndian.Uint64(b[i:])) {
+			i += 8 // eight plain bytes
+		}
+		if i >= len(b) {
+			break
+		}
 		switch c := b[i]; {
 		case c == '"':
 			return i + 1, nil
@@ -991,6 +997,15 @@ func jsonString(b []byte, i int) (int, error) {
 		}
 	}
 	return 0, errJSONSyntax
+}
+
+// specialInWord reports whether any of the eight bytes in w is a quote,
+// a backslash or a control character: the bytes that end a plain run in
+// a JSON string. Each test is exact about whether some byte matches.
+func specialInWord(w uint64) bool {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	zero := func(x uint64) uint64 { return (x - ones) & ^x & highs }
+	return (w-0x20*ones)&^w&highs|zero(w^('"'*ones))|zero(w^('\\'*ones)) != 0
 }
 
 func isHexDigit(c byte) bool {

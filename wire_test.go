@@ -1402,3 +1402,28 @@ func TestParseInvokeFast(t *testing.T) {
 		}
 	}
 }
+
+// TestSpecialInWord checks the word-at-a-time test against a byte loop:
+// every byte value at every position, and random words.
+func TestSpecialInWord(t *testing.T) {
+	special := func(c byte) bool { return c < 0x20 || c == '"' || c == '\\' }
+	slow := func(w uint64) bool {
+		for i := range 8 {
+			if special(byte(w >> (8 * i))) {
+				return true
+			}
+		}
+		return false
+	}
+	for pos := range 8 {
+		for c := range 256 {
+			w := uint64(0x6161616161616161)&^(0xff<<(8*pos)) | uint64(c)<<(8*pos)
+			if got := specialInWord(w); got != special(byte(c)) {
+				t.Fatalf("byte %#x at %d: specialInWord = %v", c, pos, got)
+			}
+		}
+	}
+	if err := quick.Check(func(w uint64) bool { return specialInWord(w) == slow(w) }, &quick.Config{MaxCount: 200000}); err != nil {
+		t.Fatal(err)
+	}
+}
