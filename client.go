@@ -421,10 +421,6 @@ func (c *Client) retry(f *follower, err error) bool {
 	return false
 }
 
-// successConn is the conn object of a successful invoke_result as Go
-// and Node.js leaders write it; result takes it without parsing.
-const successConn = `{"type":"invoke_result","success":true}`
-
 // result reads an invoke_result.
 func (c *Client) result(p *Packet) (Value, error) {
 	if string(p.Conn) == successConn {

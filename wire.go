@@ -7,9 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"unicode/utf8"
 )
 
@@ -171,7 +173,7 @@ func (h *header) parse(b []byte, max int) error {
 // JSON object.
 func (h *header) fill(p *Packet, body []byte) error {
 	conn := body[:h.connLen:h.connLen]
-	if !isJSONObject(conn) {
+	if !knownConn(conn) && !isJSONObject(conn) {
 		return fmt.Errorf("%w: %.64q", ErrBadConn, conn)
 	}
 	p.Response, p.ID, p.Timeout, p.Conn, p.App = h.response, h.id, h.timeout, conn, nil
@@ -179,6 +181,17 @@ func (h *header) fill(p *Packet, body []byte) error {
 		p.App = body[h.connLen:]
 	}
 	return nil
+}
+
+// knownConn reports whether conn is one of the conn objects that are read
+// without the general parser: a successful invoke_result and an invoke as
+// followers write them. Each is a JSON object.
+func knownConn(conn []byte) bool {
+	if string(conn) == successConn {
+		return true
+	}
+	_, _, _, ok := invokeShape(conn)
+	return ok
 }
 
 // isJSONObject reports whether b is one JSON object, with optional JSON
@@ -506,6 +519,10 @@ func parseConn(b []byte) (connObject, string, error) {
 	return parseConnFull(b)
 }
 
+// successConn is the conn object of a successful invoke_result as Go
+// and Node.js leaders write it, read without parsing.
+const successConn = `{"type":"invoke_result","success":true}`
+
 // invokePrefix, invokeArgLength and the two endings are the conn object
 // of an invoke as Go and Node.js followers write it.
 const (
@@ -521,38 +538,8 @@ const (
 // It returns what parseConnFull returns for the same bytes
 // (FuzzParseConn checks).
 func parseInvokeFast(b []byte) (invoke, bool) {
-	if len(b) < len(invokePrefix) || string(b[:len(invokePrefix)]) != invokePrefix {
-		return invoke{}, false
-	}
-	rest := b[len(invokePrefix):]
-	q := bytes.IndexByte(rest, '"')
-	if q < 0 || q > maxMethodNameLen {
-		return invoke{}, false
-	}
-	for _, c := range rest[:q] {
-		if c < 0x20 || c == '\\' || c >= utf8.RuneSelf {
-			return invoke{}, false
-		}
-	}
-	lit := b[len(invokePrefix)-1 : len(invokePrefix)+q+1]
-	rest = rest[q:]
-	if len(rest) < len(invokeArgLength) || string(rest[:len(invokeArgLength)]) != invokeArgLength {
-		return invoke{}, false
-	}
-	rest = rest[len(invokeArgLength):]
-	n, i := 0, 0
-	for ; i < len(rest) && i < 6 && '0' <= rest[i] && rest[i] <= '9'; i++ {
-		n = n*10 + int(rest[i]-'0')
-	}
-	if i == 0 || i > 1 && rest[0] == '0' {
-		return invoke{}, false
-	}
-	var oneway bool
-	switch string(rest[i:]) {
-	case invokeOneway:
-		oneway = true
-	case invokeTwoway:
-	default:
+	lit, n, oneway, ok := invokeShape(b)
+	if !ok {
 		return invoke{}, false
 	}
 	method, err := methodName(lit)
@@ -560,6 +547,45 @@ func parseInvokeFast(b []byte) (invoke, bool) {
 		return invoke{}, false
 	}
 	return invoke{Method: method, ArgLength: n, Oneway: oneway}, true
+}
+
+// invokeShape matches what parseInvokeFast reads: lit is the method's
+// string literal. What it matches is a JSON object.
+func invokeShape(b []byte) (lit []byte, n int, oneway, ok bool) {
+	if len(b) < len(invokePrefix) || string(b[:len(invokePrefix)]) != invokePrefix {
+		return nil, 0, false, false
+	}
+	rest := b[len(invokePrefix):]
+	q := bytes.IndexByte(rest, '"')
+	if q < 0 || q > maxMethodNameLen {
+		return nil, 0, false, false
+	}
+	for _, c := range rest[:q] {
+		if c < 0x20 || c == '\\' || c >= utf8.RuneSelf {
+			return nil, 0, false, false
+		}
+	}
+	lit = b[len(invokePrefix)-1 : len(invokePrefix)+q+1]
+	rest = rest[q:]
+	if len(rest) < len(invokeArgLength) || string(rest[:len(invokeArgLength)]) != invokeArgLength {
+		return nil, 0, false, false
+	}
+	rest = rest[len(invokeArgLength):]
+	i := 0
+	for ; i < len(rest) && i < 6 && '0' <= rest[i] && rest[i] <= '9'; i++ {
+		n = n*10 + int(rest[i]-'0')
+	}
+	if i == 0 || i > 1 && rest[0] == '0' {
+		return nil, 0, false, false
+	}
+	switch string(rest[i:]) {
+	case invokeOneway:
+		oneway = true
+	case invokeTwoway:
+	default:
+		return nil, 0, false, false
+	}
+	return lit, n, oneway, true
 }
 
 // parseConnFull is parseConn for any conn object.
@@ -790,8 +816,8 @@ const (
 )
 
 var methodNames struct {
-	sync.Mutex
-	m map[string]string
+	sync.Mutex                                   // held while m is replaced
+	m          atomic.Pointer[map[string]string] // replaced, never changed: read with no lock
 }
 
 // methodName decodes lit like decodeString, through the intern table.
@@ -803,17 +829,27 @@ func methodName(lit []byte) (string, error) {
 	if len(s) > maxMethodNameLen || bytes.IndexByte(s, '\\') >= 0 || !utf8.Valid(s) {
 		return decodeString(lit)
 	}
+	if m := methodNames.m.Load(); m != nil {
+		if name, ok := (*m)[string(s)]; ok {
+			return name, nil
+		}
+	}
 	methodNames.Lock()
 	defer methodNames.Unlock()
-	if name, ok := methodNames.m[string(s)]; ok {
-		return name, nil
+	old := methodNames.m.Load()
+	if old != nil {
+		if name, ok := (*old)[string(s)]; ok {
+			return name, nil
+		}
 	}
 	name := string(s)
-	if len(methodNames.m) < maxMethodNames {
-		if methodNames.m == nil {
-			methodNames.m = make(map[string]string, maxMethodNames)
+	if old == nil || len(*old) < maxMethodNames {
+		m := make(map[string]string, maxMethodNames)
+		if old != nil {
+			maps.Copy(m, *old)
 		}
-		methodNames.m[name] = name
+		m[name] = name
+		methodNames.m.Store(&m)
 	}
 	return name, nil
 }
@@ -1004,8 +1040,8 @@ func jsonString(b []byte, i int) (int, error) {
 // a JSON string. Each test is exact about whether some byte matches.
 func specialInWord(w uint64) bool {
 	const ones, highs = 0x0101010101010101, 0x8080808080808080
-	zero := func(x uint64) uint64 { return (x - ones) & ^x & highs }
-	return (w-0x20*ones)&^w&highs|zero(w^('"'*ones))|zero(w^('\\'*ones)) != 0
+	q, bs := w^('"'*ones), w^('\\'*ones) // zero bytes where w has a quote, a backslash
+	return ((w-0x20*ones)&^w|(q-ones)&^q|(bs-ones)&^bs)&highs != 0
 }
 
 func isHexDigit(c byte) bool {

@@ -324,6 +324,9 @@ func FuzzParseConn(f *testing.F) {
 		if got := isJSONObject(b); got != wantObject {
 			t.Fatalf("isJSONObject(%q) = %v, json.Valid says %v", b, got, wantObject)
 		}
+		if knownConn(b) && !isJSONObject(b) {
+			t.Fatalf("knownConn(%q) but not a JSON object", b)
+		}
 		if inv, ok := parseInvokeFast(b); ok {
 			c, typ, err := parseConnFull(b)
 			if err != nil || typ != typeInvoke || c != inv {

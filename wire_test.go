@@ -713,12 +713,11 @@ func TestParseConnAllocs(t *testing.T) {
 // the table, and what this one interns does not stay.
 func freshMethodNames(tb testing.TB) {
 	methodNames.Lock()
-	saved := methodNames.m
-	methodNames.m = nil
+	saved := methodNames.m.Swap(nil)
 	methodNames.Unlock()
 	tb.Cleanup(func() {
 		methodNames.Lock()
-		methodNames.m = saved
+		methodNames.m.Store(saved)
 		methodNames.Unlock()
 	})
 }
@@ -736,10 +735,9 @@ func TestMethodNamesBounded(t *testing.T) {
 	if c, _, err := parseConn([]byte(`{"type":"invoke","method":"` + long + `"}`)); err != nil || c.(invoke).Method != long {
 		t.Fatalf("long method: %#v, %v", c, err)
 	}
-	methodNames.Lock()
-	n := len(methodNames.m)
-	_, hasLong := methodNames.m[long]
-	methodNames.Unlock()
+	m := *methodNames.m.Load()
+	n := len(m)
+	_, hasLong := m[long]
 	if n > maxMethodNames || hasLong {
 		t.Errorf("intern table holds %d names (long one: %v), bound %d", n, hasLong, maxMethodNames)
 	}
