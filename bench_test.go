@@ -877,15 +877,7 @@ func TestPerfReport(t *testing.T) {
 // the same connection, nor heartbeats.
 func TestSlowInvokeHandsOffReading(t *testing.T) {
 	t.Parallel()
-	port := freePort(t)
-	cfg := testConfig(t, port)
-	cfg.Role = RoleLeader
-	lead := newClient(t, "handoff", cfg, newTestReal())
-	mustReady(t, lead)
-	fcfg := testConfig(t, port)
-	fcfg.Role = RoleFollower
-	fol := newClient(t, "handoff", fcfg, newTestReal())
-	mustReady(t, fol)
+	lead, fol := inProcessPair(t, "handoff", nil)
 	ctx := context.Background()
 
 	slow := make(chan error, 2)
@@ -899,27 +891,8 @@ func TestSlowInvokeHandsOffReading(t *testing.T) {
 	lead.mu.Lock()
 	l := lead.lead
 	lead.mu.Unlock()
-	waitUntil(t, 5*time.Second, "two sleeps running", func() bool {
-		l.mu.Lock()
-		defer l.mu.Unlock()
-		for sc := range l.conns {
-			sc.gate.Lock()
-			n := sc.running
-			sc.gate.Unlock()
-			if n == 2 {
-				return true
-			}
-		}
-		return false
-	})
-	start := time.Now()
-	for i := range 20 {
-		v, err := fol.Invoke(ctx, "echo", i)
-		if err != nil || v.String() != strconv.Itoa(i) {
-			t.Fatalf("echo %d behind slow calls: %s, %v", i, v, err)
-		}
-	}
-	if d := time.Since(start); d > time.Second {
+	waitRunning(t, l, 2)
+	if d := echoesBehind(t, fol); d > time.Second {
 		t.Errorf("20 echoes behind two 2 s sleeps took %v", d)
 	}
 	for range 2 {
@@ -927,6 +900,42 @@ func TestSlowInvokeHandsOffReading(t *testing.T) {
 			t.Errorf("sleep: %v", err)
 		}
 	}
+}
+
+// waitRunning waits until a follower connection of l has n invokes
+// running, and returns it.
+func waitRunning(t *testing.T, l *leader, n int) *serverConn {
+	t.Helper()
+	var found *serverConn
+	waitUntil(t, 5*time.Second, fmt.Sprintf("%d invokes running", n), func() bool {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		for sc := range l.conns {
+			sc.gate.Lock()
+			running := sc.running
+			sc.gate.Unlock()
+			if running == n {
+				found = sc
+				return true
+			}
+		}
+		return false
+	})
+	return found
+}
+
+// echoesBehind makes 20 calls of echo from fol, one after the other, and
+// returns how long they took.
+func echoesBehind(t *testing.T, fol *Client) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for i := range 20 {
+		v, err := fol.Invoke(context.Background(), "echo", i)
+		if err != nil || v.String() != strconv.Itoa(i) {
+			t.Fatalf("echo %d behind a slow call: %s, %v", i, v, err)
+		}
+	}
+	return time.Since(start)
 }
 
 // TestInvokeCtx checks the context an invoke from a follower gets: its
@@ -989,16 +998,7 @@ func TestInvokeCtx(t *testing.T) {
 // its own deadline.
 func TestCallTimeoutsShareTimer(t *testing.T) {
 	t.Parallel()
-	port := freePort(t)
-	cfg := testConfig(t, port)
-	cfg.Role = RoleLeader
-	lead := newClient(t, "expiry", cfg, newTestReal())
-	mustReady(t, lead)
-	fcfg := testConfig(t, port)
-	fcfg.Role = RoleFollower
-	fcfg.ResponseTimeout = 2 * time.Second
-	fol := newClient(t, "expiry", fcfg, newTestReal())
-	mustReady(t, fol)
+	_, fol := inProcessPair(t, "expiry", func(fcfg *Config) { fcfg.ResponseTimeout = 2 * time.Second })
 
 	long := make(chan error, 1)
 	go func() {
@@ -1042,20 +1042,15 @@ func TestCallTimeoutsShareTimer(t *testing.T) {
 // on.
 func TestInlineMethodHandsOff(t *testing.T) {
 	t.Parallel()
-	port := freePort(t)
-	cfg := testConfig(t, port)
-	cfg.Role = RoleLeader
-	lead := newClient(t, "inline", cfg, newTestReal())
-	mustReady(t, lead)
+	lead, fol := inProcessPair(t, "inline", nil)
 	lead.mu.Lock()
 	l := lead.lead
 	lead.mu.Unlock()
 	const period = 50 * time.Millisecond
-	l.handOff.Store(int64(period))
-	fcfg := testConfig(t, port)
-	fcfg.Role = RoleFollower
-	fol := newClient(t, "inline", fcfg, newTestReal())
-	mustReady(t, fol)
+	l.handOff.Store(int64(period)) // before the first invoke starts the watchdog
+	// A quick call may take over 1 ms on a loaded machine under the race
+	// detector; here only the 2 s call below must count as slow.
+	l.quickLimit.Store(int64(500 * time.Millisecond))
 	ctx := context.Background()
 
 	if l.inline("sleep") {
@@ -1069,42 +1064,13 @@ func TestInlineMethodHandsOff(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// The call that made it inline answered from a goroutine of its own,
-	// which may still be ending as the next request comes: a few more
-	// calls, and each runs on the reader.
-	for range 3 {
-		if _, err := fol.Invoke(ctx, "sleep", 0); err != nil {
-			t.Fatal(err)
-		}
-	}
 	slow := make(chan error, 1)
 	go func() {
 		_, err := fol.Invoke(ctx, "sleep", 2000)
 		slow <- err
 	}()
-	var sc *serverConn
-	waitUntil(t, 5*time.Second, "the sleep running", func() bool {
-		l.mu.Lock()
-		defer l.mu.Unlock()
-		for c := range l.conns {
-			c.gate.Lock()
-			n := c.running
-			c.gate.Unlock()
-			if n == 1 {
-				sc = c
-				return true
-			}
-		}
-		return false
-	})
-	start := time.Now()
-	for i := range 20 {
-		v, err := fol.Invoke(ctx, "echo", i)
-		if err != nil || v.String() != strconv.Itoa(i) {
-			t.Fatalf("echo %d behind a slow call: %s, %v", i, v, err)
-		}
-	}
-	if d := time.Since(start); d > time.Second {
+	sc := waitRunning(t, l, 1)
+	if d := echoesBehind(t, fol); d > time.Second {
 		t.Errorf("20 echoes behind a 2 s sleep on the reader took %v; the watchdog ticks every %v", d, period)
 	} else {
 		t.Logf("20 echoes behind a 2 s sleep on the reader: %v (watchdog period %v)", d, period)

@@ -385,6 +385,26 @@ func newClient(t testing.TB, name string, cfg *Config, real *testReal) *Client {
 	return c
 }
 
+// inProcessPair starts a leader and a follower of the channel name in
+// this process, on a free port; tune, if set, changes the follower's
+// Config.
+func inProcessPair(t *testing.T, name string, tune func(fcfg *Config)) (lead, fol *Client) {
+	t.Helper()
+	port := freePort(t)
+	cfg := testConfig(t, port)
+	cfg.Role = RoleLeader
+	lead = newClient(t, name, cfg, newTestReal())
+	mustReady(t, lead)
+	fcfg := testConfig(t, port)
+	fcfg.Role = RoleFollower
+	if tune != nil {
+		tune(fcfg)
+	}
+	fol = newClient(t, name, fcfg, newTestReal())
+	mustReady(t, fol)
+	return lead, fol
+}
+
 func mustReady(t testing.TB, c *Client) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

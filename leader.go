@@ -40,13 +40,14 @@ type leader struct {
 
 	inflight sync.WaitGroup // running invokes, remote and local
 
-	onReaders atomic.Int64                           // invokes running on a connection's reader goroutine
-	watching  atomic.Bool                            // the watchdog runs
-	ticks     atomic.Uint64                          // counts the watchdog's ticks
-	methods   atomic.Pointer[map[string]*methodStat] // by method name; the map is replaced, never changed
-	methodsMu sync.Mutex                             // held while methods is replaced
-	handOff   atomic.Int64                           // the watchdog's period in nanoseconds: handOffAfter, shorter in tests
-	wg        sync.WaitGroup                         // serve goroutines and the idle checker
+	onReaders  atomic.Int64                           // invokes running on a connection's reader goroutine
+	watching   atomic.Bool                            // the watchdog runs
+	ticks      atomic.Uint64                          // counts the watchdog's ticks
+	methods    atomic.Pointer[map[string]*methodStat] // by method name; the map is replaced, never changed
+	methodsMu  sync.Mutex                             // held while methods is replaced
+	handOff    atomic.Int64                           // the watchdog's period in nanoseconds: handOffAfter, shorter in tests
+	quickLimit atomic.Int64                           // nanoseconds: inlineLimit, longer in tests
+	wg         sync.WaitGroup                         // serve goroutines and the idle checker
 
 	// realMu is held from the decision to subscribe or release a key
 	// until the real client's Subscribe or Unsubscribe has returned, so
@@ -162,6 +163,7 @@ func newLeader(name string, cfg *Config, owner *Client) *leader {
 		drained: make(chan struct{}),
 	}
 	l.handOff.Store(int64(handOffAfter))
+	l.quickLimit.Store(int64(inlineLimit))
 	return l
 }
 
@@ -453,7 +455,7 @@ func (l *leader) ran(method string, took time.Duration) {
 	st := l.stat(method)
 	switch {
 	case st == nil:
-	case took > inlineLimit:
+	case took > time.Duration(l.quickLimit.Load()):
 		st.quick.Store(0)
 		st.inline.Store(false)
 	case !st.inline.Load() && st.quick.Add(1) >= inlineAfter:
@@ -597,7 +599,6 @@ const offReader = ^uint64(0)
 // the connection; if so the answer is left for the reader's next flush,
 // else it is written now.
 func (l *leader) runInvoke(sc *serverConn, gen uint64, id uint64, timeoutMS int32, c invoke, raw [][]byte, held int) (reader bool) {
-	defer sc.release(held)
 	defer l.inflight.Done()
 	if gen != offReader {
 		l.beginOnReader(sc, c.Method)
@@ -627,6 +628,10 @@ func (l *leader) runInvoke(sc *serverConn, gen uint64, id uint64, timeoutMS int3
 		result, err = l.real.Invoke(ctx, c.Method, args)
 	}
 	reader = gen != offReader && l.endOnReader(sc, gen)
+	// The invoke is over before its answer is written, so that the
+	// follower's next request, which the answer may bring at once,
+	// finds it no longer running (and may run on the reader).
+	sc.release(held)
 	took := time.Since(start)
 	l.ran(c.Method, took)
 	if c.Oneway {
