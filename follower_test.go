@@ -453,3 +453,24 @@ func TestFollowerFreeReading(t *testing.T) {
 		t.Fatal("the follower did not see the end of its connection with the reading free")
 	}
 }
+
+// TestFollowerFreeReadingLeaderGone: a call made while the reading is
+// left free, after the leader has closed the connection, is sent on it
+// and fails with ErrLeaderLost, as a call in flight does; the next call
+// goes to the next leader.
+func TestFollowerFreeReadingLeaderGone(t *testing.T) {
+	r := newFollowerRig(t, nil)
+	ctx := context.Background()
+	r.works(ctx, `"a"`)
+	r.fc.nc.Close()
+	if _, err := r.c.Invoke(ctx, "echo", 1); !errors.Is(err, ErrLeaderLost) {
+		t.Fatalf("call on a connection closed while unread: %v; want ErrLeaderLost", err)
+	}
+	select {
+	case r.fc = <-r.fl.conns:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the follower did not connect again")
+	}
+	r.fc.next("subscribe") // its listener subscribes again
+	r.works(ctx, `"b"`)
+}
