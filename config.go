@@ -113,8 +113,9 @@ type Config struct {
 
 	// MaxQueuedBytes bounds the bytes waiting to be written to one
 	// connection. A peer that stops reading its socket is dropped when
-	// its queue passes the bound, so it cannot hold memory or block other
-	// peers; it reconnects by itself. On the leader it also bounds the
+	// its queue passes the bound, or when a write to it makes no progress
+	// for between half of ResponseTimeout and all of it, so it cannot
+	// hold memory or block other peers; it reconnects by itself. On the leader it also bounds the
 	// arguments of the invokes that one connection has running (as does
 	// a limit of 1024 such invokes): past it the leader reads nothing
 	// more from that connection until one ends. Default 2 ×

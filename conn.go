@@ -198,7 +198,7 @@ func (s *sender) flushLocked() error {
 		if err != nil && s.err == nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
-				err = fmt.Errorf("peer is not reading: nothing written for %v: %w", s.timeout, err)
+				err = fmt.Errorf("peer is not reading: a write made no progress within %v to %v: %w", s.timeout/2, s.timeout, err)
 			}
 			s.err = fmt.Errorf("clusterclient: write to %s: %w", s.nc.RemoteAddr(), err)
 			s.buf = nil

@@ -427,7 +427,7 @@ func (f *follower) unask(cl *call) {
 // because a timer due within about 100 ms makes every wait of the
 // process for the network slower on virtual machines (measured: 20 ms
 // cost 2 to 3 µs per round trip on loopback, 200 ms none).
-var resumeAfter = 250 * time.Millisecond
+const resumeAfter = 250 * time.Millisecond
 
 // giveBack gives up the reading. After a call that has its answer
 // (answered: when that call was made, in unix nanoseconds; 0 for none),
