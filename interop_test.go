@@ -83,17 +83,7 @@ func startNode(t *testing.T, spec childSpec, env ...string) *nodeMember {
 	cmd := exec.Command(node, nodeScript)
 	cmd.Env = append(append(os.Environ(), childEnv+"="+string(b)), env...)
 	cmd.Stderr = testWriter{t}
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	stdin, stdout := startPiped(t, cmd)
 	n := &nodeMember{lines: newLines(t, "node", stdin, cmd.Process.Pid), cmd: cmd,
 		taken: map[int]bool{}, grew: make(chan struct{})}
 	go n.readLoop(stdout)
@@ -105,27 +95,13 @@ func startNode(t *testing.T, spec childSpec, env ...string) *nodeMember {
 }
 
 func (n *nodeMember) readLoop(r io.Reader) {
-	defer func() {
-		n.cmd.Wait()
-		close(n.exited)
-	}()
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		var m msg
-		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
-			n.t.Logf("node %d: %s", n.pid, sc.Bytes())
-			continue
-		}
-		if n.route(m) {
-			continue
-		}
+	n.readMessages(r, n.cmd, func(line []byte) { n.t.Logf("node %d: %s", n.pid, line) }, func(m msg) {
 		n.mu.Lock()
 		n.log = append(n.log, m)
 		close(n.grew)
 		n.grew = make(chan struct{})
 		n.mu.Unlock()
-	}
+	})
 }
 
 // event waits for the first event named name that no earlier call took.
@@ -742,17 +718,7 @@ func TestInteropStringifyJSON(t *testing.T) {
 	node := needNode(t)
 	cmd := exec.Command(node, nodeDir+"/stringify.js")
 	cmd.Stderr = testWriter{t}
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	stdin, stdout := startPiped(t, cmd)
 	defer cmd.Wait()
 	defer stdin.Close()
 	lines := bufio.NewScanner(stdout)

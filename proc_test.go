@@ -654,17 +654,7 @@ func startChild(t testing.TB, spec childSpec) *child {
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"="+string(b))
 	cmd.Stderr = &childStderr{t: t}
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	stdin, stdout := startPiped(t, cmd)
 	c := &child{lines: newLines(t, "child", stdin, cmd.Process.Pid), cmd: cmd,
 		events: make(chan msg, 1024), logged: make(chan struct{})}
 	go c.readLoop(stdout)
@@ -676,21 +666,48 @@ func startChild(t testing.TB, spec childSpec) *child {
 	return c
 }
 
-func (c *child) readLoop(r io.Reader) {
+// startPiped starts cmd with a pipe to its stdin and one from its
+// stdout.
+func startPiped(t testing.TB, cmd *exec.Cmd) (io.WriteCloser, io.ReadCloser) {
+	t.Helper()
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return stdin, stdout
+}
+
+// readMessages calls keep with every JSON line that r carries and that
+// is not the reply to a command, until r ends; bad gets the other lines.
+// Then it waits for cmd and closes l.exited.
+func (l *lines) readMessages(r io.Reader, cmd *exec.Cmd, bad func(line []byte), keep func(m msg)) {
 	defer func() {
-		c.cmd.Wait()
-		close(c.exited)
+		cmd.Wait()
+		close(l.exited)
 	}()
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		var m msg
 		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+			bad(sc.Bytes())
 			continue
 		}
-		if c.route(m) {
-			continue
+		if !l.route(m) {
+			keep(m)
 		}
+	}
+}
+
+func (c *child) readLoop(r io.Reader) {
+	c.readMessages(r, c.cmd, func([]byte) {}, func(m msg) {
 		c.mu.Lock()
 		c.log = append(c.log, m)
 		close(c.logged)
@@ -700,7 +717,7 @@ func (c *child) readLoop(r io.Reader) {
 		case c.events <- m:
 		default:
 		}
-	}
+	})
 }
 
 // waitLog waits until the child has printed an event that match accepts,
