@@ -264,15 +264,9 @@ func TestInteropGoFollowerNodeLeader(t *testing.T) {
 	cfg := testConfig(t, port)
 	cfg.Role = RoleFollower
 	cfg.HeartbeatInterval = 500 * time.Millisecond
-	c, err := New(interopChannel, cfg, buildTestReal(newTestReal()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := newClient(t, interopChannel, cfg, newTestReal())
+	mustReady(t, c)
 	ctx := context.Background()
-	if err := c.Ready(ctx); err != nil {
-		t.Fatal(err)
-	}
 	if c.IsLeader() {
 		t.Fatal("Go client leads, want follower")
 	}
@@ -564,14 +558,8 @@ func TestInteropLeaderClosing(t *testing.T) {
 	cfg := testConfig(t, port)
 	cfg.Role = RoleLeader
 	cfg.DrainTimeout = time.Second
-	c, err := New(interopChannel, cfg, buildTestReal(newTestReal()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.Ready(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	c := newClient(t, interopChannel, cfg, newTestReal())
+	mustReady(t, c)
 	node := startNode(t, childSpec{Port: port, Name: interopChannel})
 	if node.ready(waitLong) {
 		t.Fatal("node member leads, want follower")
@@ -631,15 +619,9 @@ func TestInteropSubscriptionKeys(t *testing.T) {
 	}
 	cfg := testConfig(t, port)
 	cfg.Role = RoleFollower
-	c, err := New(interopChannel, cfg, buildTestReal(newTestReal()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := newClient(t, interopChannel, cfg, newTestReal())
+	mustReady(t, c)
 	ctx := context.Background()
-	if err := c.Ready(ctx); err != nil {
-		t.Fatal(err)
-	}
 	regs := []any{
 		map[string]string{"s": "a\u2028b\u2029c<&>"},
 		json.RawMessage(`{"n":1.0,"e":1e2,"big":1e21,"small":0.0000001,"neg":-0}`),
@@ -1089,14 +1071,8 @@ func TestInteropUnknownChannel(t *testing.T) {
 	cfg.Role = RoleLeader
 	cfg.RegisterTimeout = time.Second
 	cfg.DrainTimeout = 500 * time.Millisecond // a Node.js follower never leaves by itself
-	c, err := New(interopChannel, cfg, buildTestReal(newTestReal()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.Ready(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	c := newClient(t, interopChannel, cfg, newTestReal())
+	mustReady(t, c)
 	node := startNode(t, childSpec{Port: port, Name: "Other", Role: RoleFollower})
 	m := node.event("error", waitLong)
 	if m["code"] != codeChannelNotHosted {
@@ -1337,14 +1313,8 @@ func TestInteropLeaderBytes(t *testing.T) {
 	port := freePort(t)
 	cfg := testConfig(t, port)
 	cfg.Role = RoleLeader
-	c, err := New(interopChannel, cfg, buildTestReal(newTestReal()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.Ready(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	c := newClient(t, interopChannel, cfg, newTestReal())
+	mustReady(t, c)
 	r := dialRawFollower(t, port)
 	goPackets := script(r)
 	r.nc.Close()
