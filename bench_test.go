@@ -131,7 +131,6 @@ func serveRawEcho(nc net.Conn) {
 // rawEchoServer is a raw echo listener, in this process or a child.
 type rawEchoServer struct {
 	addr string
-	stop func()
 }
 
 // startRawEcho starts a raw echo server in this process.
@@ -140,36 +139,8 @@ func startRawEcho(tb testing.TB) *rawEchoServer {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var conns []net.Conn
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			nc, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, nc)
-			mu.Unlock()
-			wg.Add(1)
-			go func() { defer wg.Done(); serveRawEcho(nc) }()
-		}
-	}()
-	s := &rawEchoServer{addr: ln.Addr().String()}
-	s.stop = func() {
-		ln.Close()
-		mu.Lock()
-		for _, nc := range conns {
-			nc.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	}
-	tb.Cleanup(s.stop)
-	return s
+	serveEach(tb, ln, serveRawEcho)
+	return &rawEchoServer{addr: ln.Addr().String()}
 }
 
 // startRawEchoChild starts a raw echo server in a child process.
@@ -179,7 +150,7 @@ func startRawEchoChild(tb testing.TB) *rawEchoServer {
 	if m["event"] != "ready" {
 		tb.Fatalf("echo child: %v", m["err"])
 	}
-	return &rawEchoServer{addr: loopback(int(m["port"].(float64))), stop: k.kill}
+	return &rawEchoServer{addr: loopback(int(m["port"].(float64)))}
 }
 
 // rawClient is one connection to a raw echo server.

@@ -704,17 +704,7 @@ func TestCallsWaitForLeaderAfterLoss(t *testing.T) {
 	fol := newClient(t, "svc", fcfg, newTestReal())
 	mustReady(t, fol)
 
-	inflight := make(chan error, 1)
-	go func() {
-		_, err := fol.Invoke(context.Background(), "sleep", 60000)
-		inflight <- err
-	}()
-	real := lead.lead.real.(*testReal)
-	waitUntil(t, 5*time.Second, "call in flight", func() bool {
-		real.mu.Lock()
-		defer real.mu.Unlock()
-		return real.sleeping == 1
-	})
+	inflight := sleepInFlight(t, lead, fol)
 	// Break the connection under the follower, as a dying leader does.
 	fol.mu.Lock()
 	f := fol.fol
@@ -1161,16 +1151,11 @@ func TestResubscribeDuringRelease(t *testing.T) {
 	}
 }
 
-// TestCloseFailsCallsInFlight: closing a follower's client fails its
-// calls in flight at once with ErrClosed, and later calls too.
-func TestCloseFailsCallsInFlight(t *testing.T) {
-	t.Parallel()
-	cfg := testConfig(t, freePort(t))
-	cfg.DrainTimeout = 100 * time.Millisecond // the orphaned sleep need not finish
-	lead := newClient(t, "closing", cfg, newTestReal())
-	mustReady(t, lead)
-	fol := newClient(t, "closing", cfg, newTestReal())
-	mustReady(t, fol)
+// sleepInFlight starts a 60 s sleep from fol and waits until the real
+// client of lead, a leader in this process, runs it. The call's outcome
+// arrives on the channel.
+func sleepInFlight(t *testing.T, lead, fol *Client) <-chan error {
+	t.Helper()
 	inflight := make(chan error, 1)
 	go func() {
 		_, err := fol.Invoke(context.Background(), "sleep", 60000)
@@ -1182,6 +1167,20 @@ func TestCloseFailsCallsInFlight(t *testing.T) {
 		defer real.mu.Unlock()
 		return real.sleeping == 1
 	})
+	return inflight
+}
+
+// TestCloseFailsCallsInFlight: closing a follower's client fails its
+// calls in flight at once with ErrClosed, and later calls too.
+func TestCloseFailsCallsInFlight(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig(t, freePort(t))
+	cfg.DrainTimeout = 100 * time.Millisecond // the orphaned sleep need not finish
+	lead := newClient(t, "closing", cfg, newTestReal())
+	mustReady(t, lead)
+	fol := newClient(t, "closing", cfg, newTestReal())
+	mustReady(t, fol)
+	inflight := sleepInFlight(t, lead, fol)
 	fol.Close()
 	select {
 	case err := <-inflight:

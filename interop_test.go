@@ -840,36 +840,7 @@ func startFakeLeader(t *testing.T, port int) *fakeLeader {
 		t.Fatal(err)
 	}
 	f := &fakeLeader{t: t, ln: ln, got: make(chan rawPacket, 64)}
-	var wg sync.WaitGroup
-	var conns []net.Conn
-	var connsMu sync.Mutex
-	t.Cleanup(func() {
-		ln.Close()
-		connsMu.Lock()
-		for _, nc := range conns {
-			nc.Close()
-		}
-		connsMu.Unlock()
-		wg.Wait()
-	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			nc, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			connsMu.Lock()
-			conns = append(conns, nc)
-			connsMu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				f.serve(nc)
-			}()
-		}
-	}()
+	serveEach(t, ln, f.serve)
 	return f
 }
 

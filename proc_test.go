@@ -666,6 +666,46 @@ func startChild(t testing.TB, spec childSpec) *child {
 	return c
 }
 
+// serveEach accepts connections on ln and runs handle on each, in a
+// goroutine of its own, until the test ends; then it closes ln and every
+// connection, and waits for those goroutines.
+func serveEach(tb testing.TB, ln net.Listener, handle func(net.Conn)) {
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn // guarded by mu
+	closed := false      // guarded by mu
+	tb.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		closed = true
+		for _, nc := range conns {
+			nc.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			if closed {
+				mu.Unlock()
+				nc.Close()
+				return
+			}
+			conns = append(conns, nc)
+			wg.Add(1)
+			mu.Unlock()
+			go func() { defer wg.Done(); handle(nc) }()
+		}
+	}()
+}
+
 // startPiped starts cmd with a pipe to its stdin and one from its
 // stdout.
 func startPiped(t testing.TB, cmd *exec.Cmd) (io.WriteCloser, io.ReadCloser) {
