@@ -367,6 +367,12 @@ type RealClient interface {
 	// Invoke runs the named method with the given arguments and returns
 	// its result, which the Codec encodes. ctx carries the caller's
 	// timeout. An error reaches the caller as a *RemoteError.
+	//
+	// A method whose invokes have returned within 1 ms runs on the
+	// goroutine that reads the calling follower's connection; if one
+	// then blocks, that follower's next requests wait until it returns,
+	// for 1 to 2 s at most, and the method runs on goroutines of its own
+	// from then on.
 	Invoke(ctx context.Context, method string, args []Value) (any, error)
 }
 
