@@ -56,6 +56,17 @@ func waitUntil(t testing.TB, timeout time.Duration, what string, cond func() boo
 
 // leaderOf asks each child whether it leads and returns the one that
 // does, waiting until exactly one does.
+// mustReach checks that a call from each of kids is answered by lead's
+// real client.
+func mustReach(t *testing.T, kids []*child, lead *child) {
+	t.Helper()
+	for _, k := range kids {
+		if got := k.call("pid"); got != float64(lead.pid) {
+			t.Fatalf("%v reached %v, want the leader %d", k, got, lead.pid)
+		}
+	}
+}
+
 func leaderOf(t *testing.T, kids []*child) *child {
 	t.Helper()
 	var lead *child
@@ -136,11 +147,7 @@ func TestPlannedCloseNoFailedCalls(t *testing.T) {
 
 	lead := leaderOf(t, fols)
 	// Calls keep flowing on the new leader for a while.
-	for _, f := range fols {
-		if got := f.call("pid"); got != float64(lead.pid) {
-			t.Fatalf("%v reached %v, want the new leader %d", f, got, lead.pid)
-		}
-	}
+	mustReach(t, fols, lead)
 	// Subscriptions and publications moved to the new leader.
 	waitUntil(t, 10*time.Second, "publications on the new leader", func() bool {
 		got := fmt.Sprint(lead.call("published"))

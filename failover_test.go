@@ -70,11 +70,7 @@ func TestFailoverKillLeader(t *testing.T) {
 	}
 
 	lead := leaderOf(t, surv)
-	for _, k := range surv {
-		if got := k.call("pid"); got != float64(lead.pid) {
-			t.Fatalf("%v reached %v, want the new leader %d", k, got, lead.pid)
-		}
-	}
+	mustReach(t, surv, lead)
 	// Every survivor's publication reached the new real client.
 	waitUntil(t, 10*time.Second, "publications on the new leader", func() bool {
 		got := fmt.Sprint(lead.call("published"))

@@ -210,11 +210,7 @@ func TestFaultLeaderStopped(t *testing.T) {
 			fols = append(fols, k)
 		}
 	}
-	for _, f := range fols {
-		if got := f.call("pid"); got != float64(lead.pid) {
-			t.Fatalf("%v reached %v, want %d", f, got, lead.pid)
-		}
-	}
+	mustReach(t, fols, lead)
 
 	lead.signal(syscall.SIGSTOP)
 	start := time.Now()

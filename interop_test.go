@@ -138,27 +138,11 @@ func (n *nodeMember) eventWhere(match func(msg) bool, timeout time.Duration) msg
 // ready waits for the ready event and says whether the member leads.
 func (n *nodeMember) ready(timeout time.Duration) bool {
 	n.t.Helper()
-	deadline := time.After(timeout)
-	for {
-		n.mu.Lock()
-		for _, m := range n.log {
-			switch m["event"] {
-			case "ready":
-				n.mu.Unlock()
-				return m["leader"] == true
-			case "error":
-				n.mu.Unlock()
-				n.t.Fatalf("node %d: %v", n.pid, m)
-			}
-		}
-		grew := n.grew
-		n.mu.Unlock()
-		select {
-		case <-grew:
-		case <-deadline:
-			n.t.Fatalf("node %d: not ready within %v", n.pid, timeout)
-		}
+	m := n.eventWhere(func(m msg) bool { return m["event"] == "ready" || m["event"] == "error" }, timeout)
+	if m["event"] == "error" {
+		n.t.Fatalf("node %d: %v", n.pid, m)
 	}
+	return m["leader"] == true
 }
 
 // errors returns the error events that no call to event took.
