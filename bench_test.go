@@ -218,6 +218,119 @@ func (c *rawClient) pipeline(n, window int) error {
 	return <-errc
 }
 
+// rawMux is the second baseline: calls from many goroutines multiplexed
+// over one raw connection, with no protocol beyond the id. Each call adds
+// its frame to a shared buffer and waits on a channel of its own; the
+// first caller to find no write under way yields once, so that the
+// callers ready to run queue their frames too, and writes them all; one
+// reader goroutine reads every frame buffered and then hands each to its
+// caller. It is the least a client that gives each call a goroutine of
+// its own pays, so the ratio of Client.Invoke to it is the protocol's
+// and the leader's cost alone.
+type rawMux struct {
+	nc  net.Conn
+	br  *bufio.Reader
+	req []byte // the request frame; its id is set per call
+	err atomic.Value
+
+	mu       sync.Mutex
+	buf      []byte // guarded by mu: frames not yet written
+	spare    []byte // guarded by mu
+	flushing bool   // guarded by mu
+	lastID   uint64 // guarded by mu
+
+	pmu     sync.Mutex
+	pending map[uint64]chan []byte // guarded by pmu
+}
+
+func dialRawMux(tb testing.TB, s *rawEchoServer, arg []byte) *rawMux {
+	nc, err := net.Dial("tcp", s.addr)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { nc.Close() })
+	m := &rawMux{nc: nc, br: bufio.NewReaderSize(nc, 64<<10), req: rawRequest(arg, 3*time.Second), pending: make(map[uint64]chan []byte)}
+	go m.readLoop()
+	return m
+}
+
+func (m *rawMux) readLoop() {
+	type answer struct {
+		ch    chan []byte
+		frame []byte
+	}
+	var in []byte
+	var batch []answer
+	for {
+		var err error
+		if in, err = readFrame(m.br, in); err != nil {
+			m.err.CompareAndSwap(nil, err)
+			m.pmu.Lock()
+			for id, ch := range m.pending {
+				delete(m.pending, id)
+				ch <- nil
+			}
+			m.pmu.Unlock()
+			return
+		}
+		m.pmu.Lock()
+		id := binary.BigEndian.Uint64(in[4:])
+		ch := m.pending[id]
+		delete(m.pending, id)
+		m.pmu.Unlock()
+		batch = append(batch, answer{ch, slices.Clone(in)})
+		if frameBuffered(m.br) && len(batch) < benchInFlight {
+			continue
+		}
+		for i, a := range batch {
+			a.ch <- a.frame
+			batch[i] = answer{}
+		}
+		batch = batch[:0]
+	}
+}
+
+var muxChans = sync.Pool{New: func() any { return make(chan []byte, 1) }}
+
+// call sends one request and waits for its answer.
+func (m *rawMux) call() error {
+	ch := muxChans.Get().(chan []byte)
+	m.mu.Lock()
+	m.lastID++
+	id := m.lastID
+	m.pmu.Lock()
+	m.pending[id] = ch
+	m.pmu.Unlock()
+	n := len(m.buf)
+	m.buf = append(m.buf, m.req...)
+	binary.BigEndian.PutUint64(m.buf[n+4:], id)
+	var err error
+	if !m.flushing {
+		m.flushing = true
+		m.mu.Unlock()
+		runtime.Gosched()
+		m.mu.Lock()
+		for len(m.buf) > 0 && err == nil {
+			b := m.buf
+			m.buf = m.spare[:0]
+			m.mu.Unlock()
+			_, err = m.nc.Write(b)
+			m.mu.Lock()
+			m.spare = b[:0]
+		}
+		m.flushing = false
+	}
+	m.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if <-ch == nil {
+		return m.err.Load().(error)
+	}
+	muxChans.Put(ch)
+	return nil
+}
+
 // benchChildMain runs the benchmark child modes of childSpec.Mode:
 //
 //	"echo":   a raw echo server on a free loopback port; prints
@@ -492,6 +605,16 @@ func BenchmarkRawEcho(b *testing.B) {
 					}
 					b.ReportMetric(rate, "ops/s")
 				})
+				b.Run("mux64-"+sizeName(size), func(b *testing.B) {
+					m := dialRawMux(b, s, arg)
+					m.call()
+					b.ResetTimer()
+					rate, err := runConcurrent(b.N, benchInFlight, m.call)
+					if err != nil {
+						b.Fatal(err)
+					}
+					b.ReportMetric(rate, "ops/s")
+				})
 			}
 		})
 	}
@@ -713,6 +836,7 @@ type perfRow struct {
 	name, unit string
 	ours, base []float64 // one figure per round
 	ratio      []float64 // ours/base per round
+	mux        []float64 // ours/rawMux per round, for calls from 64 goroutines
 	target     string
 	met        func(ratio, ours float64) bool
 }
@@ -760,18 +884,24 @@ func TestPerfReport(t *testing.T) {
 		for _, size := range benchSizes {
 			arg := benchArg(size)
 			rc := dialRaw(t, s, arg)
+			rm := dialRawMux(t, s, arg)
 			rt := func() error { return c.invokeEcho(ctx, arg) }
 			seq := &perfRow{name: fmt.Sprintf("invoke %s seq %s p50", kind, sizeName(size)), unit: "µs",
 				target: "≤ 1.3×", met: func(r, _ float64) bool { return r <= 1.3 }}
 			conc := &perfRow{name: fmt.Sprintf("invoke %s 64 in flight %s", kind, sizeName(size)), unit: "ops/s",
 				target: "≥ 0.5×", met: func(r, _ float64) bool { return r >= 0.5 }}
 			rows = append(rows, seq, conc)
+			muxRow := &perfRow{name: fmt.Sprintf("  raw mux, 64 goroutine callers, %s (%s)", sizeName(size), kind), unit: "ops/s",
+				target: "-", met: func(float64, float64) bool { return true }}
+			rows = append(rows, muxRow)
 			// Warm up both paths: the first calls on a new connection,
 			// and the leader learning that echo is quick, are not what
 			// is measured.
 			_, err := runSeq(seqN, rc.roundTrip)
 			check(err)
 			_, err = runSeq(seqN, rt)
+			check(err)
+			_, err = runConcurrent(concN, benchInFlight, rm.call)
 			check(err)
 			for range rounds {
 				// Alternate in short runs, so that both see the same
@@ -790,9 +920,13 @@ func TestPerfReport(t *testing.T) {
 
 				rr, err := runPipeline(rc, pipeN, benchInFlight)
 				check(err)
+				mr, err := runConcurrent(concN, benchInFlight, rm.call)
+				check(err)
 				or, err := runConcurrent(concN, benchInFlight, rt)
 				check(err)
 				conc.base, conc.ours, conc.ratio = append(conc.base, rr), append(conc.ours, or), append(conc.ratio, or/rr)
+				conc.mux = append(conc.mux, or/mr)
+				muxRow.base, muxRow.ours, muxRow.ratio = append(muxRow.base, rr), append(muxRow.ours, mr), append(muxRow.ratio, mr/rr)
 			}
 		}
 	}
@@ -823,8 +957,9 @@ func TestPerfReport(t *testing.T) {
 	}
 
 	var sb strings.Builder
-	fmt.Fprintf(&sb, "\n%d rounds, medians; ratio = ours / raw TCP baseline, median of the rounds' ratios\n", rounds)
-	fmt.Fprintf(&sb, "%-62s %12s %12s %7s  %-8s %s\n", "benchmark", "ours", "raw TCP", "ratio", "target", "met")
+	fmt.Fprintf(&sb, "\n%d rounds, medians; ratio = ours / raw TCP baseline, median of the rounds' ratios;\n", rounds)
+	fmt.Fprintf(&sb, "ours/mux = ours / the raw multiplexer (rawMux) in the same round\n")
+	fmt.Fprintf(&sb, "%-62s %12s %12s %7s %8s  %-8s %s\n", "benchmark", "ours", "raw TCP", "ratio", "ours/mux", "target", "met")
 	for _, r := range rows {
 		o := median(r.ours)
 		base, ratio := "-", "-"
@@ -834,7 +969,11 @@ func TestPerfReport(t *testing.T) {
 			base = fmt.Sprintf("%.1f %s", median(r.base), r.unit)
 			ratio = fmt.Sprintf("%.2f", rm)
 		}
-		fmt.Fprintf(&sb, "%-62s %12s %12s %7s  %-8s %v\n", r.name, fmt.Sprintf("%.1f %s", o, r.unit), base, ratio, r.target, r.met(rm, o))
+		mux := "-"
+		if len(r.mux) > 0 {
+			mux = fmt.Sprintf("%.2f", median(r.mux))
+		}
+		fmt.Fprintf(&sb, "%-62s %12s %12s %7s %8s  %-8s %v\n", r.name, fmt.Sprintf("%.1f %s", o, r.unit), base, ratio, mux, r.target, r.met(rm, o))
 	}
 	fmt.Fprintf(&sb, "\nrounds:\n")
 	for _, r := range rows {
@@ -1058,4 +1197,91 @@ func TestInlineMethodHandsOff(t *testing.T) {
 	if err := <-slow; err != nil {
 		t.Errorf("sleep: %v", err)
 	}
+}
+
+// TestLeaderReadBufferResizes: a follower connection that sends more
+// than the small read buffer in one burst gets the busy buffer, and the
+// small one back after a quiet spell; no byte is lost or reordered when
+// the buffer changes with part of a packet read.
+func TestLeaderReadBufferResizes(t *testing.T) {
+	t.Parallel()
+	lead, _ := inProcessPair(t, "resize", nil)
+	lead.mu.Lock()
+	l := lead.lead
+	lead.mu.Unlock()
+	const quiet = 50 * time.Millisecond
+	l.quiet.Store(int64(quiet))
+	conns, err := dialIdlers(lead.cfg.Port, "resize", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc := conns[0]
+	defer nc.Close()
+	var sc *serverConn
+	waitUntil(t, 5*time.Second, "the leader serves the raw connection", func() bool {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		for c := range l.conns {
+			if c.nc.RemoteAddr().String() == nc.LocalAddr().String() {
+				sc = c
+				return true
+			}
+		}
+		return false
+	})
+	br := bufio.NewReader(nc)
+	id := uint64(100)
+	// burst sends n echoes at once, their arguments of sizes that cut
+	// packets at every offset of the buffers, and checks every answer.
+	burst := func(n int) {
+		t.Helper()
+		var out []byte
+		want := map[uint64]string{}
+		for i := range n {
+			id++
+			arg := benchArg(32 + (i*389)%3000)
+			b, err := appendInvoke(nil, id, 3000, "echo", false, [][]byte{arg})
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, b...)
+			want[id] = string(arg)
+		}
+		if _, err := nc.Write(out); err != nil {
+			t.Fatal(err)
+		}
+		r := NewReader(br, 1<<20)
+		for range n {
+			var p Packet
+			if err := r.ReadPacket(&p); err != nil {
+				t.Fatal(err)
+			}
+			if got, ok := want[p.ID]; !ok || string(p.App) != got {
+				t.Fatalf("answer %d: %d bytes, want the %d bytes sent", p.ID, len(p.App), len(got))
+			}
+			delete(want, p.ID)
+		}
+	}
+	bufSize := func(want int, why string) {
+		t.Helper()
+		waitUntil(t, 5*time.Second, why, func() bool { return sc.bufSize.Load() == int64(want) })
+	}
+	if got := sc.bufSize.Load(); got != readBufferSize {
+		t.Fatalf("a new connection reads through %d bytes, want %d", got, readBufferSize)
+	}
+	burst(1)
+	burst(1)
+	if got := sc.bufSize.Load(); got != readBufferSize {
+		t.Fatalf("after single requests the buffer has %d bytes, want %d", got, readBufferSize)
+	}
+	burst(300)
+	bufSize(busyReadBuffer, "the busy buffer after a burst of 300 requests")
+	burst(300)
+	// A quiet spell, then one request: the burst that it starts comes
+	// more than quiet after the last one.
+	time.Sleep(2 * quiet)
+	burst(1)
+	bufSize(readBufferSize, "the small buffer after a quiet spell")
+	burst(300)
+	bufSize(busyReadBuffer, "the busy buffer again")
 }

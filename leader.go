@@ -12,6 +12,7 @@ import (
 	"maps"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -47,6 +48,7 @@ type leader struct {
 	methodsMu  sync.Mutex                             // held while methods is replaced
 	handOff    atomic.Int64                           // the watchdog's period in nanoseconds: handOffAfter, shorter in tests
 	quickLimit atomic.Int64                           // nanoseconds: inlineLimit, longer in tests
+	quiet      atomic.Int64                           // nanoseconds: quietAfter, shorter in tests
 	wg         sync.WaitGroup                         // serve goroutines and the idle checker
 
 	// realMu is held from the decision to subscribe or release a key
@@ -90,6 +92,8 @@ type serverConn struct {
 	// reading (br, r) to a new goroutine. See runInvoke and watch.
 	br         *bufio.Reader // reader goroutine only
 	r          *Reader       // reader goroutine only
+	src        *prefixed     // reader goroutine only: what br reads, after a resize; nil before
+	bufSize    atomic.Int64  // br's size, for tests
 	rmu        sync.Mutex
 	readerGen  uint64 // guarded by rmu: counts the hand-offs
 	busySince  uint64 // guarded by rmu: the first watchdog tick after the reader's invoke began, 0 if none
@@ -164,6 +168,7 @@ func newLeader(name string, cfg *Config, owner *Client) *leader {
 	}
 	l.handOff.Store(int64(handOffAfter))
 	l.quickLimit.Store(int64(inlineLimit))
+	l.quiet.Store(int64(quietAfter))
 	return l
 }
 
@@ -266,7 +271,55 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, r *Reader, reg *Packet, rc
 	})
 
 	sc.br, sc.r = br, r
+	sc.bufSize.Store(int64(br.Size()))
 	l.readLoop(sc, 0)
+}
+
+// busyReadBuffer is the read buffer of a busy follower connection: one
+// that sent more than readBufferSize in one burst, which the reader read
+// without waiting for the network. A larger buffer takes such a burst in
+// fewer reads, so its answers also go out in fewer writes (measured with
+// 64 calls in flight and 1 KiB arguments: 30 % more calls per second).
+// A connection gets its small buffer back once a burst starts more than
+// quietAfter after the previous one. So a leader holds at most
+// busyReadBuffer per busy connection, and readBufferSize per idle one.
+const busyReadBuffer = 64 << 10
+
+// quietAfter is how long a connection with a busy read buffer may go
+// between two bursts before it gets its small buffer back.
+const quietAfter = time.Second
+
+// resize gives the connection a read buffer of size bytes. The bytes
+// already read and not yet consumed are read first from the new one.
+// Called by the goroutine that reads sc.
+func (sc *serverConn) resize(size int) {
+	var left []byte
+	if sc.src != nil {
+		left = sc.src.pre
+	}
+	if n := sc.br.Buffered(); n > 0 {
+		b, _ := sc.br.Peek(n)
+		left = append(slices.Clone(b), left...)
+	}
+	sc.src = &prefixed{pre: left, nc: sc.nc}
+	sc.br = bufio.NewReaderSize(sc.src, size)
+	sc.r = NewReader(sc.br, sc.l.cfg.MaxPacketSize)
+	sc.bufSize.Store(int64(size))
+}
+
+// prefixed reads pre, then nc.
+type prefixed struct {
+	pre []byte
+	nc  net.Conn
+}
+
+func (p *prefixed) Read(b []byte) (int, error) {
+	if len(p.pre) > 0 {
+		n := copy(b, p.pre)
+		p.pre = p.pre[n:]
+		return n, nil
+	}
+	return p.nc.Read(b)
 }
 
 // errHandedOff ends a reader goroutine whose invoke ran so long that
@@ -279,16 +332,33 @@ var errHandedOff = errors.New("reading handed to another goroutine")
 // read, so a burst of requests is answered in one write.
 func (l *leader) readLoop(sc *serverConn, gen uint64) {
 	var p Packet
+	burst := 0      // bytes read since the reader last waited for the network
+	resize := false // a busy buffer that may shrink: this burst came after a quiet spell
 	for {
 		waits := !packetBuffered(sc.br)
 		if waits {
 			sc.w.flush()
+			// What was read since the last wait filled the buffer:
+			// more was probably waiting in the socket.
+			full := burst+sc.br.Buffered() >= sc.br.Size()
+			switch {
+			case full && sc.br.Size() < busyReadBuffer:
+				sc.resize(busyReadBuffer)
+			case resize && !full:
+				sc.resize(readBufferSize)
+			}
+			resize, burst = false, 0
 		}
 		err := sc.r.ReadPacket(&p)
 		if err == nil {
 			if waits {
-				sc.lastActive.Store(time.Now().UnixNano())
+				now := time.Now().UnixNano()
+				if sc.br.Size() > readBufferSize && now-sc.lastActive.Load() > sc.l.quiet.Load() {
+					resize = true
+				}
+				sc.lastActive.Store(now)
 			}
+			burst += HeaderSize + len(p.Conn) + len(p.App)
 			err = l.handle(sc, &p, gen)
 		}
 		if err == errHandedOff {
