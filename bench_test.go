@@ -17,6 +17,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"runtime"
 	"slices"
 	"strconv"
@@ -856,7 +857,9 @@ func median(v []float64) float64 {
 // TestPerfReport runs each benchmark beside its raw TCP baseline in
 // alternating rounds and logs a table of medians and ratios. It runs
 // only with CLUSTERCLIENT_PERF=1 (CLUSTERCLIENT_PERF_ROUNDS sets the
-// number of rounds, default 5); it asserts nothing.
+// number of rounds, default 5); it asserts nothing. With node and
+// testdata/node/node_modules installed, it also measures the reference
+// Node.js package.
 func TestPerfReport(t *testing.T) {
 	if os.Getenv("CLUSTERCLIENT_PERF") != "1" {
 		t.Skip("set CLUSTERCLIENT_PERF=1 to run")
@@ -931,6 +934,10 @@ func TestPerfReport(t *testing.T) {
 		}
 	}
 
+	if haveNode() {
+		rows = append(rows, referenceRows(t, servers[kindProc], rounds)...)
+	}
+
 	fo := startFanout(t, 100)
 	fan := &perfRow{name: "fan-out to 100 followers, p50 to the last", unit: "ms",
 		target: "≤ 5 ms", met: func(_, o float64) bool { return o <= 5 }}
@@ -980,6 +987,71 @@ func TestPerfReport(t *testing.T) {
 		fmt.Fprintf(&sb, "%-62s ours %.1f  raw %.1f\n", r.name, r.ours, r.base)
 	}
 	t.Log(sb.String())
+}
+
+// haveNode reports whether node and the reference package are installed.
+func haveNode() bool {
+	_, err := exec.LookPath("node")
+	if err != nil {
+		return false
+	}
+	_, err = os.Stat(nodeDir + "/node_modules/cluster-client/package.json")
+	return err == nil
+}
+
+// referenceRows measures the reference Node.js package as TestPerfReport
+// measures this one: a leader and a follower process on the JSON
+// transcode, the follower invoking echo, beside the raw echo server s in
+// alternating rounds.
+func referenceRows(t *testing.T, s *rawEchoServer, rounds int) []*perfRow {
+	port := freePort(t)
+	lead := startNode(t, childSpec{Port: port, Role: RoleLeader})
+	if !lead.ready(waitLong) {
+		t.Fatal("Node.js leader not ready")
+	}
+	fol := startNode(t, childSpec{Port: port, Role: RoleFollower})
+	if fol.ready(waitLong) {
+		t.Fatal("the Node.js follower leads")
+	}
+	const seqN, pipeN, concN = 2000, 100000, 20000
+	var rows []*perfRow
+	for _, size := range benchSizes {
+		arg := benchArg(size)
+		rc := dialRaw(t, s, arg)
+		bench := func(n, inflight int) (rate, p50 float64) {
+			t.Helper()
+			m := fol.do(msg{"op": "bench", "method": "echo", "args": []json.RawMessage{arg}, "n": n, "inflight": inflight}, 5*time.Minute)
+			if e, _ := m["err"].(string); e != "" {
+				t.Fatalf("Node.js follower: %s", e)
+			}
+			rate, _ = m["rate"].(float64)
+			p50, _ = m["p50us"].(float64)
+			return rate, p50
+		}
+		seq := &perfRow{name: fmt.Sprintf("reference Node.js package, seq %s p50", sizeName(size)), unit: "µs",
+			target: "-", met: func(float64, float64) bool { return true }}
+		conc := &perfRow{name: fmt.Sprintf("reference Node.js package, 64 in flight %s", sizeName(size)), unit: "ops/s",
+			target: "-", met: func(float64, float64) bool { return true }}
+		rows = append(rows, seq, conc)
+		bench(seqN, 1)
+		bench(concN, benchInFlight)
+		for range rounds {
+			l, err := runSeq(seqN, rc.roundTrip)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, np50 := bench(seqN, 1)
+			b := micros(l.quantile(0.5))
+			seq.base, seq.ours, seq.ratio = append(seq.base, b), append(seq.ours, np50), append(seq.ratio, np50/b)
+			rr, err := runPipeline(rc, pipeN, benchInFlight)
+			if err != nil {
+				t.Fatal(err)
+			}
+			nr, _ := bench(concN, benchInFlight)
+			conc.base, conc.ours, conc.ratio = append(conc.base, rr), append(conc.ours, nr), append(conc.ratio, nr/rr)
+		}
+	}
+	return rows
 }
 
 // TestSlowInvokeHandsOffReading: the leader runs invokes on the

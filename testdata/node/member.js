@@ -214,6 +214,36 @@ rl.on('line', line => {
       client.publish(cmd.reg);
       reply({ err: '' });
       break;
+    case 'bench': {
+      // n invokes of method with args, inflight of them at a time, for
+      // the Go benchmarks' comparison with the reference; replies with
+      // calls per second and the median round trip in microseconds.
+      const n = cmd.n || 1;
+      const inflight = cmd.inflight || 1;
+      const lat = [];
+      let started = 0;
+      let finished = 0;
+      let failed = null;
+      const t0 = process.hrtime.bigint();
+      const next = () => {
+        started++;
+        const s = process.hrtime.bigint();
+        client[invokeSym](cmd.method, cmd.args || [], err => {
+          lat.push(Number(process.hrtime.bigint() - s) / 1000);
+          if (err && !failed) failed = err;
+          finished++;
+          if (finished === n) {
+            const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+            lat.sort((a, b) => a - b);
+            reply({ err: failed ? String(failed.message) : '', rate: n / secs, p50us: lat[Math.floor(n / 2)] });
+          } else if (started < n) {
+            next();
+          }
+        });
+      };
+      for (let i = 0; i < Math.min(inflight, n); i++) next();
+      break;
+    }
     case 'status':
       reply({ leader: !!client.isClusterClientLeader, pid: process.pid });
       break;
