@@ -1319,9 +1319,13 @@ func TestLeaderReadBufferResizes(t *testing.T) {
 			out = append(out, b...)
 			want[id] = string(arg)
 		}
-		if _, err := nc.Write(out); err != nil {
-			t.Fatal(err)
-		}
+		// Written while the answers are read: neither side's socket
+		// buffers need to hold the whole burst.
+		wrote := make(chan error, 1)
+		go func() {
+			_, err := nc.Write(out)
+			wrote <- err
+		}()
 		r := NewReader(br, 1<<20)
 		for range n {
 			var p Packet
@@ -1332,6 +1336,9 @@ func TestLeaderReadBufferResizes(t *testing.T) {
 				t.Fatalf("answer %d: %d bytes, want the %d bytes sent", p.ID, len(p.App), len(got))
 			}
 			delete(want, p.ID)
+		}
+		if err := <-wrote; err != nil {
+			t.Fatal(err)
 		}
 	}
 	bufSize := func(want int, why string) {

@@ -368,14 +368,13 @@ func (c *Client) appendInvoke(b []byte, id uint64, ms int32, method string, onew
 	return b, nil
 }
 
-func (c *Client) encodeArgs(args []any) ([][]byte, error) {
-	raw := make([][]byte, len(args))
+func (c *Client) encodeArgs(raw [][]byte, args []any) ([][]byte, error) {
 	for i, a := range args {
 		b, err := c.cfg.Codec.Marshal(a)
 		if err != nil {
 			return nil, fmt.Errorf("clusterclient: encode argument %d: %w", i, err)
 		}
-		raw[i] = b
+		raw = append(raw, b)
 	}
 	return raw, nil
 }
@@ -385,7 +384,10 @@ func (c *Client) encodeArgs(args []any) ([][]byte, error) {
 // bounded by ctx and Config.ResponseTimeout; errors of the real client
 // come back as *RemoteError.
 func (c *Client) Invoke(ctx context.Context, method string, args ...any) (Value, error) {
-	raw, err := c.encodeArgs(args)
+	// The encoded arguments of a call to the leader stay on the stack;
+	// the local real client gets a copy it may keep.
+	var few [2][]byte
+	raw, err := c.encodeArgs(few[:0], args)
 	if err != nil {
 		return Value{}, err
 	}
@@ -395,7 +397,7 @@ func (c *Client) Invoke(ctx context.Context, method string, args ...any) (Value,
 			return Value{}, err
 		}
 		if l != nil {
-			return l.invokeLocal(ctx, method, raw, false)
+			return l.invokeLocal(ctx, method, slices.Clone(raw), false)
 		}
 		p, err := f.request(ctx, method, func(b []byte, id uint64, ms int32) ([]byte, error) {
 			return c.appendInvoke(b, id, ms, method, false, raw)
@@ -458,7 +460,7 @@ func Invoke[T any](ctx context.Context, c *Client, method string, args ...any) (
 // it returns once the call is handed to the leader (or, on the leader,
 // started). Errors of the real client are logged by the leader.
 func (c *Client) InvokeOneway(ctx context.Context, method string, args ...any) error {
-	raw, err := c.encodeArgs(args)
+	raw, err := c.encodeArgs(nil, args)
 	if err != nil {
 		return err
 	}

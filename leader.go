@@ -618,8 +618,7 @@ func (l *leader) handle(sc *serverConn, p *Packet, gen uint64) error {
 // gen if it is the only one the connection has running and its method
 // is known to be quick (see inlineLimit), else on a goroutine of its own.
 func (l *leader) invoke(sc *serverConn, p *Packet, c invoke, gen uint64) error {
-	args, err := splitArgs(p.App, c.ArgLength)
-	if err != nil {
+	if err := validArgs(p.App, c.ArgLength); err != nil {
 		return err
 	}
 	ok, alone := sc.admit(len(p.App))
@@ -641,12 +640,32 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke, gen uint64) error {
 		}
 		return nil
 	}
+	st := &invokeState{}
+	st.args = st.few[:0]
+	if c.ArgLength > len(st.few) {
+		st.args = make([]Value, 0, c.ArgLength)
+	}
+	for rest := p.App; len(rest) > 0; {
+		var a []byte
+		a, rest = nextArg(rest)
+		st.args = append(st.args, Value{data: a, codec: l.cfg.Codec})
+	}
 	if !alone || !l.inline(c.Method) {
-		go l.runInvoke(sc, offReader, p.ID, p.Timeout, c, args, len(p.App))
-	} else if !l.runInvoke(sc, gen, p.ID, p.Timeout, c, args, len(p.App)) {
+		go l.runInvoke(sc, offReader, p.ID, p.Timeout, c, st, len(p.App))
+	} else if !l.runInvoke(sc, gen, p.ID, p.Timeout, c, st, len(p.App)) {
 		return errHandedOff
 	}
 	return nil
+}
+
+// invokeState is what one invoke from a follower hands the real client,
+// its context and its arguments: one allocation, and a second only for
+// an invoke of more than two arguments. The arguments alias the
+// request's app object.
+type invokeState struct {
+	ctx  invokeCtx
+	args []Value
+	few  [2]Value // args, for up to two arguments
 }
 
 // enter counts a call in flight, unless the leader has stopped taking
@@ -672,7 +691,7 @@ const offReader = ^uint64(0)
 // also stays silent then). It reports whether this goroutine still reads
 // the connection; if so the answer is left for the reader's next flush,
 // else it is written now.
-func (l *leader) runInvoke(sc *serverConn, gen uint64, id uint64, timeoutMS int32, c invoke, raw [][]byte, held int) (reader bool) {
+func (l *leader) runInvoke(sc *serverConn, gen uint64, id uint64, timeoutMS int32, c invoke, st *invokeState, held int) (reader bool) {
 	defer l.inflight.Done()
 	if gen != offReader {
 		l.beginOnReader(sc, c.Method)
@@ -685,15 +704,12 @@ func (l *leader) runInvoke(sc *serverConn, gen uint64, id uint64, timeoutMS int3
 		limit = l.cfg.ResponseTimeout
 	}
 	start := time.Now()
-	ic := &invokeCtx{parent: l.ctx, deadline: start.Add(limit)}
-	defer ic.release()
-	var ctx context.Context = ic
-	args := make([]Value, len(raw))
-	for i, a := range raw {
-		args[i] = Value{data: a, codec: l.cfg.Codec}
-	}
+	st.ctx.parent, st.ctx.deadline = l.ctx, start.Add(limit)
+	defer st.ctx.release()
+	var ctx context.Context = &st.ctx
+	args := st.args
 	var result any
-	err := l.checkArgs(c.Method, raw)
+	err := l.checkArgs(c.Method, args)
 	switch {
 	case err != nil: // refused before the real client sees it
 	case c.Method == publishMethod && c.Oneway && len(args) == 1:
@@ -801,14 +817,14 @@ const codeBadArgument = "ERR_CLUSTER_BAD_ARGUMENT"
 // valid JSON: the caller gets a clear error and the connection stays,
 // since the packet itself was well framed. Another codec decodes its own
 // arguments and reports its own errors.
-func (l *leader) checkArgs(method string, raw [][]byte) error {
+func (l *leader) checkArgs(method string, args []Value) error {
 	switch l.cfg.Codec.(type) {
 	case JSONCodec, *JSONCodec:
 	default:
 		return nil
 	}
-	for i, a := range raw {
-		if !validJSON(a) {
+	for i, a := range args {
+		if !validJSON(a.data) {
 			return &RemoteError{Name: "SyntaxError", Code: codeBadArgument,
 				Message: fmt.Sprintf("argument %d of %.64q is not valid JSON", i, method)}
 		}

@@ -1159,18 +1159,14 @@ func appendArgs(b []byte, args [][]byte) []byte {
 // splitArgs splits an invoke's app object into argLength arguments,
 // which alias app (each capped at its own end, so appending to one
 // cannot overwrite the next). The frame must hold exactly argLength
-// arguments: fewer, or bytes left after the last, is ErrArgCount; a
-// length that runs past the end of app is ErrArgOverrun.
+// arguments (see validArgs).
 //
 // The frame is checked before anything is allocated. Each argument
 // takes at least its 4-byte length, so argLength <= len(app)/4 and the
 // returned slice costs at most 6 bytes per byte of app (24-byte slice
 // headers on 64-bit platforms).
 func splitArgs(app []byte, argLength int) ([][]byte, error) {
-	if argLength < 0 || argLength > len(app)/4 {
-		return nil, fmt.Errorf("%w: argLength %d, app object %d bytes", ErrArgCount, argLength, len(app))
-	}
-	if err := checkArgs(app, argLength); err != nil {
+	if err := validArgs(app, argLength); err != nil {
 		return nil, err
 	}
 	if argLength == 0 {
@@ -1179,12 +1175,28 @@ func splitArgs(app []byte, argLength int) ([][]byte, error) {
 	args := make([][]byte, argLength)
 	rest := app
 	for i := range args {
-		// checkArgs proved 4+n <= len(rest), so n fits an int.
-		n := int(binary.BigEndian.Uint32(rest))
-		args[i] = rest[4 : 4+n : 4+n]
-		rest = rest[4+n:]
+		args[i], rest = nextArg(rest)
 	}
 	return args, nil
+}
+
+// validArgs checks that app frames exactly argLength arguments: fewer,
+// or bytes left after the last, is ErrArgCount; a length that runs past
+// the end of app is ErrArgOverrun.
+func validArgs(app []byte, argLength int) error {
+	if argLength < 0 || argLength > len(app)/4 {
+		return fmt.Errorf("%w: argLength %d, app object %d bytes", ErrArgCount, argLength, len(app))
+	}
+	return checkArgs(app, argLength)
+}
+
+// nextArg returns the first argument framed in rest, capped at its own
+// end, and the bytes after it. rest must be part of a frame that passed
+// validArgs, and hold at least one more argument.
+func nextArg(rest []byte) (arg, after []byte) {
+	// validArgs proved 4+n <= len(rest), so n fits an int.
+	n := int(binary.BigEndian.Uint32(rest))
+	return rest[4 : 4+n : 4+n], rest[4+n:]
 }
 
 // checkArgs checks that app frames exactly argLength arguments.
