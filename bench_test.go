@@ -1070,9 +1070,7 @@ func TestSlowInvokeHandsOffReading(t *testing.T) {
 		}()
 	}
 	// Wait until both sleeps run on the leader, then call behind them.
-	lead.mu.Lock()
-	l := lead.lead
-	lead.mu.Unlock()
+	l := leadOf(lead)
 	waitRunning(t, l, 2)
 	if d := echoesBehind(t, fol); d > time.Second {
 		t.Errorf("20 echoes behind two 2 s sleeps took %v", d)
@@ -1225,9 +1223,7 @@ func TestCallTimeoutsShareTimer(t *testing.T) {
 func TestInlineMethodHandsOff(t *testing.T) {
 	t.Parallel()
 	lead, fol := inProcessPair(t, "inline", nil)
-	lead.mu.Lock()
-	l := lead.lead
-	lead.mu.Unlock()
+	l := leadOf(lead)
 	const period = 50 * time.Millisecond
 	l.handOff.Store(int64(period)) // before the first invoke starts the watchdog
 	// A quick call may take over 1 ms on a loaded machine under the race
@@ -1278,29 +1274,16 @@ func TestInlineMethodHandsOff(t *testing.T) {
 func TestLeaderReadBufferResizes(t *testing.T) {
 	t.Parallel()
 	lead, _ := inProcessPair(t, "resize", nil)
-	lead.mu.Lock()
-	l := lead.lead
-	lead.mu.Unlock()
 	const quiet = 50 * time.Millisecond
-	l.quiet.Store(int64(quiet))
+	leadOf(lead).quiet.Store(int64(quiet))
 	conns, err := dialIdlers(lead.cfg.Port, "resize", 1)
 	if err != nil {
 		t.Fatal(err)
 	}
 	nc := conns[0]
 	defer nc.Close()
-	var sc *serverConn
-	waitUntil(t, 5*time.Second, "the leader serves the raw connection", func() bool {
-		l.mu.Lock()
-		defer l.mu.Unlock()
-		for c := range l.conns {
-			if c.nc.RemoteAddr().String() == nc.LocalAddr().String() {
-				sc = c
-				return true
-			}
-		}
-		return false
-	})
+	// The leader answers register_channel once it serves the connection.
+	sc := connOf(lead, nc.LocalAddr().String())
 	br := bufio.NewReader(nc)
 	id := uint64(100)
 	// burst sends n echoes at once, their arguments of sizes that cut

@@ -412,6 +412,13 @@ func inProcessPair(t *testing.T, name string, tune func(fcfg *Config)) (lead, fo
 	return lead, fol
 }
 
+// leadOf returns the leader of c, which leads.
+func leadOf(c *Client) *leader {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lead
+}
+
 func mustReady(t testing.TB, c *Client) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

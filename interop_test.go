@@ -512,9 +512,7 @@ func TestInteropNodeFollowerGoLeader(t *testing.T) {
 	t.Run("heartbeat", func(t *testing.T) {
 		// The Go leader drops a connection silent for 3 × 500 ms; the
 		// Node.js follower's heartbeats must keep it for 2 s.
-		c.mu.Lock()
-		l := c.lead
-		c.mu.Unlock()
+		l := leadOf(c)
 		l.mu.Lock()
 		n := len(l.conns)
 		l.mu.Unlock()
@@ -550,9 +548,7 @@ func TestInteropLeaderClosing(t *testing.T) {
 	}
 	reply := node.send(msg{"op": "invoke", "method": "sleep", "args": []any{300}})
 	// Close once the call is running on the leader.
-	c.mu.Lock()
-	l := c.lead
-	c.mu.Unlock()
+	l := leadOf(c)
 	for start := time.Now(); ; time.Sleep(5 * time.Millisecond) {
 		l.mu.Lock()
 		n := len(l.conns)
