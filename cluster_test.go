@@ -1208,3 +1208,30 @@ func TestCloseFailsCallsInFlight(t *testing.T) {
 		t.Fatalf("call after Close: %v, want ErrClosed", err)
 	}
 }
+
+// TestInvokeArgCounts: an invoke reaches the real client with all its
+// arguments and in order, however many it has, from a follower and on
+// the leader itself.
+func TestInvokeArgCounts(t *testing.T) {
+	t.Parallel()
+	lead, fol := inProcessPair(t, "argc", nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	all := []any{1, "two", []int{3}, map[string]bool{"four": true}, nil, 6.5}
+	for n := range len(all) + 1 {
+		want, _ := json.Marshal(all[:n])
+		for name, c := range map[string]*Client{"follower": fol, "leader": lead} {
+			v, err := c.Invoke(ctx, "args", all[:n]...)
+			if err != nil {
+				t.Fatalf("%s, %d arguments: %v", name, n, err)
+			}
+			var got []json.RawMessage
+			if err := v.Decode(&got); err != nil {
+				t.Fatalf("%s, %d arguments: %v", name, n, err)
+			}
+			if b, _ := json.Marshal(got); string(b) != string(want) {
+				t.Errorf("%s, %d arguments: the real client got %s, want %s", name, n, b, want)
+			}
+		}
+	}
+}

@@ -92,6 +92,13 @@ func (r *testReal) Invoke(ctx context.Context, method string, args []Value) (any
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		return r.calls, nil
+	case "args":
+		// Every argument as it came.
+		out := make([]json.RawMessage, len(args))
+		for i, a := range args {
+			out[i] = a.Bytes()
+		}
+		return out, nil
 	case "echo":
 		var v any
 		if err := arg(0, &v); err != nil {
