@@ -1274,8 +1274,11 @@ func TestInlineMethodHandsOff(t *testing.T) {
 func TestLeaderReadBufferResizes(t *testing.T) {
 	t.Parallel()
 	lead, _ := inProcessPair(t, "resize", nil)
+	l := leadOf(lead)
+	// No pause within a burst may count as a quiet spell, however slow
+	// the machine, except where the test makes one.
 	const quiet = 50 * time.Millisecond
-	leadOf(lead).quiet.Store(int64(quiet))
+	l.quiet.Store(int64(time.Hour))
 	conns, err := dialIdlers(lead.cfg.Port, "resize", 1)
 	if err != nil {
 		t.Fatal(err)
@@ -1337,13 +1340,15 @@ func TestLeaderReadBufferResizes(t *testing.T) {
 		t.Fatalf("after single requests the buffer has %d bytes, want %d", got, readBufferSize)
 	}
 	burst(300)
-	bufSize(busyReadBuffer, "the busy buffer after a burst of 300 requests")
+	bufSize(busyReadBuffer, "busy buffer after a burst of 300 requests")
 	burst(300)
 	// A quiet spell, then one request: the burst that it starts comes
 	// more than quiet after the last one.
+	l.quiet.Store(int64(quiet))
 	time.Sleep(2 * quiet)
 	burst(1)
-	bufSize(readBufferSize, "the small buffer after a quiet spell")
+	bufSize(readBufferSize, "small buffer after a quiet spell")
+	l.quiet.Store(int64(time.Hour))
 	burst(300)
-	bufSize(busyReadBuffer, "the busy buffer again")
+	bufSize(busyReadBuffer, "busy buffer again after a burst")
 }
