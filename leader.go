@@ -265,13 +265,12 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, r *Reader, reg *Packet, rc
 	l.mu.Unlock()
 
 	r.max = l.cfg.MaxPacketSize
+	sc.br, sc.r = br, r
+	sc.bufSize.Store(int64(br.Size()))
 	ok, _ := l.cfg.Codec.Marshal(registerResult{Success: true})
 	sc.w.send(true, func(b []byte) ([]byte, error) {
 		return appendPacket(b, true, reg.ID, reg.Timeout, registerChannelRes{}, ok)
 	})
-
-	sc.br, sc.r = br, r
-	sc.bufSize.Store(int64(br.Size()))
 	l.readLoop(sc, 0)
 }
 
