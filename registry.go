@@ -15,7 +15,8 @@ import (
 // be a register_channel: a channel name and a secret fit easily.
 const registerMaxPacket = 64 << 10
 
-// readBufferSize is the read buffer of one connection.
+// readBufferSize is the read buffer of a connection, until it is busy
+// (see busyReadBuffer).
 const readBufferSize = 4 << 10
 
 // hosts holds the ports this process listens on: one listener per port,
