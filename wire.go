@@ -1156,30 +1156,6 @@ func appendArgs(b []byte, args [][]byte) []byte {
 	return b
 }
 
-// splitArgs splits an invoke's app object into argLength arguments,
-// which alias app (each capped at its own end, so appending to one
-// cannot overwrite the next). The frame must hold exactly argLength
-// arguments (see validArgs).
-//
-// The frame is checked before anything is allocated. Each argument
-// takes at least its 4-byte length, so argLength <= len(app)/4 and the
-// returned slice costs at most 6 bytes per byte of app (24-byte slice
-// headers on 64-bit platforms).
-func splitArgs(app []byte, argLength int) ([][]byte, error) {
-	if err := validArgs(app, argLength); err != nil {
-		return nil, err
-	}
-	if argLength == 0 {
-		return nil, nil
-	}
-	args := make([][]byte, argLength)
-	rest := app
-	for i := range args {
-		args[i], rest = nextArg(rest)
-	}
-	return args, nil
-}
-
 // validArgs checks that app frames exactly argLength arguments: fewer,
 // or bytes left after the last, is ErrArgCount; a length that runs past
 // the end of app is ErrArgOverrun.

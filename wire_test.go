@@ -1425,3 +1425,22 @@ func TestSpecialInWord(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// splitArgs splits an invoke's app object into argLength arguments the
+// way the leader walks them (validArgs, then nextArg), for the tests and
+// fuzz targets of that framing. The arguments alias app, each capped at
+// its own end, so appending to one cannot overwrite the next.
+func splitArgs(app []byte, argLength int) ([][]byte, error) {
+	if err := validArgs(app, argLength); err != nil {
+		return nil, err
+	}
+	if argLength == 0 {
+		return nil, nil
+	}
+	args := make([][]byte, argLength)
+	rest := app
+	for i := range args {
+		args[i], rest = nextArg(rest)
+	}
+	return args, nil
+}
