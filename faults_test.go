@@ -212,7 +212,7 @@ func TestFaultLeaderStopped(t *testing.T) {
 	}
 	mustReach(t, fols, lead)
 
-	lead.signal(syscall.SIGSTOP)
+	lead.stop()
 	start := time.Now()
 	var replies []<-chan msg
 	for _, f := range fols {
@@ -242,7 +242,7 @@ func TestFaultLeaderStopped(t *testing.T) {
 		})
 	}
 
-	lead.signal(syscall.SIGSTOP)
+	lead.stop()
 	lead.kill()
 	var pids []any
 	for _, f := range fols {
@@ -463,7 +463,7 @@ func TestFaultFollowerStopsReading(t *testing.T) {
 	reg := msg(goodReg)
 	waitUntil(t, 10*time.Second, "both subscribed", func() bool { return topicConns(r.lead, reg) == 2 })
 
-	stuck.signal(syscall.SIGSTOP)
+	stuck.stop()
 	stopped := time.Now()
 	value := strings.Repeat("v", 32<<10)
 	var last string

@@ -937,26 +937,41 @@ func (c *child) signal(sig syscall.Signal) {
 	}
 }
 
-// stop sends SIGSTOP and waits until the process is stopped.
+// stop sends SIGSTOP and waits until every thread of the process is
+// stopped: a thread running on another core stops a moment after the
+// signal is sent, and may answer a request meanwhile.
 func (c *child) stop() {
 	c.t.Helper()
 	c.signal(syscall.SIGSTOP)
 	deadline := time.Now().Add(10 * time.Second)
-	for {
-		b, err := os.ReadFile("/proc/" + strconv.Itoa(c.pid) + "/stat")
-		if err != nil {
-			c.t.Fatalf("child %d: %v", c.pid, err)
-		}
-		// pid (comm) state ...: comm may hold spaces, the state follows
-		// the last ')'.
-		if i := bytes.LastIndexByte(b, ')'); i >= 0 && i+2 < len(b) && b[i+2] == 'T' {
-			return
-		}
+	for !allStopped(c.pid) {
 		if time.Now().After(deadline) {
 			c.t.Fatalf("child %d not stopped 10s after SIGSTOP", c.pid)
 		}
 		time.Sleep(time.Millisecond)
 	}
+}
+
+// allStopped reports whether every thread of process pid is stopped.
+func allStopped(pid int) bool {
+	dir := "/proc/" + strconv.Itoa(pid) + "/task"
+	tasks, err := os.ReadDir(dir)
+	if err != nil || len(tasks) == 0 {
+		return false
+	}
+	for _, task := range tasks {
+		b, err := os.ReadFile(dir + "/" + task.Name() + "/stat")
+		if err != nil {
+			return false
+		}
+		// pid (comm) state ...: comm may hold spaces, the state follows
+		// the last ')'.
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 || i+2 >= len(b) || b[i+2] != 'T' {
+			return false
+		}
+	}
+	return true
 }
 
 // kill sends SIGKILL and waits until the process is gone.
