@@ -100,13 +100,10 @@ type Packet struct {
 
 // AppendBinary appends the encoded packet to b.
 func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
-	return appendPacket(b, p.Response, p.ID, p.Timeout, rawConn(p.Conn), p.App)
+	start := len(b)
+	b = append(appendHeader(b, p.Response, p.ID, p.Timeout, 0, 0), p.Conn...)
+	return finishPacket(append(b, p.App...), start, len(p.Conn))
 }
-
-// rawConn is a conn object already encoded.
-type rawConn []byte
-
-func (c rawConn) appendJSON(b []byte) []byte { return append(b, c...) }
 
 // MarshalBinary returns the encoded packet.
 func (p *Packet) MarshalBinary() ([]byte, error) {
@@ -151,10 +148,14 @@ func checkHeader(b []byte, max int) (connLen, appLen int, err error) {
 	return int(c), int(a), nil
 }
 
+// truncated is the ErrTruncated for where, which ended after got of want
+// bytes.
 func truncated(where string, got, want int) error {
 	return fmt.Errorf("%w: %s has %d of %d bytes: %w", ErrTruncated, where, got, want, io.ErrUnexpectedEOF)
 }
 
+// appendHeader appends a header; appendPacket and appendInvoke write zero
+// lengths that finishPacket sets.
 func appendHeader(b []byte, response bool, id uint64, timeout int32, connLen, appLen int) []byte {
 	t := byte(typeRequest)
 	if response {
@@ -627,8 +628,7 @@ func appendJSObject(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 		if i > 0 {
 			b = append(b, ',')
 		}
-		b = append(appendJSONString(b, k), ':')
-		b = append(b, vals[k]...)
+		b = append(append(appendJSONString(b, k), ':'), vals[k]...)
 	}
 	return append(b, '}'), nil
 }
