@@ -366,12 +366,12 @@ func (leaderClosing) appendJSON(b []byte) []byte { return append(b, `{"type":"le
 func appendJSONString(b []byte, s string) []byte {
 	b = append(b, '"')
 	for _, r := range s { // an invalid byte comes out as utf8.RuneError, U+FFFD
-		if i := strings.IndexRune("\"\\\b\f\n\r\t", r); i >= 0 {
-			b = append(b, '\\', `"\bfnrt`[i])
-		} else if r < 0x20 {
-			b = fmt.Appendf(b, `\u%04x`, r)
-		} else {
+		if r >= 0x20 && r != '"' && r != '\\' {
 			b = utf8.AppendRune(b, r)
+		} else if i := strings.IndexRune("\"\\\b\f\n\r\t", r); i >= 0 {
+			b = append(b, '\\', `"\bfnrt`[i])
+		} else {
+			b = fmt.Appendf(b, `\u%04x`, r)
 		}
 	}
 	return append(b, '"')
@@ -404,14 +404,16 @@ func parseConn(b []byte) (connObject, string, error) {
 	if err := json.Unmarshal(b, &m); err != nil || m == nil {
 		return nil, "", fmt.Errorf("%w: %.64q", ErrBadConn, b)
 	}
-	var typ, channelName, secret, key, method string
-	var argLength int
-	var oneway, success bool
+	var f struct {
+		typ, channelName, secret, key, method string
+		argLength                             int
+		oneway, success                       bool
+	}
 	fields := [...]struct {
 		key string
 		dst any
-	}{{"type", &typ}, {"channelName", &channelName}, {"secret", &secret}, {"key", &key},
-		{"method", &method}, {"argLength", &argLength}, {"oneway", &oneway}, {"success", &success}}
+	}{{"type", &f.typ}, {"channelName", &f.channelName}, {"secret", &f.secret}, {"key", &f.key},
+		{"method", &f.method}, {"argLength", &f.argLength}, {"oneway", &f.oneway}, {"success", &f.success}}
 	for _, k := range fields {
 		if raw, ok := m[k.key]; ok {
 			if err := json.Unmarshal(raw, k.dst); err != nil {
@@ -419,24 +421,24 @@ func parseConn(b []byte) (connObject, string, error) {
 			}
 		}
 	}
-	switch typ {
+	switch f.typ {
 	case "register_channel":
-		return registerChannel{ChannelName: channelName, Secret: secret}, typ, nil
+		return registerChannel{ChannelName: f.channelName, Secret: f.secret}, f.typ, nil
 	case "subscribe":
-		return subscribe{Key: key, Reg: m["reg"]}, typ, nil
+		return subscribe{Key: f.key, Reg: m["reg"]}, f.typ, nil
 	case "unSubscribe":
-		return unSubscribe{Key: key, Reg: m["reg"]}, typ, nil
+		return unSubscribe{Key: f.key, Reg: m["reg"]}, f.typ, nil
 	case "subscribe_result":
-		return subscribeResult{Key: key}, typ, nil
+		return subscribeResult{Key: f.key}, f.typ, nil
 	case "invoke_result":
-		return invokeResult{Success: success}, typ, nil
+		return invokeResult{Success: f.success}, f.typ, nil
 	case "invoke":
-		if argLength < 0 {
-			return nil, typ, fmt.Errorf("%w: argLength %d", ErrArgCount, argLength)
+		if f.argLength < 0 {
+			return nil, f.typ, fmt.Errorf("%w: argLength %d", ErrArgCount, f.argLength)
 		}
-		return invoke{Method: method, ArgLength: argLength, Oneway: oneway}, typ, nil
+		return invoke{Method: f.method, ArgLength: f.argLength, Oneway: f.oneway}, f.typ, nil
 	}
-	return emptyConns[typ], typ, nil // nil for an unknown type
+	return emptyConns[f.typ], f.typ, nil // nil for an unknown type
 }
 
 // appendPacket appends a whole packet with conn object c and app object
