@@ -305,8 +305,8 @@ func FuzzStreamSplit(f *testing.F) {
 
 // FuzzParseConn checks parseConn on arbitrary bytes: no panic; ErrBadConn
 // for anything that is not one JSON object; otherwise what
-// parseConnOracle makes of it, and, where keys do not differ only by
-// case, what json.Unmarshal makes of it. A conn object of a known type
+// parseConnOracle makes of it, and, unless structDiffers, what
+// json.Unmarshal into a struct makes of it. A conn object of a known type
 // must re-encode to valid JSON that parses back to the same value.
 func FuzzParseConn(f *testing.F) {
 	for _, v := range loadGolden(f).Vectors {
