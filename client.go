@@ -2,15 +2,11 @@ package clusterclient
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"math"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -425,9 +421,6 @@ func (c *Client) retry(f *follower, err error) bool {
 
 // result reads an invoke_result.
 func (c *Client) result(p *Packet) (Value, error) {
-	if string(p.Conn) == successConn {
-		return Value{data: p.App, codec: c.cfg.Codec}, nil
-	}
 	conn, typ, err := parseConn(p.Conn)
 	if err != nil {
 		return Value{}, err
@@ -486,186 +479,6 @@ func (c *Client) InvokeOneway(ctx context.Context, method string, args ...any) e
 			return err
 		}
 	}
-}
-
-// marshalReg encodes a registration as a Node.js peer's
-// JSON.stringify(JSON.parse(text)) writes it, so that equal registrations
-// make equal keys in every process, Go or Node.js: a Node.js leader pushes
-// under the key it computes from the parsed registration.
-func marshalReg(reg any) (json.RawMessage, error) {
-	b, err := JSONCodec{}.Marshal(reg)
-	if err != nil {
-		return nil, fmt.Errorf("clusterclient: encode registration: %w", err)
-	}
-	out, err := stringifyJSON(b)
-	if err != nil {
-		return nil, fmt.Errorf("clusterclient: registration is not valid JSON: %w", err)
-	}
-	return out, nil
-}
-
-// stringifyJSON rewrites the JSON text b as JSON.stringify writes what
-// JSON.parse reads from it: no spaces; strings as appendJSONString writes
-// them (U+2028 and U+2029 unescaped, escapes such as \u0041 decoded);
-// numbers as a JavaScript number prints (1.0 is 1, 1e2 is 100, -0 is 0,
-// out of range is null); in an object, keys that are array indexes first
-// in ascending order, then the others in the order they first appear, a
-// repeated key keeping its first place and its last value. Nesting
-// deeper than maxRegDepth is an error.
-func stringifyJSON(b []byte) ([]byte, error) {
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.UseNumber()
-	v, err := parseJSValue(dec, maxRegDepth)
-	if err != nil {
-		return nil, err
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return nil, errors.New("trailing data after the JSON value")
-	}
-	return v.appendJSON(nil), nil
-}
-
-// jsValue is a parsed JSON value: a scalar already written out, an array
-// or an object.
-type jsValue struct {
-	scalar []byte
-	array  []*jsValue
-	keys   []string // object keys, in JSON.stringify's order once sorted
-	fields map[string]*jsValue
-	isObj  bool
-}
-
-// maxRegDepth bounds the nesting of a registration, as encoding/json
-// bounds what it decodes.
-const maxRegDepth = 10000
-
-func parseJSValue(dec *json.Decoder, depth int) (*jsValue, error) {
-	tok, err := dec.Token()
-	if err != nil {
-		return nil, err
-	}
-	switch x := tok.(type) {
-	case json.Delim:
-		if depth == 0 {
-			return nil, fmt.Errorf("nested deeper than %d", maxRegDepth)
-		}
-		if x == '[' {
-			v := &jsValue{array: []*jsValue{}}
-			for dec.More() {
-				e, err := parseJSValue(dec, depth-1)
-				if err != nil {
-					return nil, err
-				}
-				v.array = append(v.array, e)
-			}
-			_, err := dec.Token()
-			return v, err
-		}
-		v := &jsValue{isObj: true, fields: map[string]*jsValue{}}
-		for dec.More() {
-			kt, err := dec.Token()
-			if err != nil {
-				return nil, err
-			}
-			k, _ := kt.(string)
-			e, err := parseJSValue(dec, depth-1)
-			if err != nil {
-				return nil, err
-			}
-			if _, dup := v.fields[k]; !dup {
-				v.keys = append(v.keys, k)
-			}
-			v.fields[k] = e
-		}
-		// A JavaScript object lists its array-index keys first, in
-		// ascending order; the sort is stable for the others.
-		slices.SortStableFunc(v.keys, func(a, b string) int {
-			ia, aok := arrayIndex(a)
-			ib, bok := arrayIndex(b)
-			switch {
-			case aok && bok:
-				return cmp.Compare(ia, ib)
-			case aok:
-				return -1
-			case bok:
-				return 1
-			}
-			return 0
-		})
-		_, err := dec.Token()
-		return v, err
-	case string:
-		return &jsValue{scalar: appendJSONString(nil, x)}, nil
-	case json.Number:
-		return &jsValue{scalar: appendJSNumber(nil, string(x))}, nil
-	case bool:
-		return &jsValue{scalar: strconv.AppendBool(nil, x)}, nil
-	}
-	return &jsValue{scalar: []byte("null")}, nil
-}
-
-func (v *jsValue) appendJSON(b []byte) []byte {
-	switch {
-	case v.scalar != nil:
-		return append(b, v.scalar...)
-	case v.isObj:
-		b = append(b, '{')
-		for i, k := range v.keys {
-			if i > 0 {
-				b = append(b, ',')
-			}
-			b = appendJSONString(b, k)
-			b = append(b, ':')
-			b = v.fields[k].appendJSON(b)
-		}
-		return append(b, '}')
-	}
-	b = append(b, '[')
-	for i, e := range v.array {
-		if i > 0 {
-			b = append(b, ',')
-		}
-		b = e.appendJSON(b)
-	}
-	return append(b, ']')
-}
-
-// arrayIndex reports whether k is an array index as JavaScript orders
-// object keys: the canonical decimal form of an integer below 2^32-1.
-func arrayIndex(k string) (uint64, bool) {
-	if k == "" || len(k) > 10 || (k[0] == '0' && k != "0") {
-		return 0, false
-	}
-	n, err := strconv.ParseUint(k, 10, 64)
-	if err != nil || n >= 1<<32-1 {
-		return 0, false
-	}
-	return n, true
-}
-
-// appendJSNumber writes the JSON number num as JSON.stringify writes the
-// JavaScript number that JSON.parse makes of it.
-func appendJSNumber(b []byte, num string) []byte {
-	f, err := strconv.ParseFloat(num, 64)
-	if err != nil || math.IsInf(f, 0) {
-		return append(b, "null"...) // out of range: Infinity, which JSON.stringify writes as null
-	}
-	if f == 0 {
-		return append(b, '0')
-	}
-	format := byte('f')
-	if abs := math.Abs(f); abs < 1e-6 || abs >= 1e21 {
-		format = 'e'
-	}
-	b = strconv.AppendFloat(b, f, format, -1, 64)
-	if format == 'e' {
-		// 1e-07 is 1e-7 in JavaScript.
-		if n := len(b); n >= 4 && b[n-4] == 'e' && b[n-3] == '-' && b[n-2] == '0' {
-			b[n-2] = b[n-1]
-			b = b[:n-1]
-		}
-	}
-	return b
 }
 
 // Publish publishes a registration through the real client: a oneway

@@ -570,13 +570,7 @@ func (sc *serverConn) close(err error) {
 // generation gen. An error closes the connection, but errHandedOff,
 // which ends the goroutine.
 func (l *leader) handle(sc *serverConn, p *Packet, gen uint64) error {
-	if !p.Response {
-		// Most requests are invokes, written as parseInvokeFast reads.
-		if c, ok := parseInvokeFast(p.Conn); ok {
-			return l.invoke(sc, p, c, gen)
-		}
-	}
-	c, typ, err := parseConnFull(p.Conn)
+	c, typ, err := parseConn(p.Conn)
 	if err != nil {
 		return err
 	}
@@ -823,7 +817,7 @@ func (l *leader) checkArgs(method string, args []Value) error {
 		return nil
 	}
 	for i, a := range args {
-		if !validJSON(a.data) {
+		if !json.Valid(a.data) {
 			return &RemoteError{Name: "SyntaxError", Code: codeBadArgument,
 				Message: fmt.Sprintf("argument %d of %.64q is not valid JSON", i, method)}
 		}

@@ -2,16 +2,16 @@ package clusterclient
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"maps"
 	"math"
+	"slices"
 	"strconv"
-	"sync"
-	"sync/atomic"
+	"strings"
 	"unicode/utf8"
 )
 
@@ -100,12 +100,9 @@ type Packet struct {
 
 // AppendBinary appends the encoded packet to b.
 func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
-	if len(p.Conn) > math.MaxInt32 || len(p.App) > math.MaxInt32 {
-		return b, fmt.Errorf("%w: conn %d bytes, app %d bytes", ErrPacketTooLarge, len(p.Conn), len(p.App))
-	}
-	b = appendHeader(b, p.Response, p.ID, p.Timeout, len(p.Conn), len(p.App))
-	b = append(b, p.Conn...)
-	return append(b, p.App...), nil
+	start := len(b)
+	b = append(appendHeader(b, p.Response, p.ID, p.Timeout, 0, 0), p.Conn...)
+	return finishPacket(append(b, p.App...), start, len(p.Conn))
 }
 
 // MarshalBinary returns the encoded packet.
@@ -113,115 +110,60 @@ func (p *Packet) MarshalBinary() ([]byte, error) {
 	return p.AppendBinary(make([]byte, 0, HeaderSize+len(p.Conn)+len(p.App)))
 }
 
-// UnmarshalBinary decodes exactly one whole packet from data, with the
-// same checks as Reader and DefaultMaxPacketSize as the bound. Conn and
-// App are copied out of data.
+// UnmarshalBinary decodes exactly one whole packet from data, as Reader
+// does with DefaultMaxPacketSize as the bound. Conn and App are copied
+// out of data.
 func (p *Packet) UnmarshalBinary(data []byte) error {
-	if len(data) < HeaderSize {
-		return truncated("header", len(data), HeaderSize)
-	}
-	var h header
-	if err := h.parse(data[:HeaderSize], DefaultMaxPacketSize); err != nil {
+	r := bytes.NewReader(data)
+	var q Packet
+	err := NewReader(r, 0).ReadPacket(&q)
+	switch {
+	case err == io.EOF:
+		return truncated("header", 0, HeaderSize)
+	case err != nil:
 		return err
+	case r.Len() > 0:
+		return fmt.Errorf("%w: %d bytes", ErrTrailingBytes, r.Len())
 	}
-	body := data[HeaderSize:]
-	if n := h.bodyLen(); len(body) < n {
-		return truncated("body", len(body), n)
-	} else if len(body) > n {
-		return fmt.Errorf("%w: %d bytes", ErrTrailingBytes, len(body)-n)
-	}
-	return h.fill(p, bytes.Clone(body))
+	*p = q
+	return nil
 }
 
-// header is a parsed packet header.
-type header struct {
-	response bool
-	id       uint64
-	timeout  int32
-	connLen  int
-	appLen   int
-}
-
-func (h *header) bodyLen() int { return h.connLen + h.appLen }
-
-// parse checks and reads a header. max bounds conn length plus app length.
-func (h *header) parse(b []byte, max int) error {
+// checkHeader checks a header and returns its conn and app lengths, whose
+// sum may not exceed max.
+func checkHeader(b []byte, max int) (connLen, appLen int, err error) {
 	if b[0] != ProtocolVersion {
-		return fmt.Errorf("%w: %d", ErrBadVersion, b[0])
+		return 0, 0, fmt.Errorf("%w: %d", ErrBadVersion, b[0])
 	}
-	switch b[1] {
-	case typeRequest, typeResponse:
-	default:
-		return fmt.Errorf("%w: %d", ErrBadType, b[1])
+	if b[1] != typeRequest && b[1] != typeResponse {
+		return 0, 0, fmt.Errorf("%w: %d", ErrBadType, b[1])
 	}
-	h.response = b[1] == typeResponse
-	h.id = binary.BigEndian.Uint64(b[4:12])
-	h.timeout = int32(binary.BigEndian.Uint32(b[12:16]))
-	c := int32(binary.BigEndian.Uint32(b[16:20]))
-	a := int32(binary.BigEndian.Uint32(b[20:24]))
+	c, a := int32(binary.BigEndian.Uint32(b[16:20])), int32(binary.BigEndian.Uint32(b[20:24]))
 	if c < 0 || a < 0 {
-		return fmt.Errorf("%w: conn %d, app %d", ErrNegativeLength, c, a)
+		return 0, 0, fmt.Errorf("%w: conn %d, app %d", ErrNegativeLength, c, a)
 	}
 	if int64(c)+int64(a) > int64(max) {
-		return fmt.Errorf("%w: conn %d + app %d bytes, maximum %d", ErrPacketTooLarge, c, a, max)
+		return 0, 0, fmt.Errorf("%w: conn %d + app %d bytes, maximum %d", ErrPacketTooLarge, c, a, max)
 	}
-	h.connLen, h.appLen = int(c), int(a)
-	return nil
+	return int(c), int(a), nil
 }
 
-// fill sets p from h and its body, checking that the conn object is a
-// JSON object.
-func (h *header) fill(p *Packet, body []byte) error {
-	conn := body[:h.connLen:h.connLen]
-	if !knownConn(conn) && !isJSONObject(conn) {
-		return fmt.Errorf("%w: %.64q", ErrBadConn, conn)
-	}
-	p.Response, p.ID, p.Timeout, p.Conn, p.App = h.response, h.id, h.timeout, conn, nil
-	if h.appLen > 0 {
-		p.App = body[h.connLen:]
-	}
-	return nil
-}
-
-// knownConn reports whether conn is one of the conn objects that are read
-// without the general parser: a successful invoke_result and an invoke as
-// followers write them. Each is a JSON object.
-func knownConn(conn []byte) bool {
-	if string(conn) == successConn {
-		return true
-	}
-	_, _, _, ok := invokeShape(conn)
-	return ok
-}
-
-// isJSONObject reports whether b is one JSON object, with optional JSON
-// whitespace around it, as JSON.parse accepts it (see walkObject).
-func isJSONObject(b []byte) bool {
-	return walkObject(b, nil) == nil
-}
-
-// validJSON reports whether b is one JSON value with optional JSON
-// whitespace around it: what json.Valid reports (FuzzParseConn checks
-// the two against each other), in one pass with no allocation.
-func validJSON(b []byte) bool {
-	end, err := jsonValue(b, skipSpace(b, 0), 0)
-	return err == nil && skipSpace(b, end) == len(b)
-}
-
+// truncated is the ErrTruncated for where, which ended after got of want
+// bytes.
 func truncated(where string, got, want int) error {
 	return fmt.Errorf("%w: %s has %d of %d bytes: %w", ErrTruncated, where, got, want, io.ErrUnexpectedEOF)
 }
 
+// appendHeader appends a header; appendPacket and appendInvoke write zero
+// lengths that finishPacket sets.
 func appendHeader(b []byte, response bool, id uint64, timeout int32, connLen, appLen int) []byte {
 	t := byte(typeRequest)
 	if response {
 		t = typeResponse
 	}
-	b = append(b, ProtocolVersion, t, 0, 0)
-	b = binary.BigEndian.AppendUint64(b, id)
+	b = binary.BigEndian.AppendUint64(append(b, ProtocolVersion, t, 0, 0), id)
 	b = binary.BigEndian.AppendUint32(b, uint32(timeout))
-	b = binary.BigEndian.AppendUint32(b, uint32(connLen))
-	return binary.BigEndian.AppendUint32(b, uint32(appLen))
+	return binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32(b, uint32(connLen)), uint32(appLen))
 }
 
 // Reader takes one packet at a time off a stream. It is not safe for
@@ -247,31 +189,38 @@ func NewReader(r io.Reader, maxPacketSize int) *Reader {
 // allocated slice that the caller may keep; nothing is reused from one
 // packet to the next. At a clean end of stream, before any byte of a
 // header, it returns io.EOF; an end inside a packet is ErrTruncated.
-// Memory held for a body grows with the bytes that actually arrive,
-// whatever the header claims (see readBody).
+// The length in the header is checked against the maximum before any
+// memory is allocated, and the memory held for a body grows with the
+// bytes that actually arrive, whatever the header claims.
 //
 // On error p is left as it was. After ErrBadConn the whole packet has
 // been consumed and the next one can be read; after any other error the
 // stream is no longer at a packet boundary and should be dropped.
 func (r *Reader) ReadPacket(p *Packet) error {
-	if n, err := io.ReadFull(r.r, r.hdr[:]); err != nil {
-		if err == io.EOF {
-			return io.EOF
-		}
-		if err == io.ErrUnexpectedEOF {
-			return truncated("header", n, HeaderSize)
-		}
-		return err
+	h := r.hdr[:]
+	if n, err := io.ReadFull(r.r, h); err == io.ErrUnexpectedEOF {
+		return truncated("header", n, HeaderSize)
+	} else if err != nil {
+		return err // io.EOF at a clean end
 	}
-	var h header
-	if err := h.parse(r.hdr[:], r.max); err != nil {
-		return err
-	}
-	body, err := readBody(r.r, h.bodyLen())
+	connLen, appLen, err := checkHeader(h, r.max)
 	if err != nil {
 		return err
 	}
-	return h.fill(p, body)
+	body, err := readBody(r.r, connLen+appLen)
+	if err != nil {
+		return err
+	}
+	conn := body[:connLen:connLen]
+	if !json.Valid(conn) || bytes.TrimLeft(conn, " \t\r\n")[0] != '{' {
+		return fmt.Errorf("%w: %.64q", ErrBadConn, conn)
+	}
+	*p = Packet{Response: h[1] == typeResponse, ID: binary.BigEndian.Uint64(h[4:12]),
+		Timeout: int32(binary.BigEndian.Uint32(h[12:16])), Conn: conn}
+	if appLen > 0 {
+		p.App = body[connLen:]
+	}
+	return nil
 }
 
 // readBody reads n bytes into a new slice. Up to readChunk it allocates
@@ -280,44 +229,21 @@ func (r *Reader) ReadPacket(p *Packet) error {
 // a body that arrives whole costs less than 3n bytes of allocation, and
 // one cut short after m bytes costs at most max(readChunk, 4m).
 func readBody(r io.Reader, n int) ([]byte, error) {
-	size := min(n, readChunk)
-	b := make([]byte, 0, size)
+	b := make([]byte, 0, min(n, readChunk))
 	for {
 		m, err := io.ReadFull(r, b[len(b):cap(b)])
 		b = b[:len(b)+m]
-		if err != nil {
-			if err == io.EOF || err == io.ErrUnexpectedEOF {
-				return nil, truncated("body", len(b), n)
-			}
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			return nil, truncated("body", len(b), n)
+		} else if err != nil {
 			return nil, err
 		}
 		if len(b) == n {
 			return b, nil
 		}
-		grown := make([]byte, len(b), min(n, 2*cap(b)))
-		copy(grown, b)
-		b = grown
+		b = append(make([]byte, 0, min(n, 2*cap(b))), b...)
 	}
 }
-
-// Conn object types, as the "type" key spells them.
-const (
-	typeRegisterChannel    = "register_channel"
-	typeRegisterChannelRes = "register_channel_res"
-	typeSubscribe          = "subscribe"
-	typeUnSubscribe        = "unSubscribe"
-	typeSubscribeResult    = "subscribe_result"
-	typeSubscribeResultRes = "subscribe_result_res"
-	typeInvoke             = "invoke"
-	typeInvokeResult       = "invoke_result"
-	typeHeartbeat          = "heartbeat"
-	typeHeartbeatRes       = "heartbeat_res"
-	// typeLeaderClosing is this package's own addition: a request from a
-	// leader that is closing on purpose. A Go follower finishes what it
-	// has in flight, then leaves and elects again; the reference follower
-	// ignores requests of types it does not know.
-	typeLeaderClosing = "leader_closing"
-)
 
 // connObject is one of the typed conn objects below. appendJSON writes it
 // as JSON.stringify writes the reference's object: keys in the
@@ -345,10 +271,7 @@ type subscribe struct {
 }
 
 // unSubscribe tells the leader the follower no longer wants Key.
-type unSubscribe struct {
-	Key string
-	Reg json.RawMessage
-}
+type unSubscribe subscribe
 
 // subscribeResult pushes a value of Key (the app object) to a follower.
 type subscribeResult struct{ Key string }
@@ -373,15 +296,16 @@ type heartbeat struct{}
 // heartbeatRes answers heartbeat.
 type heartbeatRes struct{}
 
-// leaderClosing announces a planned leader close.
+// leaderClosing announces a planned leader close. It is this package's
+// own addition: a Go follower finishes what it has in flight, then leaves
+// and elects again; the reference follower ignores requests of types it
+// does not know.
 type leaderClosing struct{}
 
 func (c registerChannel) appendJSON(b []byte) []byte {
-	b = append(b, `{"type":"register_channel","channelName":`...)
-	b = appendJSONString(b, c.ChannelName)
+	b = appendJSONString(append(b, `{"type":"register_channel","channelName":`...), c.ChannelName)
 	if c.Secret != "" {
-		b = append(b, `,"secret":`...)
-		b = appendJSONString(b, c.Secret)
+		b = appendJSONString(append(b, `,"secret":`...), c.Secret)
 	}
 	return append(b, '}')
 }
@@ -398,24 +322,20 @@ func (c unSubscribe) appendJSON(b []byte) []byte {
 	return appendKeyReg(b, `{"type":"unSubscribe","key":`, c.Key, c.Reg)
 }
 
-// appendKeyReg writes a subscribe or unSubscribe conn object. An empty
+// appendKeyReg writes a conn object with a key and maybe a reg. An empty
 // reg is left out, as JSON.stringify leaves out a key whose value is
 // undefined, so that parseConn gives back a nil Reg; reg is written as
 // it is and must be valid JSON.
 func appendKeyReg(b []byte, prefix, key string, reg json.RawMessage) []byte {
-	b = append(b, prefix...)
-	b = appendJSONString(b, key)
+	b = appendJSONString(append(b, prefix...), key)
 	if len(reg) > 0 {
-		b = append(b, `,"reg":`...)
-		b = append(b, reg...)
+		b = append(append(b, `,"reg":`...), reg...)
 	}
 	return append(b, '}')
 }
 
 func (c subscribeResult) appendJSON(b []byte) []byte {
-	b = append(b, `{"type":"subscribe_result","key":`...)
-	b = appendJSONString(b, c.Key)
-	return append(b, '}')
+	return appendKeyReg(b, `{"type":"subscribe_result","key":`, c.Key, nil)
 }
 
 func (subscribeResultRes) appendJSON(b []byte) []byte {
@@ -423,715 +343,120 @@ func (subscribeResultRes) appendJSON(b []byte) []byte {
 }
 
 func (c invoke) appendJSON(b []byte) []byte {
-	b = append(b, `{"type":"invoke","method":`...)
-	b = appendJSONString(b, c.Method)
-	b = append(b, `,"argLength":`...)
-	b = strconv.AppendInt(b, int64(c.ArgLength), 10)
-	b = append(b, `,"oneway":`...)
-	b = strconv.AppendBool(b, c.Oneway)
+	b = appendJSONString(append(b, `{"type":"invoke","method":`...), c.Method)
+	b = strconv.AppendInt(append(b, `,"argLength":`...), int64(c.ArgLength), 10)
+	b = strconv.AppendBool(append(b, `,"oneway":`...), c.Oneway)
 	return append(b, '}')
 }
 
 func (c invokeResult) appendJSON(b []byte) []byte {
-	if c.Success {
-		return append(b, `{"type":"invoke_result","success":true}`...)
-	}
-	return append(b, `{"type":"invoke_result","success":false}`...)
+	b = strconv.AppendBool(append(b, `{"type":"invoke_result","success":`...), c.Success)
+	return append(b, '}')
 }
 
 func (heartbeat) appendJSON(b []byte) []byte { return append(b, `{"type":"heartbeat"}`...) }
 
 func (heartbeatRes) appendJSON(b []byte) []byte { return append(b, `{"type":"heartbeat_res"}`...) }
 
-func (leaderClosing) appendJSON(b []byte) []byte {
-	return append(b, `{"type":"leader_closing"}`...)
-}
+func (leaderClosing) appendJSON(b []byte) []byte { return append(b, `{"type":"leader_closing"}`...) }
 
 // appendJSONString writes s as JSON.stringify writes a string: only '"',
 // '\\' and control characters are escaped; '<', '>', '&', U+2028, U+2029
 // and all other text stay as UTF-8. Invalid UTF-8 is written as U+FFFD.
 func appendJSONString(b []byte, s string) []byte {
-	const hex = "0123456789abcdef"
 	b = append(b, '"')
-	start := 0
-	for i := 0; i < len(s); {
-		c := s[i]
-		if c >= 0x20 && c != '"' && c != '\\' && c < utf8.RuneSelf {
-			i++
-			continue
+	for _, r := range s { // an invalid byte comes out as utf8.RuneError, U+FFFD
+		if r >= 0x20 && r != '"' && r != '\\' {
+			b = utf8.AppendRune(b, r)
+		} else if i := strings.IndexRune("\"\\\b\f\n\r\t", r); i >= 0 {
+			b = append(b, '\\', `"\bfnrt`[i])
+		} else {
+			b = fmt.Appendf(b, `\u%04x`, r)
 		}
-		if c >= utf8.RuneSelf {
-			r, size := utf8.DecodeRuneInString(s[i:])
-			if r == utf8.RuneError && size == 1 {
-				b = append(b, s[start:i]...)
-				b = append(b, "\ufffd"...)
-				i += size
-				start = i
-				continue
-			}
-			i += size
-			continue
-		}
-		b = append(b, s[start:i]...)
-		switch c {
-		case '"', '\\':
-			b = append(b, '\\', c)
-		case '\b':
-			b = append(b, '\\', 'b')
-		case '\f':
-			b = append(b, '\\', 'f')
-		case '\n':
-			b = append(b, '\\', 'n')
-		case '\r':
-			b = append(b, '\\', 'r')
-		case '\t':
-			b = append(b, '\\', 't')
-		default:
-			b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
-		}
-		i++
-		start = i
 	}
-	b = append(b, s[start:]...)
 	return append(b, '"')
+}
+
+// emptyConns are the conn objects that carry nothing but their type, by
+// type.
+var emptyConns = map[string]connObject{
+	"register_channel_res": registerChannelRes{}, "subscribe_result_res": subscribeResultRes{},
+	"heartbeat": heartbeat{}, "heartbeat_res": heartbeatRes{}, "leader_closing": leaderClosing{},
 }
 
 // parseConn decodes a conn object into its typed value. An unknown type
 // is not an error here: it returns nil and the type's name, and the
 // caller decides (the reference ignores such packets).
 //
-// It reads b as JSON.parse would, not as encoding/json would:
-//   - b must be one valid JSON object, with optional JSON whitespace
-//     around it (walkObject checks it as json.Valid would);
-//   - keys match case-sensitively, so {"Type":"heartbeat"} has no type;
-//   - a repeated key counts by its last value, but every value of a
-//     known key must have that key's JSON type (null is allowed and
-//     leaves the field as it was) or the object is ErrBadConn;
-//   - strings are decoded as encoding/json decodes them (escapes, and
-//     invalid UTF-8 or lone surrogates as U+FFFD).
+// It reads b as JSON.parse would, not as encoding/json reads a struct:
+// b must be one JSON object (ErrBadConn otherwise); keys match
+// case-sensitively, so {"Type":"heartbeat"} has no type; a repeated key
+// counts by its last value. The value of a known key must have that
+// key's JSON type, whatever the conn object's type, or the object is
+// ErrBadConn; null leaves the field empty. Strings are decoded as
+// encoding/json decodes them (invalid UTF-8 and lone surrogates become
+// U+FFFD).
 //
 // An invoke with a negative argLength is ErrArgCount. Reg, when present,
 // is a copy of the raw JSON value and never aliases b.
 func parseConn(b []byte) (connObject, string, error) {
-	if c, ok := parseInvokeFast(b); ok {
-		return c, typeInvoke, nil
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(b, &m); err != nil || m == nil {
+		return nil, "", fmt.Errorf("%w: %.64q", ErrBadConn, b)
 	}
-	return parseConnFull(b)
-}
-
-// successConn is the conn object of a successful invoke_result as Go
-// and Node.js leaders write it, read without parsing.
-const successConn = `{"type":"invoke_result","success":true}`
-
-// invokePrefix, invokeArgLength and the two endings are the conn object
-// of an invoke as Go and Node.js followers write it.
-const (
-	invokePrefix    = `{"type":"invoke","method":"`
-	invokeArgLength = `","argLength":`
-	invokeOneway    = `,"oneway":true}`
-	invokeTwoway    = `,"oneway":false}`
-)
-
-// parseInvokeFast reads the conn object of an invoke written exactly as
-// Go and Node.js followers write it, with a short plain ASCII method
-// name; it reports false for anything else, which parseConnFull reads.
-// It returns what parseConnFull returns for the same bytes
-// (FuzzParseConn checks).
-func parseInvokeFast(b []byte) (invoke, bool) {
-	lit, n, oneway, ok := invokeShape(b)
-	if !ok {
-		return invoke{}, false
+	var f struct {
+		typ, channelName, secret, key, method string
+		argLength                             int
+		oneway, success                       bool
 	}
-	method, err := methodName(lit)
-	if err != nil {
-		return invoke{}, false
-	}
-	return invoke{Method: method, ArgLength: n, Oneway: oneway}, true
-}
-
-// invokeShape matches what parseInvokeFast reads: lit is the method's
-// string literal. What it matches is a JSON object.
-func invokeShape(b []byte) (lit []byte, n int, oneway, ok bool) {
-	if len(b) < len(invokePrefix) || string(b[:len(invokePrefix)]) != invokePrefix {
-		return nil, 0, false, false
-	}
-	rest := b[len(invokePrefix):]
-	q := bytes.IndexByte(rest, '"')
-	if q < 0 || q > maxMethodNameLen {
-		return nil, 0, false, false
-	}
-	for _, c := range rest[:q] {
-		if c < 0x20 || c == '\\' || c >= utf8.RuneSelf {
-			return nil, 0, false, false
+	fields := [...]struct {
+		key string
+		dst any
+	}{{"type", &f.typ}, {"channelName", &f.channelName}, {"secret", &f.secret}, {"key", &f.key},
+		{"method", &f.method}, {"argLength", &f.argLength}, {"oneway", &f.oneway}, {"success", &f.success}}
+	for _, k := range fields {
+		if raw, ok := m[k.key]; ok {
+			if err := json.Unmarshal(raw, k.dst); err != nil {
+				return nil, "", fmt.Errorf("%w: key %q: %v", ErrBadConn, k.key, err)
+			}
 		}
 	}
-	lit = b[len(invokePrefix)-1 : len(invokePrefix)+q+1]
-	rest = rest[q:]
-	if len(rest) < len(invokeArgLength) || string(rest[:len(invokeArgLength)]) != invokeArgLength {
-		return nil, 0, false, false
-	}
-	rest = rest[len(invokeArgLength):]
-	i := 0
-	for ; i < len(rest) && i < 6 && '0' <= rest[i] && rest[i] <= '9'; i++ {
-		n = n*10 + int(rest[i]-'0')
-	}
-	if i == 0 || i > 1 && rest[0] == '0' {
-		return nil, 0, false, false
-	}
-	switch string(rest[i:]) {
-	case invokeOneway:
-		oneway = true
-	case invokeTwoway:
-	default:
-		return nil, 0, false, false
-	}
-	return lit, n, oneway, true
-}
-
-// parseConnFull is parseConn for any conn object.
-func parseConnFull(b []byte) (connObject, string, error) {
-	var f connFields
-	if err := f.scan(b); err != nil {
-		return nil, "", fmt.Errorf("%w: %v: %.64q", ErrBadConn, err, b)
-	}
-	typ, err := f.typeName()
-	if err != nil {
-		return nil, "", fmt.Errorf("%w: %v", ErrBadConn, err)
-	}
-	switch typ {
-	case typeRegisterChannel:
-		name, err := decodeString(f.channelName)
-		if err != nil {
-			return nil, "", fmt.Errorf("%w: channelName: %v", ErrBadConn, err)
-		}
-		secret, err := decodeString(f.secret)
-		if err != nil {
-			return nil, "", fmt.Errorf("%w: secret: %v", ErrBadConn, err)
-		}
-		return registerChannel{ChannelName: name, Secret: secret}, typ, nil
-	case typeSubscribe, typeUnSubscribe, typeSubscribeResult:
-		key, err := decodeString(f.key)
-		if err != nil {
-			return nil, "", fmt.Errorf("%w: key: %v", ErrBadConn, err)
-		}
-		if typ == typeSubscribeResult {
-			return subscribeResult{Key: key}, typ, nil
-		}
-		reg := json.RawMessage(bytes.Clone(f.reg)) // nil stays nil
-		if typ == typeSubscribe {
-			return subscribe{Key: key, Reg: reg}, typ, nil
-		}
-		return unSubscribe{Key: key, Reg: reg}, typ, nil
-	case typeInvoke:
+	switch f.typ {
+	case "register_channel":
+		return registerChannel{ChannelName: f.channelName, Secret: f.secret}, f.typ, nil
+	case "subscribe":
+		return subscribe{Key: f.key, Reg: m["reg"]}, f.typ, nil
+	case "unSubscribe":
+		return unSubscribe{Key: f.key, Reg: m["reg"]}, f.typ, nil
+	case "subscribe_result":
+		return subscribeResult{Key: f.key}, f.typ, nil
+	case "invoke_result":
+		return invokeResult{Success: f.success}, f.typ, nil
+	case "invoke":
 		if f.argLength < 0 {
-			return nil, typ, fmt.Errorf("%w: argLength %d", ErrArgCount, f.argLength)
+			return nil, f.typ, fmt.Errorf("%w: argLength %d", ErrArgCount, f.argLength)
 		}
-		method, err := methodName(f.method)
-		if err != nil {
-			return nil, "", fmt.Errorf("%w: method: %v", ErrBadConn, err)
-		}
-		return invoke{Method: method, ArgLength: f.argLength, Oneway: f.oneway}, typ, nil
-	case typeInvokeResult:
-		if f.success {
-			return invokeResultTrue, typ, nil
-		}
-		return invokeResultFalse, typ, nil
-	case typeRegisterChannelRes:
-		return registerChannelRes{}, typ, nil
-	case typeSubscribeResultRes:
-		return subscribeResultRes{}, typ, nil
-	case typeHeartbeat:
-		return heartbeat{}, typ, nil
-	case typeHeartbeatRes:
-		return heartbeatRes{}, typ, nil
-	case typeLeaderClosing:
-		return leaderClosing{}, typ, nil
+		return invoke{Method: f.method, ArgLength: f.argLength, Oneway: f.oneway}, f.typ, nil
 	}
-	return nil, typ, nil
-}
-
-// invokeResult values boxed once, so that decoding one allocates nothing.
-var (
-	invokeResultTrue  connObject = invokeResult{Success: true}
-	invokeResultFalse connObject = invokeResult{Success: false}
-)
-
-// connFields holds what parseConn found for every key that a conn object
-// of any type may carry. The string fields hold the raw JSON string
-// literal (quotes included) of the key's last non-null value, or nil;
-// reg holds the raw JSON value, any type, aliasing the scanned bytes.
-type connFields struct {
-	typ, channelName, secret, key, method []byte
-	reg                                   []byte
-	argLength                             int
-	oneway, success                       bool
-}
-
-// scan checks that b is one valid JSON object and records the values of
-// the known keys among its members, in one pass.
-func (f *connFields) scan(b []byte) error {
-	return walkObject(b, f.set)
-}
-
-// set records val, the raw JSON value of member key (a raw string
-// literal), if key is one that parseConn reads.
-func (f *connFields) set(key, val []byte) error {
-	name := key[1 : len(key)-1]
-	if bytes.IndexByte(name, '\\') >= 0 {
-		// A key spelled with escapes: rare, decode it properly.
-		s, err := decodeString(key)
-		if err != nil {
-			return err
-		}
-		name = []byte(s)
-	}
-	var err error
-	switch string(name) {
-	case "type":
-		err = setString(&f.typ, val)
-	case "channelName":
-		err = setString(&f.channelName, val)
-	case "secret":
-		err = setString(&f.secret, val)
-	case "key":
-		err = setString(&f.key, val)
-	case "method":
-		err = setString(&f.method, val)
-	case "reg":
-		f.reg = val
-	case "argLength":
-		err = setInt(&f.argLength, val)
-	case "oneway":
-		err = setBool(&f.oneway, val)
-	case "success":
-		err = setBool(&f.success, val)
-	default:
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("key %q: %w", name, err)
-	}
-	return nil
-}
-
-// setString keeps val in *dst if it is a string literal; null leaves
-// *dst as it was.
-func setString(dst *[]byte, val []byte) error {
-	switch val[0] {
-	case '"':
-		*dst = val
-	case 'n':
-	default:
-		return errors.New("want a string")
-	}
-	return nil
-}
-
-// setBool sets *dst from true or false; null leaves it as it was.
-func setBool(dst *bool, val []byte) error {
-	switch val[0] {
-	case 't':
-		*dst = true
-	case 'f':
-		*dst = false
-	case 'n':
-	default:
-		return errors.New("want true or false")
-	}
-	return nil
-}
-
-// setInt sets *dst from a JSON number that is an integer written
-// without fraction or exponent and fits an int, as encoding/json
-// requires for an int; null leaves *dst as it was.
-func setInt(dst *int, val []byte) error {
-	c := val[0]
-	if c == 'n' {
-		return nil
-	}
-	if c != '-' && (c < '0' || c > '9') {
-		return errors.New("want a number")
-	}
-	n, err := strconv.ParseInt(string(val), 10, 0)
-	if err != nil {
-		return errors.New("want an integer that fits an int")
-	}
-	*dst = int(n)
-	return nil
-}
-
-// typeName returns the conn object's type: one of the type constants
-// when it is a known type (no allocation), else a new string.
-func (f *connFields) typeName() (string, error) {
-	if f.typ == nil {
-		return "", nil
-	}
-	if s := f.typ[1 : len(f.typ)-1]; bytes.IndexByte(s, '\\') < 0 {
-		for _, t := range knownTypes {
-			if string(s) == t {
-				return t, nil
-			}
-		}
-	}
-	return decodeString(f.typ)
-}
-
-var knownTypes = [...]string{
-	typeRegisterChannel, typeRegisterChannelRes, typeSubscribe,
-	typeUnSubscribe, typeSubscribeResult, typeSubscribeResultRes,
-	typeInvoke, typeInvokeResult, typeHeartbeat, typeHeartbeatRes,
-	typeLeaderClosing,
-}
-
-// decodeString decodes lit, a JSON string literal that jsonString
-// accepted, or nil for an absent value (""). Without escapes and in
-// valid UTF-8 it is the bytes between the quotes; otherwise
-// encoding/json decodes it.
-func decodeString(lit []byte) (string, error) {
-	if lit == nil {
-		return "", nil
-	}
-	if len(lit) < 2 || lit[0] != '"' || lit[len(lit)-1] != '"' {
-		return "", errJSONSyntax
-	}
-	s := lit[1 : len(lit)-1]
-	if bytes.IndexByte(s, '\\') < 0 && utf8.Valid(s) {
-		return string(s), nil
-	}
-	var out string
-	if err := json.Unmarshal(lit, &out); err != nil {
-		return "", err
-	}
-	return out, nil
-}
-
-// Method names of invoke conn objects are interned, so that decoding an
-// invoke of a method seen before allocates no string. The table holds at
-// most maxMethodNames names of at most maxMethodNameLen bytes (some 32
-// KiB in all), first come first kept, never removed; once it is full,
-// further names are allocated per packet as any string would be.
-const (
-	maxMethodNames   = 256
-	maxMethodNameLen = 64
-)
-
-var methodNames struct {
-	sync.Mutex                                   // held while m is replaced
-	m          atomic.Pointer[map[string]string] // replaced, never changed: read with no lock
-}
-
-// methodName decodes lit like decodeString, through the intern table.
-func methodName(lit []byte) (string, error) {
-	if lit == nil {
-		return "", nil
-	}
-	s := lit[1 : len(lit)-1]
-	if len(s) > maxMethodNameLen || bytes.IndexByte(s, '\\') >= 0 || !utf8.Valid(s) {
-		return decodeString(lit)
-	}
-	if m := methodNames.m.Load(); m != nil {
-		if name, ok := (*m)[string(s)]; ok {
-			return name, nil
-		}
-	}
-	methodNames.Lock()
-	defer methodNames.Unlock()
-	old := methodNames.m.Load()
-	if old != nil {
-		if name, ok := (*old)[string(s)]; ok {
-			return name, nil
-		}
-	}
-	name := string(s)
-	if old == nil || len(*old) < maxMethodNames {
-		m := make(map[string]string, maxMethodNames)
-		if old != nil {
-			maps.Copy(m, *old)
-		}
-		m[name] = name
-		methodNames.m.Store(&m)
-	}
-	return name, nil
-}
-
-// A JSON validator, written out so that decoding a conn object needs
-// neither encoding/json nor an allocation. It accepts exactly what
-// json.Valid accepts (FuzzParseConn checks the two against each other):
-// RFC 8259 grammar, JSON whitespace only, any bytes >= 0x80 inside
-// strings (JSON.parse sees the UTF-8 decoding of the buffer, where
-// invalid bytes are U+FFFD), and objects and arrays nested at most
-// maxJSONDepth deep. Every function checks each index before it reads
-// it and returns the index just past what it read.
-
-// maxJSONDepth bounds the nesting of objects and arrays, as
-// encoding/json bounds it. The validator recurses once per level, so
-// this also bounds the goroutine stack it needs: about 2 MiB for the
-// deepest input (measured), given back when the stack next shrinks.
-const maxJSONDepth = 10000
-
-var (
-	errNotObject  = errors.New("not a JSON object")
-	errJSONSyntax = errors.New("JSON syntax error")
-	errJSONDepth  = errors.New("JSON nested too deep")
-)
-
-// walkObject checks that b is one JSON object with optional whitespace
-// around it. If member is not nil, it is called with the raw key (a
-// string literal, quotes included) and raw value of each member of the
-// outermost object, in order; an error from it stops the walk.
-func walkObject(b []byte, member func(key, val []byte) error) error {
-	i := skipSpace(b, 0)
-	if i >= len(b) || b[i] != '{' {
-		return errNotObject
-	}
-	end, err := jsonObject(b, i, 1, member)
-	if err != nil {
-		return err
-	}
-	if skipSpace(b, end) != len(b) {
-		return errJSONSyntax
-	}
-	return nil
-}
-
-// jsonObject checks the object that starts at b[i], depth levels deep.
-func jsonObject(b []byte, i, depth int, member func(key, val []byte) error) (int, error) {
-	if depth > maxJSONDepth {
-		return 0, errJSONDepth
-	}
-	i = skipSpace(b, i+1)
-	if i < len(b) && b[i] == '}' {
-		return i + 1, nil
-	}
-	for {
-		keyEnd, err := jsonString(b, i)
-		if err != nil {
-			return 0, err
-		}
-		colon := skipSpace(b, keyEnd)
-		if colon >= len(b) || b[colon] != ':' {
-			return 0, errJSONSyntax
-		}
-		start := skipSpace(b, colon+1)
-		end, err := jsonValue(b, start, depth)
-		if err != nil {
-			return 0, err
-		}
-		if member != nil {
-			if err := member(b[i:keyEnd], b[start:end]); err != nil {
-				return 0, err
-			}
-		}
-		i = skipSpace(b, end)
-		if i >= len(b) {
-			return 0, errJSONSyntax
-		}
-		switch b[i] {
-		case '}':
-			return i + 1, nil
-		case ',':
-			i = skipSpace(b, i+1)
-		default:
-			return 0, errJSONSyntax
-		}
-	}
-}
-
-// jsonArray checks the array that starts at b[i], depth levels deep.
-func jsonArray(b []byte, i, depth int) (int, error) {
-	if depth > maxJSONDepth {
-		return 0, errJSONDepth
-	}
-	i = skipSpace(b, i+1)
-	if i < len(b) && b[i] == ']' {
-		return i + 1, nil
-	}
-	for {
-		end, err := jsonValue(b, i, depth)
-		if err != nil {
-			return 0, err
-		}
-		i = skipSpace(b, end)
-		if i >= len(b) {
-			return 0, errJSONSyntax
-		}
-		switch b[i] {
-		case ']':
-			return i + 1, nil
-		case ',':
-			i = skipSpace(b, i+1)
-		default:
-			return 0, errJSONSyntax
-		}
-	}
-}
-
-// jsonValue checks the value that starts at b[i], inside depth levels
-// of objects and arrays.
-func jsonValue(b []byte, i, depth int) (int, error) {
-	if i >= len(b) {
-		return 0, errJSONSyntax
-	}
-	switch c := b[i]; {
-	case c == '{':
-		return jsonObject(b, i, depth+1, nil)
-	case c == '[':
-		return jsonArray(b, i, depth+1)
-	case c == '"':
-		return jsonString(b, i)
-	case c == '-' || '0' <= c && c <= '9':
-		return jsonNumber(b, i)
-	case c == 't':
-		return jsonLiteral(b, i, "true")
-	case c == 'f':
-		return jsonLiteral(b, i, "false")
-	case c == 'n':
-		return jsonLiteral(b, i, "null")
-	}
-	return 0, errJSONSyntax
-}
-
-// jsonString checks the string literal that starts at b[i]: no raw
-// control characters, and only the escapes \" \\ \/ \b \f \n \r \t and
-// \u with four hex digits.
-func jsonString(b []byte, i int) (int, error) {
-	if i >= len(b) || b[i] != '"' {
-		return 0, errJSONSyntax
-	}
-	for i++; i < len(b); i++ {
-		for i+8 <= len(b) && !specialInWord(binary.LittleEndian.Uint64(b[i:])) {
-			i += 8 // eight plain bytes
-		}
-		if i >= len(b) {
-			break
-		}
-		switch c := b[i]; {
-		case c == '"':
-			return i + 1, nil
-		case c < 0x20:
-			return 0, errJSONSyntax
-		case c == '\\':
-			i++
-			if i >= len(b) {
-				return 0, errJSONSyntax
-			}
-			switch b[i] {
-			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
-			case 'u':
-				if i+4 >= len(b) {
-					return 0, errJSONSyntax
-				}
-				for _, h := range b[i+1 : i+5] {
-					if !isHexDigit(h) {
-						return 0, errJSONSyntax
-					}
-				}
-				i += 4
-			default:
-				return 0, errJSONSyntax
-			}
-		}
-	}
-	return 0, errJSONSyntax
-}
-
-// specialInWord reports whether any of the eight bytes in w is a quote,
-// a backslash or a control character: the bytes that end a plain run in
-// a JSON string. Each test is exact about whether some byte matches.
-func specialInWord(w uint64) bool {
-	const ones, highs = 0x0101010101010101, 0x8080808080808080
-	q, bs := w^('"'*ones), w^('\\'*ones) // zero bytes where w has a quote, a backslash
-	return ((w-0x20*ones)&^w|(q-ones)&^q|(bs-ones)&^bs)&highs != 0
-}
-
-func isHexDigit(c byte) bool {
-	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
-}
-
-// jsonNumber checks the number that starts at b[i]:
-// -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
-func jsonNumber(b []byte, i int) (int, error) {
-	if i < len(b) && b[i] == '-' {
-		i++
-	}
-	switch {
-	case i < len(b) && b[i] == '0':
-		i++
-	case i < len(b) && '1' <= b[i] && b[i] <= '9':
-		i = skipDigits(b, i)
-	default:
-		return 0, errJSONSyntax
-	}
-	if i < len(b) && b[i] == '.' {
-		j := skipDigits(b, i+1)
-		if j == i+1 {
-			return 0, errJSONSyntax
-		}
-		i = j
-	}
-	if i < len(b) && (b[i] == 'e' || b[i] == 'E') {
-		i++
-		if i < len(b) && (b[i] == '+' || b[i] == '-') {
-			i++
-		}
-		j := skipDigits(b, i)
-		if j == i {
-			return 0, errJSONSyntax
-		}
-		i = j
-	}
-	return i, nil
-}
-
-func skipDigits(b []byte, i int) int {
-	for i < len(b) && '0' <= b[i] && b[i] <= '9' {
-		i++
-	}
-	return i
-}
-
-// jsonLiteral checks that lit (true, false or null) starts at b[i].
-func jsonLiteral(b []byte, i int, lit string) (int, error) {
-	if !bytes.HasPrefix(b[i:], []byte(lit)) {
-		return 0, errJSONSyntax
-	}
-	return i + len(lit), nil
-}
-
-// skipSpace returns the index of the first byte at or after i that is
-// not JSON whitespace, or len(b).
-func skipSpace(b []byte, i int) int {
-	for i < len(b) {
-		switch b[i] {
-		case ' ', '\t', '\r', '\n':
-			i++
-		default:
-			return i
-		}
-	}
-	return i
+	return emptyConns[f.typ], f.typ, nil // nil for an unknown type
 }
 
 // appendPacket appends a whole packet with conn object c and app object
 // app (nil for none) to b.
 func appendPacket(b []byte, response bool, id uint64, timeout int32, c connObject, app []byte) ([]byte, error) {
 	start := len(b)
-	b = appendHeader(b, response, id, timeout, 0, 0)
-	b = c.appendJSON(b)
+	b = c.appendJSON(appendHeader(b, response, id, timeout, 0, 0))
 	connLen := len(b) - start - HeaderSize
-	b = append(b, app...)
-	return finishPacket(b, start, connLen)
+	return finishPacket(append(b, app...), start, connLen)
 }
 
 // appendInvoke appends an invoke packet whose app object frames args,
 // without building the app object separately.
 func appendInvoke(b []byte, id uint64, timeout int32, method string, oneway bool, args [][]byte) ([]byte, error) {
 	start := len(b)
-	b = appendHeader(b, false, id, timeout, 0, 0)
-	b = invoke{Method: method, ArgLength: len(args), Oneway: oneway}.appendJSON(b)
+	b = invoke{Method: method, ArgLength: len(args), Oneway: oneway}.appendJSON(appendHeader(b, false, id, timeout, 0, 0))
 	connLen := len(b) - start - HeaderSize
-	b = appendArgs(b, args)
-	return finishPacket(b, start, connLen)
+	return finishPacket(appendArgs(b, args), start, connLen)
 }
 
 // finishPacket writes the conn and app lengths into the header that
@@ -1163,31 +488,15 @@ func validArgs(app []byte, argLength int) error {
 	if argLength < 0 || argLength > len(app)/4 {
 		return fmt.Errorf("%w: argLength %d, app object %d bytes", ErrArgCount, argLength, len(app))
 	}
-	return checkArgs(app, argLength)
-}
-
-// nextArg returns the first argument framed in rest, capped at its own
-// end, and the bytes after it. rest must be part of a frame that passed
-// validArgs, and hold at least one more argument.
-func nextArg(rest []byte) (arg, after []byte) {
-	// validArgs proved 4+n <= len(rest), so n fits an int.
-	n := int(binary.BigEndian.Uint32(rest))
-	return rest[4 : 4+n : 4+n], rest[4+n:]
-}
-
-// checkArgs checks that app frames exactly argLength arguments.
-func checkArgs(app []byte, argLength int) error {
 	rest := app
-	for i := 0; i < argLength; i++ {
+	for i := range argLength {
 		if len(rest) < 4 {
 			return fmt.Errorf("%w: argLength %d, frame holds %d", ErrArgCount, argLength, i)
 		}
-		n := binary.BigEndian.Uint32(rest)
-		rest = rest[4:]
-		if uint64(n) > uint64(len(rest)) {
-			return fmt.Errorf("%w: argument %d claims %d bytes, %d remain", ErrArgOverrun, i, n, len(rest))
+		if n := binary.BigEndian.Uint32(rest); uint64(n) > uint64(len(rest)-4) {
+			return fmt.Errorf("%w: argument %d claims %d bytes, %d remain", ErrArgOverrun, i, n, len(rest)-4)
 		}
-		rest = rest[n:]
+		_, rest = nextArg(rest)
 	}
 	if len(rest) != 0 {
 		return fmt.Errorf("%w: argLength %d, %d bytes left after the last argument", ErrArgCount, argLength, len(rest))
@@ -1195,8 +504,160 @@ func checkArgs(app []byte, argLength int) error {
 	return nil
 }
 
+// nextArg returns the first argument framed in rest, capped at its own
+// end, and the bytes after it. rest must be part of a frame that passed
+// validArgs, and hold at least one more argument.
+func nextArg(rest []byte) (arg, after []byte) {
+	// validArgs checked that 4+n <= len(rest), so n fits an int.
+	n := int(binary.BigEndian.Uint32(rest))
+	return rest[4 : 4+n : 4+n], rest[4+n:]
+}
+
 // subscriptionKey is the key of a registration: "$$inner$$__" followed
 // by the registration's JSON.
 func subscriptionKey(reg []byte) string {
 	return "$$inner$$__" + string(reg)
+}
+
+// marshalReg encodes a registration as a Node.js peer's
+// JSON.stringify(JSON.parse(text)) writes it, so that equal registrations
+// make equal keys in every process, Go or Node.js: a Node.js leader pushes
+// under the key it computes from the parsed registration.
+func marshalReg(reg any) (json.RawMessage, error) {
+	b, err := JSONCodec{}.Marshal(reg)
+	if err == nil {
+		b, err = stringifyJSON(b)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("clusterclient: encode registration: %w", err)
+	}
+	return b, nil
+}
+
+// maxRegDepth bounds the nesting of arrays and objects in a registration.
+// stringifyJSON recurses twice per level, so the bound keeps its stack
+// to a few tens of KiB; registrations are small, flat objects.
+const maxRegDepth = 100
+
+// stringifyJSON rewrites the JSON text b as JSON.stringify writes what
+// JSON.parse reads from it: no spaces; strings as appendJSONString writes
+// them (U+2028 and U+2029 unescaped, escapes such as \u0041 decoded);
+// numbers as a JavaScript number prints (1.0 is 1, 1e2 is 100, -0 is 0,
+// out of range is null); in an object, keys that are array indexes first
+// in ascending order, then the others in the order they first appear, a
+// repeated key keeping its first place and its last value. Nesting
+// deeper than maxRegDepth is an error.
+func stringifyJSON(b []byte) ([]byte, error) {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
+	out, err := appendJSValue(nil, dec, maxRegDepth)
+	if _, end := dec.Token(); err == nil && end != io.EOF {
+		return nil, errors.New("trailing data after the JSON value")
+	}
+	return out, err
+}
+
+// appendJSValue reads the next value from dec and appends it as
+// JSON.stringify writes it; depth is how many more levels of arrays and
+// objects may open.
+func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
+	tok, err := dec.Token()
+	if err != nil {
+		return nil, err
+	}
+	switch x := tok.(type) {
+	case json.Delim:
+		if depth == 0 {
+			return nil, fmt.Errorf("nested deeper than %d", maxRegDepth)
+		}
+		if x == '[' {
+			return appendJSArray(b, dec, depth-1)
+		}
+		return appendJSObject(b, dec, depth-1)
+	case string:
+		return appendJSONString(b, x), nil
+	case json.Number:
+		return appendJSNumber(b, string(x)), nil
+	case bool:
+		return strconv.AppendBool(b, x), nil
+	}
+	return append(b, "null"...), nil
+}
+
+// appendJSArray appends the rest of an array whose '[' dec has read.
+func appendJSArray(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
+	b = append(b, '[')
+	for i := 0; dec.More(); i++ {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		var err error
+		if b, err = appendJSValue(b, dec, depth); err != nil {
+			return nil, err
+		}
+	}
+	_, err := dec.Token()
+	return append(b, ']'), err
+}
+
+// appendJSObject appends the rest of an object whose '{' dec has read,
+// its keys in the order a JavaScript object lists them.
+func appendJSObject(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
+	var keys []string
+	vals := map[string][]byte{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, err
+		}
+		k, _ := tok.(string)
+		v, err := appendJSValue(nil, dec, depth)
+		if err != nil {
+			return nil, err
+		}
+		if _, dup := vals[k]; !dup {
+			keys = append(keys, k)
+		}
+		vals[k] = v
+	}
+	if _, err := dec.Token(); err != nil {
+		return nil, err
+	}
+	// Stable: keys that are not array indexes keep their order.
+	slices.SortStableFunc(keys, func(a, b string) int { return cmp.Compare(jsKeyRank(a), jsKeyRank(b)) })
+	b = append(b, '{')
+	for i, k := range keys {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(append(appendJSONString(b, k), ':'), vals[k]...)
+	}
+	return append(b, '}'), nil
+}
+
+// jsKeyRank ranks an object key as a JavaScript object orders its keys:
+// an array index (the canonical decimal form of an integer below
+// 2^32-1) by its value, any other key after every index.
+func jsKeyRank(k string) uint64 {
+	n, err := strconv.ParseUint(k, 10, 32)
+	if err != nil || n == 1<<32-1 || strconv.FormatUint(n, 10) != k {
+		return 1 << 32
+	}
+	return n
+}
+
+// appendJSNumber writes the JSON number num as JSON.stringify writes the
+// JavaScript number that JSON.parse makes of it.
+func appendJSNumber(b []byte, num string) []byte {
+	f, _ := strconv.ParseFloat(num, 64) // num is valid: the only error is range, ±Inf or 0
+	switch abs := math.Abs(f); {
+	case math.IsInf(f, 0):
+		return append(b, "null"...) // JSON.stringify writes Infinity as null
+	case f == 0:
+		return append(b, '0') // -0 too
+	case abs >= 1e-6 && abs < 1e21:
+		return strconv.AppendFloat(b, f, 'f', -1, 64)
+	}
+	// JavaScript writes the exponent with no leading zero: 1e-7, not 1e-07.
+	return append(b, strings.Replace(strconv.FormatFloat(f, 'e', -1, 64), "e-0", "e-", 1)...)
 }

@@ -152,9 +152,7 @@ func FuzzUnmarshalBinary(f *testing.F) {
 				}
 			}
 		case errors.Is(err, ErrTrailingBytes):
-			// UnmarshalBinary counts the bytes before it looks at the
-			// conn object.
-			if rerr != nil && !errors.Is(rerr, ErrBadConn) {
+			if rerr != nil {
 				t.Fatalf("UnmarshalBinary %v; Reader %v", err, rerr)
 			}
 		case len(data) == 0:
@@ -305,11 +303,11 @@ func FuzzStreamSplit(f *testing.F) {
 	})
 }
 
-// FuzzParseConn checks parseConn against encoding/json (parseConnOracle
-// and, where keys do not differ only by case, json.Unmarshal), and that
-// appendJSON of what parsed is valid JSON that parses back to the same
-// value. It also checks the validator alone against json.Valid, on the
-// input as it is and as the value of a member.
+// FuzzParseConn checks parseConn on arbitrary bytes: no panic; ErrBadConn
+// for anything that is not one JSON object; otherwise what
+// parseConnOracle makes of it, and, unless structDiffers, what
+// json.Unmarshal into a struct makes of it. A conn object of a known type
+// must re-encode to valid JSON that parses back to the same value.
 func FuzzParseConn(f *testing.F) {
 	for _, v := range loadGolden(f).Vectors {
 		f.Add([]byte(v.Conn))
@@ -321,24 +319,8 @@ func FuzzParseConn(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		wantObject := json.Valid(b) && bytes.HasPrefix(bytes.TrimLeft(b, " \t\r\n"), []byte("{"))
-		if got := isJSONObject(b); got != wantObject {
-			t.Fatalf("isJSONObject(%q) = %v, json.Valid says %v", b, got, wantObject)
-		}
-		if knownConn(b) && !isJSONObject(b) {
-			t.Fatalf("knownConn(%q) but not a JSON object", b)
-		}
-		if inv, ok := parseInvokeFast(b); ok {
-			c, typ, err := parseConnFull(b)
-			if err != nil || typ != typeInvoke || c != inv {
-				t.Fatalf("parseInvokeFast(%q) = %+v, parseConnFull says %+v %q %v", b, inv, c, typ, err)
-			}
-		}
-		if got, want := validJSON(b), json.Valid(b); got != want {
-			t.Fatalf("validJSON(%q) = %v, json.Valid says %v", b, got, want)
-		}
-		member := append(append([]byte(`{"x":`), b...), '}')
-		if got, want := isJSONObject(member), json.Valid(member); got != want {
-			t.Fatalf("isJSONObject(%q) = %v, json.Valid says %v", member, got, want)
+		if _, _, err := parseConn(b); !wantObject && !errors.Is(err, ErrBadConn) {
+			t.Fatalf("parseConn(%q) = %v for what is not a JSON object", b, err)
 		}
 		checkConnOracle(t, b)
 	})
