@@ -379,10 +379,12 @@ type RealClient interface {
 	Invoke(ctx context.Context, method string, args []Value) (any, error)
 }
 
-// Methods is a RealClient made of typed functions, one per method name,
-// added with Method. An unknown method gets a *RemoteError with Code
-// "ERR_CLUSTER_NO_METHOD". Embed it in a struct to add Subscribe and the
-// other optional methods.
+// Methods is a RealClient made of functions, one per method name: make
+// it with Methods{} and add typed functions of one argument with Method.
+// It is a plain map, so a method of another shape is an entry written by
+// hand: m["now"] = func(ctx, args) (any, error) { ... }. An unknown
+// method gets a *RemoteError with Code "ERR_CLUSTER_NO_METHOD". Embed
+// Methods in a struct to add Subscribe and the other optional methods.
 type Methods map[string]func(ctx context.Context, args []Value) (any, error)
 
 // Invoke runs the function added under the name method.
