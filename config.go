@@ -181,7 +181,7 @@ func VerifyConfig(c *Config) error {
 			"SubscribeTimeout %v, RegisterTimeout %v, DrainTimeout %v", d.MaxWaitTime, d.ResponseTimeout, d.HeartbeatInterval,
 			d.SubscribeTimeout, d.RegisterTimeout, d.DrainTimeout)
 	case d.Port < 1 || d.Port > 65535:
-		return fmt.Errorf("clusterclient: Config.Port %d out of range 1..65535", d.Port)
+		return fmt.Errorf("clusterclient: Config.Port (or NODE_CLUSTER_CLIENT_PORT) %d out of range 1..65535", d.Port)
 	case d.Role < RoleAuto || d.Role > RoleFollower:
 		return fmt.Errorf("clusterclient: Config.Role %d unknown", d.Role)
 	case d.ResponseTimeout > time.Duration(1<<31-1)*time.Millisecond:
