@@ -182,7 +182,7 @@ func VerifyConfig(c *Config) error {
 			d.SubscribeTimeout, d.RegisterTimeout, d.DrainTimeout)
 	case d.Port < 1 || d.Port > 65535:
 		return fmt.Errorf("clusterclient: Config.Port (or NODE_CLUSTER_CLIENT_PORT) %d out of range 1..65535", d.Port)
-	case d.Role < RoleAuto || d.Role > RoleFollower:
+	case uint(d.Role) > uint(RoleFollower):
 		return fmt.Errorf("clusterclient: Config.Role %d unknown", d.Role)
 	case d.ResponseTimeout > time.Duration(1<<31-1)*time.Millisecond:
 		return fmt.Errorf("clusterclient: Config.ResponseTimeout %v does not fit in 2^31-1 ms", d.ResponseTimeout)
