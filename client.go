@@ -72,9 +72,6 @@ type Subscription struct {
 // Call Ready to wait until the client can serve calls, and Close when
 // done.
 func New(name string, cfg *Config, build BuildFunc) (*Client, error) {
-	if cfg == nil {
-		cfg = DefaultConfig()
-	}
 	if err := VerifyConfig(cfg); err != nil {
 		return nil, err
 	}
@@ -86,7 +83,7 @@ func New(name string, cfg *Config, build BuildFunc) (*Client, error) {
 	}
 	c := &Client{
 		name:   name,
-		cfg:    *cfg,
+		cfg:    withDefaults(cfg),
 		build:  build,
 		done:   make(chan struct{}),
 		ready:  make(chan struct{}),

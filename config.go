@@ -2,6 +2,7 @@ package clusterclient
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -36,23 +37,22 @@ const (
 
 // String returns the role's name: "auto", "leader" or "follower".
 func (r Role) String() string {
-	switch r {
-	case RoleAuto:
-		return "auto"
-	case RoleLeader:
-		return "leader"
-	case RoleFollower:
-		return "follower"
+	if r >= RoleAuto && r <= RoleFollower {
+		return [...]string{"auto", "leader", "follower"}[r]
 	}
 	return "Role(" + strconv.Itoa(int(r)) + ")"
 }
 
-// Config tunes a Client. Start from DefaultConfig and change what you
-// need; New checks the result and refuses values out of range.
+// Config tunes a Client. A zero field means its default, as in
+// http.Server, so &Config{Port: 7800} is a complete configuration; New
+// refuses values out of range. The defaults are DefaultConfig's, but a
+// bool means what it says: a zero Config does not broadcast (Broadcast
+// is false) and ignores NODE_CLUSTER_CLIENT_SINGLE_MODE. Start from
+// DefaultConfig to get both from the defaults and the environment.
 type Config struct {
 	// Port is the TCP port on 127.0.0.1 that processes compete for. One
 	// port carries any number of channels. Default 7777, or the value of
-	// NODE_CLUSTER_CLIENT_PORT. Range 1 to 65535.
+	// NODE_CLUSTER_CLIENT_PORT (0 means that default). Range 1 to 65535.
 	Port int
 
 	// Role is RoleAuto (default), RoleLeader or RoleFollower.
@@ -82,8 +82,8 @@ type Config struct {
 
 	// Broadcast makes the leader push each subscribed value to every
 	// subscriber; when false it pushes to one subscriber picked at random
-	// and does not replay the latest value to late subscribers. Default
-	// true.
+	// and does not replay the latest value to late subscribers. True in
+	// DefaultConfig; false, so unicast, in a zero Config.
 	Broadcast bool
 
 	// SubscribeTimeout, when positive, logs a warning if a key's first
@@ -92,8 +92,8 @@ type Config struct {
 	SubscribeTimeout time.Duration
 
 	// SingleMode skips the cluster: every process builds its own real
-	// client and no port is used. Default false, or true when
-	// NODE_CLUSTER_CLIENT_SINGLE_MODE is "1".
+	// client and no port is used. False in a zero Config; DefaultConfig
+	// sets it when NODE_CLUSTER_CLIENT_SINGLE_MODE is "1".
 	SingleMode bool
 
 	// Codec encodes app objects: invoke arguments and results, pushed
@@ -145,59 +145,53 @@ type Config struct {
 // DefaultConfig returns the default configuration, with the port and
 // single mode taken from the environment where set.
 func DefaultConfig() *Config {
-	c := &Config{
-		Port:              7777,
-		Role:              RoleAuto,
-		MaxWaitTime:       30 * time.Second,
-		ResponseTimeout:   3 * time.Second,
-		HeartbeatInterval: 20 * time.Second,
-		Broadcast:         true,
-		Codec:             JSONCodec{},
-		Logger:            slog.Default(),
-		MaxPacketSize:     DefaultMaxPacketSize,
-		MaxQueuedBytes:    2 * DefaultMaxPacketSize,
-		RegisterTimeout:   5 * time.Second,
-		MaxUnregistered:   128,
-		DrainTimeout:      5 * time.Second,
-	}
-	if p, err := strconv.Atoi(os.Getenv(EnvPort)); err == nil && p > 0 {
-		c.Port = p
-	}
-	if os.Getenv(EnvSingleMode) == "1" {
-		c.SingleMode = true
-	}
-	return c
+	c := withDefaults(&Config{Broadcast: true, SingleMode: os.Getenv(EnvSingleMode) == "1"})
+	return &c
 }
 
-// VerifyConfig reports the first field of c that is out of range.
+// withDefaults returns a copy of c (DefaultConfig when nil) whose zero
+// fields hold their defaults.
+func withDefaults(c *Config) Config {
+	if c == nil {
+		return *DefaultConfig()
+	}
+	d := *c
+	envPort, _ := strconv.Atoi(os.Getenv(EnvPort))
+	d.Port = cmp.Or(d.Port, envPort, 7777)
+	d.MaxWaitTime = cmp.Or(d.MaxWaitTime, 30*time.Second)
+	d.ResponseTimeout = cmp.Or(d.ResponseTimeout, 3*time.Second)
+	d.HeartbeatInterval = cmp.Or(d.HeartbeatInterval, 20*time.Second)
+	d.Codec = cmp.Or[Codec](d.Codec, JSONCodec{})
+	d.Logger = cmp.Or(d.Logger, slog.Default())
+	d.MaxPacketSize = cmp.Or(d.MaxPacketSize, DefaultMaxPacketSize)
+	d.MaxQueuedBytes = cmp.Or(d.MaxQueuedBytes, 2*d.MaxPacketSize)
+	d.RegisterTimeout = cmp.Or(d.RegisterTimeout, 5*time.Second)
+	d.MaxUnregistered = cmp.Or(d.MaxUnregistered, 128)
+	d.DrainTimeout = cmp.Or(d.DrainTimeout, 5*time.Second)
+	return d
+}
+
+// VerifyConfig reports a field of c that is out of range once its zero
+// fields hold their defaults; nil means DefaultConfig.
 func VerifyConfig(c *Config) error {
+	d := withDefaults(c)
 	switch {
-	case c.Port < 1 || c.Port > 65535:
-		return fmt.Errorf("clusterclient: Config.Port %d out of range 1..65535", c.Port)
-	case c.Role < RoleAuto || c.Role > RoleFollower:
-		return fmt.Errorf("clusterclient: Config.Role %d unknown", c.Role)
-	case c.MaxWaitTime <= 0:
-		return errors.New("clusterclient: Config.MaxWaitTime must be positive")
-	case c.ResponseTimeout <= 0 || c.ResponseTimeout > time.Duration(1<<31-1)*time.Millisecond:
-		return errors.New("clusterclient: Config.ResponseTimeout must be positive and fit in 2^31-1 ms")
-	case c.HeartbeatInterval <= 0:
-		return errors.New("clusterclient: Config.HeartbeatInterval must be positive")
-	case c.SubscribeTimeout < 0:
-		return errors.New("clusterclient: Config.SubscribeTimeout must not be negative")
-	case c.Codec == nil:
-		return errors.New("clusterclient: Config.Codec is nil")
-	case c.Logger == nil:
-		return errors.New("clusterclient: Config.Logger is nil")
-	case c.MaxPacketSize < 1<<10 || c.MaxPacketSize > 1<<30:
-		return fmt.Errorf("clusterclient: Config.MaxPacketSize %d out of range 1 KiB..1 GiB", c.MaxPacketSize)
-	case c.MaxQueuedBytes < c.MaxPacketSize+HeaderSize:
-		return errors.New("clusterclient: Config.MaxQueuedBytes must be at least MaxPacketSize + HeaderSize")
-	case c.RegisterTimeout <= 0:
-		return errors.New("clusterclient: Config.RegisterTimeout must be positive")
-	case c.MaxUnregistered < 1:
-		return errors.New("clusterclient: Config.MaxUnregistered must be at least 1")
-	case c.DrainTimeout <= 0:
-		return errors.New("clusterclient: Config.DrainTimeout must be positive")
+	case min(d.MaxWaitTime, d.ResponseTimeout, d.HeartbeatInterval, d.SubscribeTimeout, d.RegisterTimeout, d.DrainTimeout) < 0:
+		return fmt.Errorf("clusterclient: a Config duration is negative: MaxWaitTime %v, ResponseTimeout %v, HeartbeatInterval %v, "+
+			"SubscribeTimeout %v, RegisterTimeout %v, DrainTimeout %v", d.MaxWaitTime, d.ResponseTimeout, d.HeartbeatInterval,
+			d.SubscribeTimeout, d.RegisterTimeout, d.DrainTimeout)
+	case d.Port < 1 || d.Port > 65535:
+		return fmt.Errorf("clusterclient: Config.Port (or NODE_CLUSTER_CLIENT_PORT) %d out of range 1..65535", d.Port)
+	case uint(d.Role) > uint(RoleFollower):
+		return fmt.Errorf("clusterclient: Config.Role %d unknown", d.Role)
+	case d.ResponseTimeout > time.Duration(1<<31-1)*time.Millisecond:
+		return fmt.Errorf("clusterclient: Config.ResponseTimeout %v does not fit in 2^31-1 ms", d.ResponseTimeout)
+	case d.MaxPacketSize < 1<<10 || d.MaxPacketSize > 1<<30:
+		return fmt.Errorf("clusterclient: Config.MaxPacketSize %d out of range 1 KiB..1 GiB", d.MaxPacketSize)
+	case d.MaxQueuedBytes < d.MaxPacketSize+HeaderSize:
+		return fmt.Errorf("clusterclient: Config.MaxQueuedBytes %d is less than MaxPacketSize + HeaderSize (%d)", d.MaxQueuedBytes, d.MaxPacketSize+HeaderSize)
+	case d.MaxUnregistered < 1:
+		return fmt.Errorf("clusterclient: Config.MaxUnregistered %d is negative", d.MaxUnregistered)
 	}
 	return nil
 }
@@ -215,9 +209,6 @@ var (
 	// ErrNoLeader: no leader could be found or elected within
 	// Config.MaxWaitTime.
 	ErrNoLeader = errors.New("clusterclient: no leader")
-	// ErrNotImplemented: the leader's real client lacks the capability
-	// a call needs (subscribe, publish, a method by that name).
-	ErrNotImplemented = errors.New("clusterclient: not implemented by the real client")
 )
 
 // RemoteError is an error raised by the leader's real client. It keeps the
@@ -245,15 +236,18 @@ func (e *RemoteError) Error() string {
 // elsewhere.
 func (e *RemoteError) Unwrap() error { return e.err }
 
-// toRemote turns an error of the real client into a *RemoteError. An
-// error that already is one is kept; one with an ErrorCode() string
-// method gives its code.
+// toRemote turns an error of the real client into a *RemoteError, as
+// RealClient's doc says.
 func toRemote(err error) *RemoteError {
 	var re *RemoteError
 	if errors.As(err, &re) {
 		return re
 	}
 	re = &RemoteError{Name: "Error", Message: err.Error(), err: err}
+	var namer interface{ ErrorName() string }
+	if errors.As(err, &namer) && namer.ErrorName() != "" {
+		re.Name = namer.ErrorName()
+	}
 	var coder interface{ ErrorCode() string }
 	if errors.As(err, &coder) {
 		re.Code = coder.ErrorCode()
@@ -295,13 +289,10 @@ func codeJSON(code string) json.RawMessage {
 // or a number.
 func codeText(raw json.RawMessage) string {
 	var s string
-	if json.Unmarshal(raw, &s) == nil {
-		return s
+	if json.Unmarshal(raw, &s) != nil {
+		s = string(raw)
 	}
-	if len(raw) == 0 || string(raw) == "null" {
-		return ""
-	}
-	return string(raw)
+	return s
 }
 
 // Codec encodes and decodes app objects. It must be safe for concurrent
@@ -312,20 +303,20 @@ type Codec interface {
 }
 
 // JSONCodec is the default Codec: encoding/json, writing as JSON.stringify
-// does (no HTML escaping, no trailing newline). A value that already is
-// []byte, json.RawMessage or Value is written as it is.
+// does (no HTML escaping, no trailing newline). A json.RawMessage or a
+// Value, alone or nested, is written as it is; a []byte is written as
+// encoding/json writes it, as a base64 string.
 type JSONCodec struct{}
 
 // Marshal encodes v as JSON.
 func (JSONCodec) Marshal(v any) ([]byte, error) {
 	switch x := v.(type) {
 	case json.RawMessage:
-		if x == nil {
-			return []byte("null"), nil
+		if x != nil {
+			return x, nil
 		}
-		return x, nil
 	case Value:
-		return x.data, nil
+		return x.MarshalJSON()
 	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
@@ -346,12 +337,9 @@ type Value struct {
 	codec Codec
 }
 
-// Decode decodes the value into v with the client's Codec.
+// Decode decodes the value into dst with the client's Codec.
 func (v Value) Decode(dst any) error {
-	if v.codec == nil {
-		return JSONCodec{}.Unmarshal(v.data, dst)
-	}
-	return v.codec.Unmarshal(v.data, dst)
+	return cmp.Or[Codec](v.codec, JSONCodec{}).Unmarshal(v.data, dst)
 }
 
 // Bytes returns the encoded value. The caller must not change it.
@@ -360,20 +348,71 @@ func (v Value) Bytes() []byte { return v.data }
 // String returns the encoded value as text.
 func (v Value) String() string { return string(v.data) }
 
+// MarshalJSON returns the encoded value, or null for the zero Value, so
+// that a Value inside a result (a slice, a map, a struct field) is sent
+// as it came. With a Codec other than JSON, the bytes must be JSON.
+func (v Value) MarshalJSON() ([]byte, error) {
+	if len(v.data) == 0 {
+		return []byte("null"), nil
+	}
+	return v.data, nil
+}
+
 // RealClient is the client that talks to the remote servers. Only the
 // leading process builds one; every call of every process on the channel
-// ends up here. Its methods must be safe for concurrent use.
+// ends up here. Methods (a map of typed functions) is one.
+//
+// Its methods must be safe for concurrent use: each invoke runs on a
+// goroutine of its own, so a method that blocks holds up no other call,
+// and should return when ctx ends. A panic in a method is recovered and
+// reaches the caller as a *RemoteError with Code "ERR_CLUSTER_PANIC".
+//
+// An error reaches the caller as a *RemoteError. One that is or wraps a
+// *RemoteError is sent as it is. Otherwise Message is its Error(), Name
+// is "Error", or what its ErrorName() string method returns, and Code is
+// what its ErrorCode() string method returns, if it has one (errors.As
+// finds either method anywhere in the error's chain).
 type RealClient interface {
 	// Invoke runs the named method with the given arguments and returns
 	// its result, which the Codec encodes. ctx carries the caller's
-	// timeout. An error reaches the caller as a *RemoteError.
-	//
-	// A method whose invokes have returned within 1 ms runs on the
-	// goroutine that reads the calling follower's connection; if one
-	// then blocks, that follower's next requests wait until it returns,
-	// for 1 to 2 s at most, and the method runs on goroutines of its own
-	// from then on.
+	// timeout.
 	Invoke(ctx context.Context, method string, args []Value) (any, error)
+}
+
+// Methods is a RealClient made of functions, one per method name: make
+// it with Methods{} and add typed functions of one argument with Method.
+// It is a plain map, so a method of another shape is an entry written by
+// hand: m["now"] = func(ctx, args) (any, error) { ... }. An unknown
+// method gets a *RemoteError with Code "ERR_CLUSTER_NO_METHOD". Embed
+// Methods in a struct to add Subscribe and the other optional methods.
+type Methods map[string]func(ctx context.Context, args []Value) (any, error)
+
+// Invoke runs the function added under the name method.
+func (m Methods) Invoke(ctx context.Context, method string, args []Value) (any, error) {
+	if f := m[method]; f != nil {
+		return f(ctx, args)
+	}
+	return nil, &RemoteError{Name: "TypeError", Message: "no method " + strconv.Quote(method), Code: "ERR_CLUSTER_NO_METHOD"}
+}
+
+// Method adds fn to m as the method name, taking one argument: the
+// call's argument decoded into an A, whose result is encoded for the
+// caller. A call with another number of arguments, or one that does not
+// decode into an A, gets a *RemoteError with Code
+// "ERR_CLUSTER_BAD_ARGUMENT". Method is not safe to call while m serves
+// calls: add every method before the BuildFunc returns m.
+func Method[A, R any](m Methods, name string, fn func(ctx context.Context, arg A) (R, error)) {
+	m[name] = func(ctx context.Context, args []Value) (any, error) {
+		var a A
+		err := fmt.Errorf("%d arguments, want 1", len(args))
+		if len(args) == 1 {
+			err = args[0].Decode(&a)
+		}
+		if err != nil {
+			return nil, &RemoteError{Name: "TypeError", Message: name + ": bad argument: " + err.Error(), Code: "ERR_CLUSTER_BAD_ARGUMENT", err: err}
+		}
+		return fn(ctx, a)
+	}
 }
 
 // Subscriber is implemented by a real client that can subscribe. The

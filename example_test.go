@@ -18,6 +18,8 @@ import (
 // registry that stands in for a client of a remote server. Only the
 // client that leads builds one; the calls of every client end up here.
 type registry struct {
+	clusterclient.Methods // lookup, and its Invoke serves them
+
 	mu    sync.Mutex
 	addrs map[string][]string  // service name -> addresses
 	push  map[string]func(any) // service name -> the leader's push
@@ -32,18 +34,17 @@ type service struct {
 
 // newRegistry is the BuildFunc of the examples.
 func newRegistry(context.Context) (clusterclient.RealClient, error) {
-	return &registry{
-		addrs: map[string][]string{"users": {"users-a:8080", "users-b:8080"}},
-		push:  map[string]func(any){},
-	}, nil
+	r := &registry{
+		Methods: clusterclient.Methods{},
+		addrs:   map[string][]string{"users": {"users-a:8080", "users-b:8080"}},
+		push:    map[string]func(any){},
+	}
+	clusterclient.Method(r.Methods, "lookup", r.lookup)
+	return r, nil
 }
 
-// Invoke serves one method: lookup(name) returns a service's addresses.
-func (r *registry) Invoke(_ context.Context, method string, args []clusterclient.Value) (any, error) {
-	var name string
-	if method != "lookup" || len(args) != 1 || args[0].Decode(&name) != nil {
-		return nil, fmt.Errorf("registry: no method %s with %d arguments", method, len(args))
-	}
+// lookup returns a service's addresses.
+func (r *registry) lookup(_ context.Context, name string) ([]string, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	addrs, ok := r.addrs[name]
@@ -84,11 +85,12 @@ func (r *registry) Publish(_ context.Context, reg json.RawMessage) error {
 	return nil
 }
 
-// notFoundError has an error code: its ErrorCode method gives the Code
-// of the *RemoteError that callers see.
+// notFoundError has a name and a code: its ErrorName and ErrorCode
+// methods give the Name and Code of the *RemoteError that callers see.
 type notFoundError string
 
 func (e notFoundError) Error() string     { return fmt.Sprintf("service %q is not registered", string(e)) }
+func (e notFoundError) ErrorName() string { return "NotFoundError" }
 func (e notFoundError) ErrorCode() string { return "ENOTFOUND" }
 
 // freePort returns a port on 127.0.0.1 that was free a moment ago, so
@@ -276,7 +278,90 @@ func ExampleRemoteError() {
 	if errors.As(err, &re) {
 		fmt.Println(re.Name, re.Code, re.Message)
 	}
-	// Output: Error ENOTFOUND service "billing" is not registered
+	// Output: NotFoundError ENOTFOUND service "billing" is not registered
+}
+
+// A real client made of typed functions: each gets its argument decoded
+// into its parameter's type, and callers get its result or a
+// *RemoteError with a code.
+func ExampleMethod() {
+	ctx := context.Background()
+	build := func(context.Context) (clusterclient.RealClient, error) {
+		m := clusterclient.Methods{}
+		clusterclient.Method(m, "sum", func(_ context.Context, xs []int) (int, error) {
+			total := 0
+			for _, x := range xs {
+				total += x
+			}
+			return total, nil
+		})
+		return m, nil
+	}
+	cfg := &clusterclient.Config{Port: freePort()} // zero fields: defaults
+
+	leader, err := clusterclient.New("calc", cfg, build)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer leader.Close()
+	follower, err := clusterclient.New("calc", cfg, build)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer follower.Close()
+
+	total, err := clusterclient.Invoke[int](ctx, follower, "sum", []int{1, 2, 3})
+	fmt.Println(total, err)
+
+	// An argument of the wrong type, and a method that does not exist.
+	var re *clusterclient.RemoteError
+	_, err = follower.Invoke(ctx, "sum", "1, 2, 3")
+	if errors.As(err, &re) {
+		fmt.Println(re.Code)
+	}
+	_, err = follower.Invoke(ctx, "product", []int{1, 2, 3})
+	if errors.As(err, &re) {
+		fmt.Println(re.Code, re.Message)
+	}
+	// Output:
+	// 6 <nil>
+	// ERR_CLUSTER_BAD_ARGUMENT
+	// ERR_CLUSTER_NO_METHOD no method "product"
+}
+
+// A Value that the real client puts in its result is sent as it came:
+// here the method returns its two arguments in a list, and a struct.
+func ExampleValue_MarshalJSON() {
+	ctx := context.Background()
+	build := func(context.Context) (clusterclient.RealClient, error) {
+		m := clusterclient.Methods{}
+		m["pair"] = func(_ context.Context, args []clusterclient.Value) (any, error) {
+			return []any{args[0], args[1]}, nil
+		}
+		m["wrap"] = func(_ context.Context, args []clusterclient.Value) (any, error) {
+			return struct {
+				Got clusterclient.Value `json:"got"`
+			}{args[0]}, nil
+		}
+		return m, nil
+	}
+	cfg := &clusterclient.Config{Port: freePort()}
+	leader, err := clusterclient.New("values", cfg, build)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer leader.Close()
+	follower, err := clusterclient.New("values", cfg, build)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer follower.Close()
+
+	fmt.Println(follower.Invoke(ctx, "pair", "a", map[string]int{"b": 1}))
+	fmt.Println(follower.Invoke(ctx, "wrap", []string{"c"}))
+	// Output:
+	// ["a",{"b":1}] <nil>
+	// {"got":["c"]} <nil>
 }
 
 func ExampleClient_Close() {

@@ -47,7 +47,7 @@ func needNode(t *testing.T) string {
 	why := ""
 	switch {
 	case err != nil:
-		why = "node is not on PATH"
+		why = "node is not on PATH: install Node.js and npm, then run (cd " + nodeDir + " && npm ci)"
 	default:
 		if _, err := os.Stat(nodeDir + "/node_modules/cluster-client/package.json"); err != nil {
 			why = nodeDir + "/node_modules is missing: run (cd " + nodeDir + " && npm ci)"
@@ -57,10 +57,18 @@ func needNode(t *testing.T) string {
 		if os.Getenv("CI") == "true" {
 			t.Fatalf("interop with Node.js cluster-client cannot run: %s", why)
 		}
+		// One line on stderr, shown without -v, says that tests skip.
+		nodeSkipOnce.Do(func() {
+			fmt.Fprintln(os.Stderr, "clusterclient: the Node.js interop tests (TestInterop*) skip: "+why)
+		})
 		t.Skipf("interop with Node.js cluster-client skipped: %s", why)
 	}
 	return path
 }
+
+// nodeSkipOnce prints the line that says the interop tests skip once per
+// test binary.
+var nodeSkipOnce sync.Once
 
 // nodeMember is a Node.js cluster member: testdata/node/member.js, which
 // speaks the line protocol of childMain (proc_test.go).

@@ -196,7 +196,7 @@ func (r *testReal) Invoke(ctx context.Context, method string, args []Value) (any
 		}
 		return r.subscribes[string(key)], nil
 	}
-	return nil, fmt.Errorf("%w: method %q", ErrNotImplemented, method)
+	return nil, fmt.Errorf("not implemented: method %q", method)
 }
 
 func (r *testReal) Subscribe(reg json.RawMessage, push func(any)) error {
