@@ -128,11 +128,13 @@ func serveShape(nc net.Conn) {
 	defer nc.Close()
 	br := bufio.NewReaderSize(nc, 64<<10)
 	var mu sync.Mutex
+	var buf []byte
 	for {
-		in, err := readFrame(br, nil)
-		if err != nil {
+		var err error
+		if buf, err = readFrame(br, buf); err != nil {
 			return
 		}
+		in := slices.Clone(buf)
 		go func() {
 			out := echoAnswer(nil, in)
 			mu.Lock()
@@ -265,8 +267,10 @@ func dialShape(tb testing.TB, s *rawEchoServer, arg []byte) *shapeClient {
 }
 
 func (c *shapeClient) readLoop(br *bufio.Reader) {
+	var buf []byte
 	for {
-		in, err := readFrame(br, nil)
+		var err error
+		buf, err = readFrame(br, buf)
 		c.mu.Lock()
 		if err != nil {
 			c.err = err
@@ -277,12 +281,12 @@ func (c *shapeClient) readLoop(br *bufio.Reader) {
 			c.mu.Unlock()
 			return
 		}
-		id := binary.BigEndian.Uint64(in[4:])
+		id := binary.BigEndian.Uint64(buf[4:])
 		ch := c.pending[id]
 		delete(c.pending, id)
 		c.mu.Unlock()
 		if ch != nil {
-			ch <- in
+			ch <- slices.Clone(buf)
 		}
 	}
 }
@@ -864,6 +868,8 @@ func (c *benchCluster) fastBesideSlow(n int) (latencies, error) {
 // that is fast 99 times and blocks 200 ms once in 100 calls; the
 // follower calls it from 4 goroutines. It reports the fast calls' p50
 // and p99. An op is 100 calls.
+//
+//	go test -run '^$' -bench FastBesideSlow -benchtime 20x
 func BenchmarkFastBesideSlow(b *testing.B) {
 	c := startBenchCluster(b, kindProc)
 	c.fastBesideSlow(100)
@@ -878,12 +884,12 @@ func BenchmarkFastBesideSlow(b *testing.B) {
 
 // startPushes subscribes the follower to a key whose value the leader's
 // real client, in a child process, sets to the wall-clock time at random
-// moments (on average every 25 ms, not aligned with any call), and
-// returns the channel of each value's delay from the push to the
-// follower's listener.
-func (c *benchCluster) startPushes(tb testing.TB) chan time.Duration {
+// moments, on average every 1.5 periods (so that few values are merged on
+// the way) and not aligned with any call; it returns the channel of each
+// value's delay from the push to the follower's listener.
+func (c *benchCluster) startPushes(tb testing.TB, period time.Duration) chan time.Duration {
 	delays := make(chan time.Duration, 4096)
-	reg := json.RawMessage(`{"dataId":"pushDelay"}`)
+	reg := json.RawMessage(fmt.Sprintf(`{"dataId":"pushDelay","period":%d}`, period/time.Millisecond))
 	_, err := c.fol.Subscribe(reg, func(v Value) {
 		var ns int64
 		if v.Decode(&ns) == nil && ns > 0 {
@@ -896,7 +902,7 @@ func (c *benchCluster) startPushes(tb testing.TB) chan time.Duration {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	c.lead.ok(msg{"op": "pushEvery", "reg": reg, "everyMS": 25})
+	c.lead.ok(msg{"op": "pushEvery", "reg": reg, "everyMS": 3 * period / 2 / time.Millisecond})
 	return delays
 }
 
@@ -908,7 +914,7 @@ func (c *benchCluster) pushDelays(delays chan time.Duration, period time.Duratio
 	}
 	tick := time.NewTicker(period)
 	defer tick.Stop()
-	timeout := time.After(10*time.Second + time.Duration(n)*period)
+	timeout := time.After(10*time.Second + time.Duration(n)*3*period)
 	lat := make(latencies, 0, n)
 	for len(lat) < n {
 		select {
@@ -932,10 +938,12 @@ var pushPeriods = []time.Duration{20 * time.Millisecond, 100 * time.Millisecond}
 // values that the leader's real client, in a child process, pushes at
 // random moments; it reports the delay from the push to the listener,
 // p50 and max. An op is one value received.
+//
+//	go test -run '^$' -bench PushDelay -benchtime 100x
 func BenchmarkPushDelay(b *testing.B) {
 	c := startBenchCluster(b, kindProc)
-	delays := c.startPushes(b)
 	for _, period := range pushPeriods {
+		delays := c.startPushes(b, period)
 		b.Run(fmt.Sprintf("every%dms", period/time.Millisecond), func(b *testing.B) {
 			lat, err := c.pushDelays(delays, period, b.N)
 			if err != nil {
@@ -1015,7 +1023,10 @@ func TestPerfReport(t *testing.T) {
 	s := startRawEchoChild(t)
 	ours := startBenchCluster(t, kindProcValue)
 	slow := startBenchCluster(t, kindProc)
-	delays := slow.startPushes(t)
+	delays := map[time.Duration]chan time.Duration{}
+	for _, period := range pushPeriods {
+		delays[period] = slow.startPushes(t, period)
+	}
 	var ref *nodeMember
 	if haveNode() {
 		ref = startReference(t)
@@ -1083,7 +1094,7 @@ func TestPerfReport(t *testing.T) {
 		check(err)
 		p.add("fast calls beside a slow one, p99 ms", "<= 2", float64(lat.quantile(0.99))/1e6)
 		for _, period := range pushPeriods {
-			lat, err := slow.pushDelays(delays, period, pushN)
+			lat, err := slow.pushDelays(delays[period], period, pushN)
 			check(err)
 			name := fmt.Sprintf("push delay, calls every %d ms, ", period/time.Millisecond)
 			p.add(name+"p50 ms", "<= 1", float64(lat.quantile(0.5))/1e6)
