@@ -1044,7 +1044,9 @@ func TestPerfReport(t *testing.T) {
 		z := sized{name: sizeName(size), arg: arg, rc: dialRaw(t, s, arg), sc: dialShape(t, s, arg),
 			rt: func() error { return ours.invokeEcho(context.Background(), arg) }}
 		// Warm up: the first calls on a new connection are not measured.
-		for _, rt := range []func() error{z.rc.roundTrip, z.sc.call, z.rt} {
+		_, err := runSeq(seqN/10, z.rc.roundTrip)
+		check(err)
+		for _, rt := range []func() error{z.sc.call, z.rt} {
 			_, err := runConcurrent(concN/10, benchInFlight, rt)
 			check(err)
 		}
