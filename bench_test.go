@@ -1,18 +1,18 @@
 package clusterclient
 
-// Benchmarks of the runtime beside a raw TCP baseline that moves the same
-// bytes over loopback. See TestPerfReport for the ratios.
+// Benchmarks of the runtime beside two raw TCP baselines that move the
+// same bytes over loopback: the raw echo (one reader and one writer,
+// pipelined) and the same-shape floor (a goroutine per call on both
+// sides, no protocol). See TestPerfReport for the ratios.
 //
 //	go test -run '^$' -bench . -count 5
-//	CLUSTERCLIENT_PERF=1 go test -run '^TestPerfReport$' -v -count 1
+//	CLUSTERCLIENT_PERF=1 CLUSTERCLIENT_PERF_ROUNDS=5 go test -run '^TestPerfReport$' -v -count 1 .
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/binary"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -50,7 +50,7 @@ func benchArg(n int) json.RawMessage {
 }
 
 // rawRequest returns the invoke packet that Client.Invoke(ctx, "echo",
-// arg) sends, built with the real encoder, for the raw baseline.
+// arg) sends, built with the real encoder, for the raw baselines.
 func rawRequest(arg []byte, timeout time.Duration) []byte {
 	b, err := appendInvoke(nil, 1, int32(timeout/time.Millisecond), "echo", false, [][]byte{arg})
 	if err != nil {
@@ -88,9 +88,20 @@ func frameBuffered(r *bufio.Reader) bool {
 	return r.Buffered() >= n
 }
 
-// serveRawEcho answers each frame read from nc with the invoke_result
-// that the leader would send for the echo of its single argument, built
-// with the real encoder. Writes are flushed when no whole frame is
+// echoAnswer appends to out the invoke_result that the leader sends for
+// the echo of the single argument of the invoke frame in, built with the
+// real encoder.
+func echoAnswer(out, in []byte) []byte {
+	arg := in[HeaderSize+int(binary.BigEndian.Uint32(in[16:])):]
+	if len(arg) >= 4 {
+		arg = arg[4:] // one framed argument
+	}
+	out, _ = appendPacket(out, true, binary.BigEndian.Uint64(in[4:]), int32(binary.BigEndian.Uint32(in[12:])), invokeResult{Success: true}, arg)
+	return out
+}
+
+// serveRawEcho answers each frame read from nc with its echoAnswer, on
+// the goroutine that reads. Writes are flushed when no whole frame is
 // waiting, so pipelined requests are answered in batches.
 func serveRawEcho(nc net.Conn) {
 	defer nc.Close()
@@ -98,60 +109,69 @@ func serveRawEcho(nc net.Conn) {
 	bw := bufio.NewWriterSize(nc, 64<<10)
 	var in, out []byte
 	var err error
-	first := true
 	for {
-		if bw.Buffered() > 0 && !frameBuffered(br) {
-			if bw.Flush() != nil {
-				return
-			}
+		if bw.Buffered() > 0 && !frameBuffered(br) && bw.Flush() != nil {
+			return
 		}
 		if in, err = readFrame(br, in); err != nil {
 			return
 		}
-		id := binary.BigEndian.Uint64(in[4:])
-		timeout := int32(binary.BigEndian.Uint32(in[12:]))
-		connLen := int(binary.BigEndian.Uint32(in[16:]))
-		if first {
-			first = false
-			if bytes.Contains(in[HeaderSize:HeaderSize+connLen], []byte(`"register_channel"`)) {
-				// A follower client registers first.
-				out, _ = appendPacket(out[:0], true, id, timeout, registerChannelRes{}, []byte(`{"success":true}`))
-				bw.Write(out)
-				continue
-			}
-		}
-		arg := in[HeaderSize+connLen:]
-		if len(arg) >= 4 {
-			arg = arg[4:] // one framed argument
-		}
-		out, _ = appendPacket(out[:0], true, id, timeout, invokeResult{Success: true}, arg)
+		out = echoAnswer(out[:0], in)
 		bw.Write(out)
 	}
 }
 
-// rawEchoServer is a raw echo listener, in this process or a child.
-type rawEchoServer struct {
-	addr string
-}
-
-// startRawEcho starts a raw echo server in this process.
-func startRawEcho(tb testing.TB) *rawEchoServer {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
+// serveShape is the server of the same-shape floor: each frame read from
+// nc is answered by a goroutine of its own, which writes its echoAnswer
+// under a lock.
+func serveShape(nc net.Conn) {
+	defer nc.Close()
+	br := bufio.NewReaderSize(nc, 64<<10)
+	var mu sync.Mutex
+	var buf []byte
+	for {
+		var err error
+		if buf, err = readFrame(br, buf); err != nil {
+			return
+		}
+		in := slices.Clone(buf)
+		go func() {
+			out := echoAnswer(nil, in)
+			mu.Lock()
+			defer mu.Unlock()
+			nc.Write(out)
+		}()
 	}
-	serveEach(tb, ln, serveRawEcho)
-	return &rawEchoServer{addr: ln.Addr().String()}
 }
 
-// startRawEchoChild starts a raw echo server in a child process.
+// rawEchoServer is a raw echo listener and a same-shape one, in this
+// process or a child.
+type rawEchoServer struct {
+	addr, shape string
+}
+
+// startRawEcho starts the raw servers in this process.
+func startRawEcho(tb testing.TB) *rawEchoServer {
+	var addrs [2]string
+	for i, serve := range []func(net.Conn){serveRawEcho, serveShape} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			tb.Fatal(err)
+		}
+		serveEach(tb, ln, serve)
+		addrs[i] = ln.Addr().String()
+	}
+	return &rawEchoServer{addr: addrs[0], shape: addrs[1]}
+}
+
+// startRawEchoChild starts the raw servers in a child process.
 func startRawEchoChild(tb testing.TB) *rawEchoServer {
 	k := startChild(tb, childSpec{Mode: "echo"})
 	m := k.event(func(m msg) bool { return m["event"] == "ready" || m["event"] == "error" }, 10*time.Second)
 	if m["event"] != "ready" {
 		tb.Fatalf("echo child: %v", m["err"])
 	}
-	return &rawEchoServer{addr: loopback(int(m["port"].(float64)))}
+	return &rawEchoServer{addr: loopback(int(m["port"].(float64))), shape: loopback(int(m["shapePort"].(float64)))}
 }
 
 // rawClient is one connection to a raw echo server.
@@ -219,123 +239,89 @@ func (c *rawClient) pipeline(n, window int) error {
 	return <-errc
 }
 
-// rawMux is the second baseline: calls from many goroutines multiplexed
-// over one raw connection, with no protocol beyond the id. Each call adds
-// its frame to a shared buffer and waits on a channel of its own; the
-// first caller to find no write under way yields once, so that the
-// callers ready to run queue their frames too, and writes them all; one
-// reader goroutine reads every frame buffered and then hands each to its
-// caller. It is the least a client that gives each call a goroutine of
-// its own pays, so the ratio of Client.Invoke to it is the protocol's
-// and the leader's cost alone.
-type rawMux struct {
+// shapeClient is the client of the same-shape floor: each call writes its
+// request under a lock and waits on a channel of its own, which one
+// reader goroutine fills. It is what any client that gives each call a
+// goroutine of its own pays, with no protocol at all.
+type shapeClient struct {
 	nc  net.Conn
-	br  *bufio.Reader
-	req []byte // the request frame; its id is set per call
-	err atomic.Value
+	req []byte // the request frame; each call copies it and sets its id
 
-	mu       sync.Mutex
-	buf      []byte // guarded by mu: frames not yet written
-	spare    []byte // guarded by mu
-	flushing bool   // guarded by mu
-	lastID   uint64 // guarded by mu
+	wmu sync.Mutex // held while a request is written
 
-	pmu     sync.Mutex
-	pending map[uint64]chan []byte // guarded by pmu
+	mu      sync.Mutex
+	lastID  uint64                 // guarded by mu
+	pending map[uint64]chan []byte // guarded by mu
+	err     error                  // guarded by mu: why the reader stopped
 }
 
-func dialRawMux(tb testing.TB, s *rawEchoServer, arg []byte) *rawMux {
-	nc, err := net.Dial("tcp", s.addr)
+func dialShape(tb testing.TB, s *rawEchoServer, arg []byte) *shapeClient {
+	nc, err := net.Dial("tcp", s.shape)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { nc.Close() })
-	m := &rawMux{nc: nc, br: bufio.NewReaderSize(nc, 64<<10), req: rawRequest(arg, 3*time.Second), pending: make(map[uint64]chan []byte)}
-	go m.readLoop()
-	return m
+	c := &shapeClient{nc: nc, req: rawRequest(arg, 3*time.Second), pending: map[uint64]chan []byte{}}
+	go c.readLoop(bufio.NewReaderSize(nc, 64<<10))
+	return c
 }
 
-func (m *rawMux) readLoop() {
-	type answer struct {
-		ch    chan []byte
-		frame []byte
-	}
-	var in []byte
-	var batch []answer
+func (c *shapeClient) readLoop(br *bufio.Reader) {
+	var buf []byte
 	for {
 		var err error
-		if in, err = readFrame(m.br, in); err != nil {
-			m.err.CompareAndSwap(nil, err)
-			m.pmu.Lock()
-			for id, ch := range m.pending {
-				delete(m.pending, id)
-				ch <- nil
+		buf, err = readFrame(br, buf)
+		c.mu.Lock()
+		if err != nil {
+			c.err = err
+			for id, ch := range c.pending {
+				delete(c.pending, id)
+				close(ch)
 			}
-			m.pmu.Unlock()
+			c.mu.Unlock()
 			return
 		}
-		m.pmu.Lock()
-		id := binary.BigEndian.Uint64(in[4:])
-		ch := m.pending[id]
-		delete(m.pending, id)
-		m.pmu.Unlock()
-		batch = append(batch, answer{ch, slices.Clone(in)})
-		if frameBuffered(m.br) && len(batch) < benchInFlight {
-			continue
+		id := binary.BigEndian.Uint64(buf[4:])
+		ch := c.pending[id]
+		delete(c.pending, id)
+		c.mu.Unlock()
+		if ch != nil {
+			ch <- slices.Clone(buf)
 		}
-		for i, a := range batch {
-			a.ch <- a.frame
-			batch[i] = answer{}
-		}
-		batch = batch[:0]
 	}
 }
 
-var muxChans = sync.Pool{New: func() any { return make(chan []byte, 1) }}
-
 // call sends one request and waits for its answer.
-func (m *rawMux) call() error {
-	ch := muxChans.Get().(chan []byte)
-	m.mu.Lock()
-	m.lastID++
-	id := m.lastID
-	m.pmu.Lock()
-	m.pending[id] = ch
-	m.pmu.Unlock()
-	n := len(m.buf)
-	m.buf = append(m.buf, m.req...)
-	binary.BigEndian.PutUint64(m.buf[n+4:], id)
-	var err error
-	if !m.flushing {
-		m.flushing = true
-		m.mu.Unlock()
-		runtime.Gosched()
-		m.mu.Lock()
-		for len(m.buf) > 0 && err == nil {
-			b := m.buf
-			m.buf = m.spare[:0]
-			m.mu.Unlock()
-			_, err = m.nc.Write(b)
-			m.mu.Lock()
-			m.spare = b[:0]
-		}
-		m.flushing = false
+func (c *shapeClient) call() error {
+	ch := make(chan []byte, 1)
+	req := slices.Clone(c.req)
+	c.mu.Lock()
+	if c.err != nil {
+		defer c.mu.Unlock()
+		return c.err
 	}
-	m.mu.Unlock()
+	c.lastID++
+	binary.BigEndian.PutUint64(req[4:], c.lastID)
+	c.pending[c.lastID] = ch
+	c.mu.Unlock()
+	c.wmu.Lock()
+	_, err := c.nc.Write(req)
+	c.wmu.Unlock()
 	if err != nil {
 		return err
 	}
-	if <-ch == nil {
-		return m.err.Load().(error)
+	if _, ok := <-ch; !ok {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.err
 	}
-	muxChans.Put(ch)
 	return nil
 }
 
 // benchChildMain runs the benchmark child modes of childSpec.Mode:
 //
-//	"echo":   a raw echo server on a free loopback port; prints
-//	          {"event":"ready","port":p}
+//	"echo":   the raw echo and the same-shape servers on free loopback
+//	          ports; prints {"event":"ready","port":p,"shapePort":q}
 //	"idlers": spec.Count raw connections to spec.Port that register
 //	          spec.Name and then stay silent; prints {"event":"ready"}
 //
@@ -344,21 +330,28 @@ func benchChildMain(spec childSpec) int {
 	enc := json.NewEncoder(os.Stdout)
 	switch spec.Mode {
 	case "echo":
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			enc.Encode(msg{"event": "error", "err": err.Error()})
-			return 1
-		}
-		go func() {
-			for {
-				nc, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				go serveRawEcho(nc)
+		ready := msg{"event": "ready"}
+		for _, s := range []struct {
+			key   string
+			serve func(net.Conn)
+		}{{"port", serveRawEcho}, {"shapePort", serveShape}} {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				enc.Encode(msg{"event": "error", "err": err.Error()})
+				return 1
 			}
-		}()
-		enc.Encode(msg{"event": "ready", "port": ln.Addr().(*net.TCPAddr).Port})
+			go func() {
+				for {
+					nc, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					go s.serve(nc)
+				}
+			}()
+			ready[s.key] = ln.Addr().(*net.TCPAddr).Port
+		}
+		enc.Encode(ready)
 	case "idlers":
 		raiseFileLimit(spec.Count + 64)
 		conns, err := dialIdlers(spec.Port, spec.Name, spec.Count)
@@ -419,7 +412,8 @@ func raiseFileLimit(n int) {
 // benchCluster is a follower Client whose leader is in this process or
 // in a child process.
 type benchCluster struct {
-	fol *Client
+	fol  *Client
+	lead *child // the leader's process, when it is a child
 }
 
 // Where the leader of a benchmark runs, and with which real client.
@@ -450,9 +444,10 @@ func (valueEcho) Invoke(_ context.Context, _ string, args []Value) (any, error) 
 // client in this process.
 func startBenchCluster(tb testing.TB, kind string) *benchCluster {
 	port := freePort(tb)
+	c := &benchCluster{}
 	if kind == kindProc || kind == kindProcValue {
-		k := startChild(tb, childSpec{Port: port, Role: RoleLeader, ValueEcho: kind == kindProcValue})
-		if !k.ready(10 * time.Second) {
+		c.lead = startChild(tb, childSpec{Port: port, Role: RoleLeader, ValueEcho: kind == kindProcValue})
+		if !c.lead.ready(10 * time.Second) {
 			tb.Fatal("child does not lead")
 		}
 	} else {
@@ -481,7 +476,8 @@ func startBenchCluster(tb testing.TB, kind string) *benchCluster {
 	if err := f.Ready(context.Background()); err != nil {
 		tb.Fatal(err)
 	}
-	return &benchCluster{fol: f}
+	c.fol = f
+	return c
 }
 
 // invokeEcho calls echo and checks that the argument came back.
@@ -573,8 +569,10 @@ func procName(proc bool) string {
 	return "inproc"
 }
 
-// BenchmarkRawEcho is the baseline: the bytes of an invoke and its answer
-// over loopback, echoed by a server that only reads lengths.
+// BenchmarkRawEcho runs the baselines: the bytes of an invoke and its
+// answer over loopback, echoed by a server that only reads lengths; seq
+// and inflight64 by one connection pipelining, shape-* by the same-shape
+// floor (shapeClient and serveShape).
 func BenchmarkRawEcho(b *testing.B) {
 	for _, proc := range []bool{true, false} {
 		b.Run(procName(proc), func(b *testing.B) {
@@ -606,11 +604,21 @@ func BenchmarkRawEcho(b *testing.B) {
 					}
 					b.ReportMetric(rate, "ops/s")
 				})
-				b.Run("mux64-"+sizeName(size), func(b *testing.B) {
-					m := dialRawMux(b, s, arg)
-					m.call()
+				b.Run("shape-seq-"+sizeName(size), func(b *testing.B) {
+					c := dialShape(b, s, arg)
+					c.call()
 					b.ResetTimer()
-					rate, err := runConcurrent(b.N, benchInFlight, m.call)
+					lat, err := runSeq(b.N, c.call)
+					if err != nil {
+						b.Fatal(err)
+					}
+					reportSeq(b, lat)
+				})
+				b.Run("shape-inflight64-"+sizeName(size), func(b *testing.B) {
+					c := dialShape(b, s, arg)
+					c.call()
+					b.ResetTimer()
+					rate, err := runConcurrent(b.N, benchInFlight, c.call)
 					if err != nil {
 						b.Fatal(err)
 					}
@@ -832,14 +840,149 @@ func BenchmarkIdleFollowers(b *testing.B) {
 	}
 }
 
-// perfRow is one line of TestPerfReport.
-type perfRow struct {
-	name, unit string
-	ours, base []float64 // one figure per round
-	ratio      []float64 // ours/base per round
-	mux        []float64 // ours/rawMux per round, for calls from 64 goroutines
-	target     string
-	met        func(ratio, ours float64) bool
+// fastBesideSlow makes n calls of maybeSlow from 4 goroutines of the
+// follower, every 100th of which blocks 200 ms in the leader's real
+// client, and returns the times of the others, the fast calls.
+func (c *benchCluster) fastBesideSlow(n int) (latencies, error) {
+	var i atomic.Int64
+	var mu sync.Mutex
+	lat := make(latencies, 0, n)
+	_, err := runConcurrent(n, 4, func() error {
+		ms := 0
+		if i.Add(1)%100 == 0 {
+			ms = 200
+		}
+		t0 := time.Now()
+		_, err := c.fol.Invoke(context.Background(), "maybeSlow", ms)
+		if ms == 0 {
+			mu.Lock()
+			lat = append(lat, time.Since(t0))
+			mu.Unlock()
+		}
+		return err
+	})
+	return lat, err
+}
+
+// BenchmarkFastBesideSlow: the leader in a child process has a method
+// that is fast 99 times and blocks 200 ms once in 100 calls; the
+// follower calls it from 4 goroutines. It reports the fast calls' p50
+// and p99. An op is 100 calls.
+//
+//	go test -run '^$' -bench FastBesideSlow -benchtime 20x
+func BenchmarkFastBesideSlow(b *testing.B) {
+	c := startBenchCluster(b, kindProc)
+	c.fastBesideSlow(100)
+	b.ResetTimer()
+	lat, err := c.fastBesideSlow(100 * b.N)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportMetric(float64(lat.quantile(0.5))/1e6, "p50-ms")
+	b.ReportMetric(float64(lat.quantile(0.99))/1e6, "p99-ms")
+}
+
+// startPushes subscribes the follower to a key whose value the leader's
+// real client, in a child process, sets to the wall-clock time at random
+// moments, on average every 1.5 periods (so that few values are merged on
+// the way) and not aligned with any call; it returns the channel of each
+// value's delay from the push to the follower's listener.
+func (c *benchCluster) startPushes(tb testing.TB, period time.Duration) chan time.Duration {
+	delays := make(chan time.Duration, 4096)
+	reg := json.RawMessage(fmt.Sprintf(`{"dataId":"pushDelay","period":%d}`, period/time.Millisecond))
+	_, err := c.fol.Subscribe(reg, func(v Value) {
+		var ns int64
+		if v.Decode(&ns) == nil && ns > 0 {
+			select {
+			case delays <- time.Since(time.Unix(0, ns)):
+			default:
+			}
+		}
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	c.lead.ok(msg{"op": "pushEvery", "reg": reg, "everyMS": 3 * period / 2 / time.Millisecond})
+	return delays
+}
+
+// pushDelays calls echo every period until n pushed values have reached
+// the follower, and returns their delays.
+func (c *benchCluster) pushDelays(delays chan time.Duration, period time.Duration, n int) (latencies, error) {
+	for len(delays) > 0 {
+		<-delays // arrived while the follower made no calls
+	}
+	tick := time.NewTicker(period)
+	defer tick.Stop()
+	timeout := time.After(10*time.Second + time.Duration(n)*3*period)
+	lat := make(latencies, 0, n)
+	for len(lat) < n {
+		select {
+		case d := <-delays:
+			lat = append(lat, d)
+		case <-tick.C:
+			if _, err := c.fol.Invoke(context.Background(), "echo", 1); err != nil {
+				return lat, err
+			}
+		case <-timeout:
+			return lat, fmt.Errorf("%d of %d pushed values arrived", len(lat), n)
+		}
+	}
+	return lat, nil
+}
+
+// pushPeriods are the follower's call cadences in BenchmarkPushDelay.
+var pushPeriods = []time.Duration{20 * time.Millisecond, 100 * time.Millisecond}
+
+// BenchmarkPushDelay: a follower that calls every 20 or 100 ms receives
+// values that the leader's real client, in a child process, pushes at
+// random moments; it reports the delay from the push to the listener,
+// p50 and max. An op is one value received.
+//
+//	go test -run '^$' -bench PushDelay -benchtime 100x
+func BenchmarkPushDelay(b *testing.B) {
+	c := startBenchCluster(b, kindProc)
+	for _, period := range pushPeriods {
+		delays := c.startPushes(b, period)
+		b.Run(fmt.Sprintf("every%dms", period/time.Millisecond), func(b *testing.B) {
+			lat, err := c.pushDelays(delays, period, b.N)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportMetric(float64(lat.quantile(0.5))/1e6, "p50-ms")
+			b.ReportMetric(float64(lat.quantile(1))/1e6, "max-ms")
+		})
+	}
+}
+
+// perfTable collects one figure per round for each row, rows in the
+// order first added; a target reads "<= x" or ">= x".
+type perfTable struct {
+	names   []string
+	targets map[string]string
+	vals    map[string][]float64
+}
+
+func (p *perfTable) add(name, target string, v float64) {
+	if _, ok := p.vals[name]; !ok {
+		p.names = append(p.names, name)
+		p.targets[name] = target
+	}
+	p.vals[name] = append(p.vals[name], v)
+}
+
+func (p *perfTable) String() string {
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "\n%-44s %10s  %-8s %-5s %s\n", "figure", "median", "target", "met", "rounds")
+	for _, name := range p.names {
+		m, target, met := median(p.vals[name]), p.targets[name], ""
+		if op, s, ok := strings.Cut(target, " "); ok {
+			x, _ := strconv.ParseFloat(s, 64)
+			met = strconv.FormatBool(op == "<=" && m <= x || op == ">=" && m >= x)
+		}
+		fmt.Fprintf(&sb, "%-44s %10.2f  %-8s %-5s %.2f\n", name, m, target, met, p.vals[name])
+	}
+	return sb.String()
 }
 
 func median(v []float64) float64 {
@@ -854,12 +997,14 @@ func median(v []float64) float64 {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
-// TestPerfReport runs each benchmark beside its raw TCP baseline in
-// alternating rounds and logs a table of medians and ratios. It runs
-// only with CLUSTERCLIENT_PERF=1 (CLUSTERCLIENT_PERF_ROUNDS sets the
-// number of rounds, default 5); it asserts nothing. With node and
-// testdata/node/node_modules installed, it also measures the reference
-// Node.js package.
+// TestPerfReport measures, in rounds, the raw echo, the same-shape floor,
+// this package (the leader in a child process, valueEcho as its real
+// client) and, with node and testdata/node/node_modules installed, the
+// reference Node.js package, and the fast calls beside a slow one and
+// the push delay; it logs each figure's median and per-round values, and
+// the ratios of each round. It runs only with CLUSTERCLIENT_PERF=1
+// (CLUSTERCLIENT_PERF_ROUNDS sets the number of rounds, default 5); it
+// asserts nothing.
 func TestPerfReport(t *testing.T) {
 	if os.Getenv("CLUSTERCLIENT_PERF") != "1" {
 		t.Skip("set CLUSTERCLIENT_PERF=1 to run")
@@ -868,125 +1013,97 @@ func TestPerfReport(t *testing.T) {
 	if n, err := strconv.Atoi(os.Getenv("CLUSTERCLIENT_PERF_ROUNDS")); err == nil && n > 0 {
 		rounds = n
 	}
-	const seqN, seqChunks, pipeN, concN, fanN = 10000, 10, 100000, 30000, 200
-	ctx := context.Background()
-	var rows []*perfRow
+	const seqN, seqChunks, pipeN, concN, refSeqN, refConcN, slowN, pushN = 10000, 10, 100000, 30000, 2000, 20000, 2000, 50
 	check := func(err error) {
 		t.Helper()
 		if err != nil {
 			t.Fatal(err)
 		}
 	}
-	servers := map[string]*rawEchoServer{kindProc: startRawEchoChild(t), kindInproc: startRawEcho(t)}
-	for _, kind := range benchKinds {
-		s := servers[kindInproc]
-		if kind == kindProc || kind == kindProcValue {
-			s = servers[kindProc]
+	s := startRawEchoChild(t)
+	ours := startBenchCluster(t, kindProcValue)
+	slow := startBenchCluster(t, kindProc)
+	delays := map[time.Duration]chan time.Duration{}
+	for _, period := range pushPeriods {
+		delays[period] = slow.startPushes(t, period)
+	}
+	var ref *nodeMember
+	if haveNode() {
+		ref = startReference(t)
+	}
+	type sized struct {
+		name string
+		arg  json.RawMessage
+		rc   *rawClient
+		sc   *shapeClient
+		rt   func() error
+	}
+	var sizes []sized
+	for _, size := range benchSizes {
+		arg := benchArg(size)
+		z := sized{name: sizeName(size), arg: arg, rc: dialRaw(t, s, arg), sc: dialShape(t, s, arg),
+			rt: func() error { return ours.invokeEcho(context.Background(), arg) }}
+		// Warm up: the first calls on a new connection are not measured.
+		_, err := runSeq(seqN/10, z.rc.roundTrip)
+		check(err)
+		for _, rt := range []func() error{z.sc.call, z.rt} {
+			_, err := runConcurrent(concN/10, benchInFlight, rt)
+			check(err)
 		}
-		c := startBenchCluster(t, kind)
-		for _, size := range benchSizes {
-			arg := benchArg(size)
-			rc := dialRaw(t, s, arg)
-			rm := dialRawMux(t, s, arg)
-			rt := func() error { return c.invokeEcho(ctx, arg) }
-			seq := &perfRow{name: fmt.Sprintf("invoke %s seq %s p50", kind, sizeName(size)), unit: "µs",
-				target: "≤ 1.3×", met: func(r, _ float64) bool { return r <= 1.3 }}
-			conc := &perfRow{name: fmt.Sprintf("invoke %s 64 in flight %s", kind, sizeName(size)), unit: "ops/s",
-				target: "≥ 0.5×", met: func(r, _ float64) bool { return r >= 0.5 }}
-			rows = append(rows, seq, conc)
-			muxRow := &perfRow{name: fmt.Sprintf("  raw mux, 64 goroutine callers, %s (%s)", sizeName(size), kind), unit: "ops/s",
-				target: "-", met: func(float64, float64) bool { return true }}
-			rows = append(rows, muxRow)
-			// Warm up both paths: the first calls on a new connection,
-			// and the leader learning that echo is quick, are not what
-			// is measured.
-			_, err := runSeq(seqN, rc.roundTrip)
-			check(err)
-			_, err = runSeq(seqN, rt)
-			check(err)
-			_, err = runConcurrent(concN, benchInFlight, rm.call)
-			check(err)
-			for range rounds {
-				// Alternate in short runs, so that both see the same
-				// moments of a shared machine.
-				var rl, ol latencies
-				for range seqChunks {
-					l, err := runSeq(seqN/seqChunks, rc.roundTrip)
+		sizes = append(sizes, z)
+	}
+	p := &perfTable{targets: map[string]string{}, vals: map[string][]float64{}}
+	for range rounds {
+		for _, z := range sizes {
+			// Alternate in short runs, so that each sees the same
+			// moments of a shared machine.
+			var rl, fl, ol latencies
+			for range seqChunks {
+				for _, r := range []struct {
+					l  *latencies
+					rt func() error
+				}{{&rl, z.rc.roundTrip}, {&fl, z.sc.call}, {&ol, z.rt}} {
+					l, err := runSeq(seqN/seqChunks, r.rt)
 					check(err)
-					rl = append(rl, l...)
-					l, err = runSeq(seqN/seqChunks, rt)
-					check(err)
-					ol = append(ol, l...)
+					*r.l = append(*r.l, l...)
 				}
-				b, o := micros(rl.quantile(0.5)), micros(ol.quantile(0.5))
-				seq.base, seq.ours, seq.ratio = append(seq.base, b), append(seq.ours, o), append(seq.ratio, o/b)
-
-				rr, err := runPipeline(rc, pipeN, benchInFlight)
-				check(err)
-				mr, err := runConcurrent(concN, benchInFlight, rm.call)
-				check(err)
-				or, err := runConcurrent(concN, benchInFlight, rt)
-				check(err)
-				conc.base, conc.ours, conc.ratio = append(conc.base, rr), append(conc.ours, or), append(conc.ratio, or/rr)
-				conc.mux = append(conc.mux, or/mr)
-				muxRow.base, muxRow.ours, muxRow.ratio = append(muxRow.base, rr), append(muxRow.ours, mr), append(muxRow.ratio, mr/rr)
+			}
+			raw, floor, our := micros(rl.quantile(0.5)), micros(fl.quantile(0.5)), micros(ol.quantile(0.5))
+			rr, err := runPipeline(z.rc, pipeN, benchInFlight)
+			check(err)
+			fr, err := runConcurrent(concN, benchInFlight, z.sc.call)
+			check(err)
+			or, err := runConcurrent(concN, benchInFlight, z.rt)
+			check(err)
+			p.add("seq p50 µs, raw echo "+z.name, "", raw)
+			p.add("seq p50 µs, same-shape floor "+z.name, "", floor)
+			p.add("seq p50 µs, ours "+z.name, "", our)
+			p.add("64 in flight k/s, raw echo "+z.name, "", rr/1e3)
+			p.add("64 in flight k/s, same-shape floor "+z.name, "", fr/1e3)
+			p.add("64 in flight k/s, ours "+z.name, "", or/1e3)
+			p.add("ours/floor seq p50 "+z.name, "<= 1.3", our/floor)
+			p.add("ours/floor 64 in flight rate "+z.name, ">= 0.8", or/fr)
+			if ref != nil {
+				_, refP50 := referenceBench(t, ref, z.arg, refSeqN, 1)
+				refRate, _ := referenceBench(t, ref, z.arg, refConcN, benchInFlight)
+				p.add("seq p50 µs, reference "+z.name, "", refP50)
+				p.add("64 in flight k/s, reference "+z.name, "", refRate/1e3)
+				p.add("ours/reference seq p50 "+z.name, "<= 0.5", our/refP50)
+				p.add("ours/reference 64 in flight rate "+z.name, ">= 2.5", or/refRate)
 			}
 		}
-	}
-
-	if haveNode() {
-		rows = append(rows, referenceRows(t, servers[kindProc], rounds)...)
-	}
-
-	fo := startFanout(t, 100)
-	fan := &perfRow{name: "fan-out to 100 followers, p50 to the last", unit: "ms",
-		target: "≤ 5 ms", met: func(_, o float64) bool { return o <= 5 }}
-	rows = append(rows, fan)
-	v := 0
-	for range rounds {
-		lat := make(latencies, 0, fanN)
-		for range fanN {
-			v++
-			d, err := fo.round(v)
+		lat, err := slow.fastBesideSlow(slowN)
+		check(err)
+		p.add("fast calls beside a slow one, p99 ms", "<= 2", float64(lat.quantile(0.99))/1e6)
+		for _, period := range pushPeriods {
+			lat, err := slow.pushDelays(delays[period], period, pushN)
 			check(err)
-			lat = append(lat, d)
+			name := fmt.Sprintf("push delay, calls every %d ms, ", period/time.Millisecond)
+			p.add(name+"p50 ms", "<= 1", float64(lat.quantile(0.5))/1e6)
+			p.add(name+"max ms", "<= 10", float64(lat.quantile(1))/1e6)
 		}
-		fan.ours = append(fan.ours, float64(lat.quantile(0.5))/1e6)
 	}
-
-	mem := &perfRow{name: "leader memory per idle follower (heap+stack), 1000 followers", unit: "B",
-		target: "≤ 16 KiB", met: func(_, o float64) bool { return o <= 16<<10 }}
-	rows = append(rows, mem)
-	for range min(rounds, 3) {
-		c := measureIdleFollowers(t, 1000)
-		t.Logf("idle follower: heap %.0f B, stack %.0f B, %.2f goroutines", c.heapInuse, c.stack, c.goroutines)
-		mem.ours = append(mem.ours, c.total)
-	}
-
-	var sb strings.Builder
-	fmt.Fprintf(&sb, "\n%d rounds, medians; ratio = ours / raw TCP baseline, median of the rounds' ratios;\n", rounds)
-	fmt.Fprintf(&sb, "ours/mux = ours / the raw multiplexer (rawMux) in the same round\n")
-	fmt.Fprintf(&sb, "%-62s %12s %12s %7s %8s  %-8s %s\n", "benchmark", "ours", "raw TCP", "ratio", "ours/mux", "target", "met")
-	for _, r := range rows {
-		o := median(r.ours)
-		base, ratio := "-", "-"
-		rm := 0.0
-		if len(r.base) > 0 {
-			rm = median(r.ratio)
-			base = fmt.Sprintf("%.1f %s", median(r.base), r.unit)
-			ratio = fmt.Sprintf("%.2f", rm)
-		}
-		mux := "-"
-		if len(r.mux) > 0 {
-			mux = fmt.Sprintf("%.2f", median(r.mux))
-		}
-		fmt.Fprintf(&sb, "%-62s %12s %12s %7s %8s  %-8s %v\n", r.name, fmt.Sprintf("%.1f %s", o, r.unit), base, ratio, mux, r.target, r.met(rm, o))
-	}
-	fmt.Fprintf(&sb, "\nrounds:\n")
-	for _, r := range rows {
-		fmt.Fprintf(&sb, "%-62s ours %.1f  raw %.1f\n", r.name, r.ours, r.base)
-	}
-	t.Log(sb.String())
+	t.Logf("%d rounds; ratios are the median of each round's ratio%s", rounds, p)
 }
 
 // haveNode reports whether node and the reference package are installed.
@@ -999,11 +1116,9 @@ func haveNode() bool {
 	return err == nil
 }
 
-// referenceRows measures the reference Node.js package as TestPerfReport
-// measures this one: a leader and a follower process on the JSON
-// transcode, the follower invoking echo, beside the raw echo server s in
-// alternating rounds.
-func referenceRows(t *testing.T, s *rawEchoServer, rounds int) []*perfRow {
+// startReference starts a leader and a follower of the reference Node.js
+// package, on the JSON transcode, and returns the follower.
+func startReference(t *testing.T) *nodeMember {
 	port := freePort(t)
 	lead := startNode(t, childSpec{Port: port, Role: RoleLeader})
 	if !lead.ready(waitLong) {
@@ -1013,342 +1128,19 @@ func referenceRows(t *testing.T, s *rawEchoServer, rounds int) []*perfRow {
 	if fol.ready(waitLong) {
 		t.Fatal("the Node.js follower leads")
 	}
-	const seqN, pipeN, concN = 2000, 100000, 20000
-	var rows []*perfRow
-	for _, size := range benchSizes {
-		arg := benchArg(size)
-		rc := dialRaw(t, s, arg)
-		bench := func(n, inflight int) (rate, p50 float64) {
-			t.Helper()
-			m := fol.do(msg{"op": "bench", "method": "echo", "args": []json.RawMessage{arg}, "n": n, "inflight": inflight}, 5*time.Minute)
-			if e, _ := m["err"].(string); e != "" {
-				t.Fatalf("Node.js follower: %s", e)
-			}
-			rate, _ = m["rate"].(float64)
-			p50, _ = m["p50us"].(float64)
-			return rate, p50
-		}
-		seq := &perfRow{name: fmt.Sprintf("reference Node.js package, seq %s p50", sizeName(size)), unit: "µs",
-			target: "-", met: func(float64, float64) bool { return true }}
-		conc := &perfRow{name: fmt.Sprintf("reference Node.js package, 64 in flight %s", sizeName(size)), unit: "ops/s",
-			target: "-", met: func(float64, float64) bool { return true }}
-		rows = append(rows, seq, conc)
-		bench(seqN, 1)
-		bench(concN, benchInFlight)
-		for range rounds {
-			l, err := runSeq(seqN, rc.roundTrip)
-			if err != nil {
-				t.Fatal(err)
-			}
-			_, np50 := bench(seqN, 1)
-			b := micros(l.quantile(0.5))
-			seq.base, seq.ours, seq.ratio = append(seq.base, b), append(seq.ours, np50), append(seq.ratio, np50/b)
-			rr, err := runPipeline(rc, pipeN, benchInFlight)
-			if err != nil {
-				t.Fatal(err)
-			}
-			nr, _ := bench(concN, benchInFlight)
-			conc.base, conc.ours, conc.ratio = append(conc.base, rr), append(conc.ours, nr), append(conc.ratio, nr/rr)
-		}
-	}
-	return rows
+	referenceBench(t, fol, benchArg(32), 2000, benchInFlight) // warm up
+	return fol
 }
 
-// TestSlowInvokeHandsOffReading: the leader runs invokes on the
-// connection's reader; a slow one must not hold up the calls behind it on
-// the same connection, nor heartbeats.
-func TestSlowInvokeHandsOffReading(t *testing.T) {
-	t.Parallel()
-	lead, fol := inProcessPair(t, "handoff", nil)
-	ctx := context.Background()
-
-	slow := make(chan error, 2)
-	for range 2 {
-		go func() {
-			_, err := fol.Invoke(ctx, "sleep", 2000)
-			slow <- err
-		}()
-	}
-	// Wait until both sleeps run on the leader, then call behind them.
-	l := leadOf(lead)
-	waitRunning(t, l, 2)
-	if d := echoesBehind(t, fol); d > time.Second {
-		t.Errorf("20 echoes behind two 2 s sleeps took %v", d)
-	}
-	for range 2 {
-		if err := <-slow; err != nil {
-			t.Errorf("sleep: %v", err)
-		}
-	}
-}
-
-// waitRunning waits until a follower connection of l has n invokes
-// running, and returns it.
-func waitRunning(t *testing.T, l *leader, n int) *serverConn {
+// referenceBench makes n calls of echo(arg) from the reference follower,
+// inflight at a time, and returns calls per second and the p50 in µs.
+func referenceBench(t *testing.T, fol *nodeMember, arg json.RawMessage, n, inflight int) (rate, p50 float64) {
 	t.Helper()
-	var found *serverConn
-	waitUntil(t, 5*time.Second, fmt.Sprintf("%d invokes running", n), func() bool {
-		l.mu.Lock()
-		defer l.mu.Unlock()
-		for sc := range l.conns {
-			sc.gate.Lock()
-			running := sc.running
-			sc.gate.Unlock()
-			if running == n {
-				found = sc
-				return true
-			}
-		}
-		return false
-	})
-	return found
-}
-
-// echoesBehind makes 20 calls of echo from fol, one after the other, and
-// returns how long they took.
-func echoesBehind(t *testing.T, fol *Client) time.Duration {
-	t.Helper()
-	start := time.Now()
-	for i := range 20 {
-		v, err := fol.Invoke(context.Background(), "echo", i)
-		if err != nil || v.String() != strconv.Itoa(i) {
-			t.Fatalf("echo %d behind a slow call: %s, %v", i, v, err)
-		}
+	m := fol.do(msg{"op": "bench", "method": "echo", "args": []json.RawMessage{arg}, "n": n, "inflight": inflight}, 5*time.Minute)
+	if e, _ := m["err"].(string); e != "" {
+		t.Fatalf("Node.js follower: %s", e)
 	}
-	return time.Since(start)
-}
-
-// TestInvokeCtx checks the context an invoke from a follower gets: its
-// deadline without a timer until Done is asked for, and cancellation by
-// the leader's context.
-func TestInvokeCtx(t *testing.T) {
-	parent, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	dl := time.Now().Add(50 * time.Millisecond)
-	c := &invokeCtx{parent: parent, deadline: dl}
-	if got, ok := c.Deadline(); !ok || !got.Equal(dl) {
-		t.Fatalf("Deadline() = %v, %v", got, ok)
-	}
-	if err := c.Err(); err != nil {
-		t.Fatalf("Err() before the deadline = %v", err)
-	}
-	if c.ctx != nil {
-		t.Fatal("a timer was made before Done was asked for")
-	}
-	select {
-	case <-c.Done():
-	case <-time.After(5 * time.Second):
-		t.Fatal("Done not closed 5 s after a 50 ms deadline")
-	}
-	if err := c.Err(); err != context.DeadlineExceeded {
-		t.Fatalf("Err() after the deadline = %v", err)
-	}
-	if err := context.Cause(c); err != context.DeadlineExceeded {
-		t.Fatalf("Cause = %v", err)
-	}
-	c.release()
-
-	// Past the deadline, Err says so without Done.
-	c = &invokeCtx{parent: parent, deadline: time.Now().Add(-time.Millisecond)}
-	if err := c.Err(); err != context.DeadlineExceeded {
-		t.Fatalf("Err() past the deadline = %v", err)
-	}
-	c.release()
-
-	// The leader's context ends it, with or without Done asked for.
-	c = &invokeCtx{parent: parent, deadline: time.Now().Add(time.Hour)}
-	d := &invokeCtx{parent: parent, deadline: time.Now().Add(time.Hour)}
-	child, stop := context.WithCancel(d)
-	defer stop()
-	cancel()
-	if err := c.Err(); err != context.Canceled {
-		t.Fatalf("Err() after the leader's context ended = %v", err)
-	}
-	select {
-	case <-child.Done():
-	case <-time.After(5 * time.Second):
-		t.Fatal("a child context did not end with the leader's")
-	}
-	c.release()
-	d.release()
-}
-
-// TestCallTimeoutsShareTimer: a call with an earlier deadline than the
-// calls already waiting still times out on time, and a later one after
-// its own deadline.
-func TestCallTimeoutsShareTimer(t *testing.T) {
-	t.Parallel()
-	_, fol := inProcessPair(t, "expiry", func(fcfg *Config) { fcfg.ResponseTimeout = 2 * time.Second })
-
-	long := make(chan error, 1)
-	go func() {
-		_, err := fol.Invoke(context.Background(), "sleep", 10000)
-		long <- err
-	}()
-	// The short call waits until the long one is pending.
-	waitUntil(t, 5*time.Second, "the long call pending", func() bool {
-		fol.mu.Lock()
-		f := fol.fol
-		fol.mu.Unlock()
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		return len(f.pending) == 1
-	})
-	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
-	defer cancel()
-	start := time.Now()
-	_, err := fol.Invoke(ctx, "sleep", 10000)
-	d := time.Since(start)
-	if !errors.Is(err, ErrTimeout) && !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("short call: %v, want a timeout", err)
-	}
-	if d > time.Second {
-		t.Errorf("a 100 ms call timed out after %v", d)
-	}
-	select {
-	case err := <-long:
-		if !errors.Is(err, ErrTimeout) {
-			t.Fatalf("long call: %v, want ErrTimeout", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("the long call did not time out after its 2 s")
-	}
-}
-
-// TestInlineMethodHandsOff: a method runs on the connection's reader
-// only once its invokes have been quick; if one then runs long there,
-// the watchdog hands the reading to a new goroutine, so the calls behind
-// it wait about one period, and the method runs off the reader from then
-// on.
-func TestInlineMethodHandsOff(t *testing.T) {
-	t.Parallel()
-	lead, fol := inProcessPair(t, "inline", nil)
-	l := leadOf(lead)
-	const period = 50 * time.Millisecond
-	l.handOff.Store(int64(period)) // before the first invoke starts the watchdog
-	// A quick call may take over 1 ms on a loaded machine under the race
-	// detector; here only the 2 s call below must count as slow.
-	l.quickLimit.Store(int64(500 * time.Millisecond))
-	ctx := context.Background()
-
-	if l.inline("sleep") {
-		t.Fatal("a method never seen runs on the reader")
-	}
-	for i := 0; !l.inline("sleep"); i++ {
-		if i > 10*inlineAfter {
-			t.Fatalf("sleep(0) still off the reader after %d quick calls", i)
-		}
-		if _, err := fol.Invoke(ctx, "sleep", 0); err != nil {
-			t.Fatal(err)
-		}
-	}
-	slow := make(chan error, 1)
-	go func() {
-		_, err := fol.Invoke(ctx, "sleep", 2000)
-		slow <- err
-	}()
-	sc := waitRunning(t, l, 1)
-	if d := echoesBehind(t, fol); d > time.Second {
-		t.Errorf("20 echoes behind a 2 s sleep on the reader took %v; the watchdog ticks every %v", d, period)
-	} else {
-		t.Logf("20 echoes behind a 2 s sleep on the reader: %v (watchdog period %v)", d, period)
-	}
-	sc.rmu.Lock()
-	gen := sc.readerGen
-	sc.rmu.Unlock()
-	if gen == 0 {
-		t.Error("the reading was never handed off: the sleep did not run on the reader")
-	}
-	if l.inline("sleep") {
-		t.Error("sleep still runs on the reader after a 2 s call")
-	}
-	if err := <-slow; err != nil {
-		t.Errorf("sleep: %v", err)
-	}
-}
-
-// TestLeaderReadBufferResizes: a follower connection that sends more
-// than the small read buffer in one burst gets the busy buffer, and the
-// small one back after a quiet spell; no byte is lost or reordered when
-// the buffer changes with part of a packet read.
-func TestLeaderReadBufferResizes(t *testing.T) {
-	t.Parallel()
-	lead, _ := inProcessPair(t, "resize", nil)
-	l := leadOf(lead)
-	// No pause within a burst may count as a quiet spell, however slow
-	// the machine, except where the test makes one.
-	const quiet = 50 * time.Millisecond
-	l.quiet.Store(int64(time.Hour))
-	conns, err := dialIdlers(lead.cfg.Port, "resize", 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	nc := conns[0]
-	defer nc.Close()
-	// The leader answers register_channel once it serves the connection.
-	sc := connOf(lead, nc.LocalAddr().String())
-	br := bufio.NewReader(nc)
-	id := uint64(100)
-	// burst sends n echoes at once, their arguments of sizes that cut
-	// packets at every offset of the buffers, and checks every answer.
-	burst := func(n int) {
-		t.Helper()
-		var out []byte
-		want := map[uint64]string{}
-		for i := range n {
-			id++
-			arg := benchArg(32 + (i*389)%3000)
-			b, err := appendInvoke(nil, id, 3000, "echo", false, [][]byte{arg})
-			if err != nil {
-				t.Fatal(err)
-			}
-			out = append(out, b...)
-			want[id] = string(arg)
-		}
-		// Written while the answers are read: neither side's socket
-		// buffers need to hold the whole burst.
-		wrote := make(chan error, 1)
-		go func() {
-			_, err := nc.Write(out)
-			wrote <- err
-		}()
-		r := NewReader(br, 1<<20)
-		for range n {
-			var p Packet
-			if err := r.ReadPacket(&p); err != nil {
-				t.Fatal(err)
-			}
-			if got, ok := want[p.ID]; !ok || string(p.App) != got {
-				t.Fatalf("answer %d: %d bytes, want the %d bytes sent", p.ID, len(p.App), len(got))
-			}
-			delete(want, p.ID)
-		}
-		if err := <-wrote; err != nil {
-			t.Fatal(err)
-		}
-	}
-	bufSize := func(want int, why string) {
-		t.Helper()
-		waitUntil(t, 5*time.Second, why, func() bool { return sc.bufSize.Load() == int64(want) })
-	}
-	if got := sc.bufSize.Load(); got != readBufferSize {
-		t.Fatalf("a new connection reads through %d bytes, want %d", got, readBufferSize)
-	}
-	burst(1)
-	burst(1)
-	if got := sc.bufSize.Load(); got != readBufferSize {
-		t.Fatalf("after single requests the buffer has %d bytes, want %d", got, readBufferSize)
-	}
-	burst(300)
-	bufSize(busyReadBuffer, "busy buffer after a burst of 300 requests")
-	burst(300)
-	// A quiet spell, then one request: the burst that it starts comes
-	// more than quiet after the last one.
-	l.quiet.Store(int64(quiet))
-	time.Sleep(2 * quiet)
-	burst(1)
-	bufSize(readBufferSize, "small buffer after a quiet spell")
-	l.quiet.Store(int64(time.Hour))
-	burst(300)
-	bufSize(busyReadBuffer, "busy buffer again after a burst")
+	rate, _ = m["rate"].(float64)
+	p50, _ = m["p50us"].(float64)
+	return rate, p50
 }

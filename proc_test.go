@@ -22,6 +22,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -49,6 +50,8 @@ func TestMain(m *testing.M) {
 //	note(x)                   records x; notes() []x returns them
 //	whoami() name             the name given to this real client
 //	calls() n                 Invoke calls so far
+//	maybeSlow(ms) ms          returns at once if ms is 0, else sleeps ms
+//	panic(x)                  panics with a string that holds x
 type testReal struct {
 	name      string
 	unsubHook func() // when set, runs first in each Unsubscribe
@@ -136,6 +139,21 @@ func (r *testReal) Invoke(ctx context.Context, method string, args []Value) (any
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		return r.sleeping, nil
+	case "panic":
+		var v any
+		arg(0, &v)
+		panic(fmt.Sprintf("testReal.panic called with %v", v))
+	case "maybeSlow":
+		var ms int
+		if err := arg(0, &ms); err != nil || ms == 0 {
+			return ms, err
+		}
+		select {
+		case <-time.After(time.Duration(ms) * time.Millisecond):
+			return ms, nil
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	case "sleep":
 		var ms int
 		if err := arg(0, &ms); err != nil {
@@ -196,7 +214,7 @@ func (r *testReal) Invoke(ctx context.Context, method string, args []Value) (any
 		}
 		return r.subscribes[string(key)], nil
 	}
-	return nil, fmt.Errorf("not implemented: method %q", method)
+	return nil, fmt.Errorf("method %q not implemented", method)
 }
 
 func (r *testReal) Subscribe(reg json.RawMessage, push func(any)) error {
@@ -284,7 +302,8 @@ func (w testWriter) Write(p []byte) (int, error) {
 }
 
 // childStderr logs a child's stderr to the test, and fails the test if
-// the child reports a data race or a panic.
+// the child reports a data race or crashes: the runtime prints "panic: "
+// or "fatal error: " at the start of a line, where no log line starts.
 type childStderr struct {
 	t    testing.TB
 	tail []byte // the end of the previous write, for a marker cut in two
@@ -292,8 +311,11 @@ type childStderr struct {
 
 func (w *childStderr) Write(p []byte) (int, error) {
 	w.t.Log(string(p))
+	if w.tail == nil {
+		w.tail = []byte("\n") // the start of the output is a line's
+	}
 	text := string(w.tail) + string(p)
-	for _, bad := range []string{"WARNING: DATA RACE", "panic: ", "fatal error: "} {
+	for _, bad := range []string{"WARNING: DATA RACE", "\npanic: ", "\nfatal error: "} {
 		if strings.Contains(text, bad) {
 			w.t.Errorf("child process printed %q", bad)
 		}
@@ -342,9 +364,12 @@ type msg = map[string]any
 //	{"op":"hammer","method":m,"args":[...],"workers":n}  calls until "stop"
 //	{"op":"hammered"}                         reply {"ok":n,"failed":n,"errs":[...],"results":{...}} so far
 //	{"op":"stop"}                             stops the hammer, replies as "hammered"
+//	{"op":"repeat","method":m,"args":[...],"n":n,"workers":w}  see repeatCalls
+//	{"op":"pushEvery","reg":r,"everyMS":ms}  see pushEvery; replies at once
 //	{"op":"close"}                            closes the client, replies, exits
 //
-// invoke, oneway and hammer take "timeoutMS", a deadline on each call.
+// invoke, oneway, hammer and repeat take "timeoutMS", a deadline on each
+// call.
 //
 // It prints {"event":"ready","leader":b,"pid":p} once ready, or
 // {"event":"error","err":e} if Ready fails.
@@ -478,6 +503,11 @@ func childMain() int {
 			}
 			reply(ham.stop())
 			ham = nil
+		case "repeat":
+			go func() { reply(repeatCalls(c, &cmd)) }()
+		case "pushEvery":
+			go pushEvery(real, cmd.Reg, time.Duration(cmd.EveryMS)*time.Millisecond)
+			reply(msg{})
 		case "close":
 			err := c.Close()
 			reply(msg{"err": errString(err)})
@@ -501,6 +531,8 @@ type childCmd struct {
 	TimeoutMS int               `json:"timeoutMS"` // a deadline on the call's context
 	Workers   int               `json:"workers"`   // hammer: concurrent callers
 	Old       float64           `json:"old"`       // failover: the pid of the leader to be killed
+	N         int               `json:"n"`         // repeat: the number of calls
+	EveryMS   int               `json:"everyMS"`   // pushEvery: the mean time between pushes
 }
 
 func (cmd *childCmd) args() []any {
@@ -573,6 +605,58 @@ func childFailover(c *Client, old float64) msg {
 		}
 	}
 	return msg{"err": "no call succeeded on a new leader within 10s", "failed": failed, "first": firstErr, "errs": errs}
+}
+
+// repeatCalls makes cmd.N calls of cmd.Method from cmd.Workers
+// goroutines and replies {"outcomes":{o:n},"messages":{o:text}}, where an
+// outcome o is "ok", "code C" for a *RemoteError with the code C, or else
+// the error's text; messages holds one error message of each outcome.
+func repeatCalls(c *Client, cmd *childCmd) msg {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	outcomes, messages := map[string]int{}, map[string]string{}
+	for range max(cmd.Workers, 1) {
+		wg.Go(func() {
+			for next.Add(1) <= int64(cmd.N) {
+				ctx, cancel := cmd.ctx()
+				_, err := c.Invoke(ctx, cmd.Method, cmd.args()...)
+				cancel()
+				o, text := "ok", ""
+				var re *RemoteError
+				if errors.As(err, &re) {
+					o, text = "code "+re.Code, re.Message
+				} else if err != nil {
+					o, text = err.Error(), err.Error()
+				}
+				mu.Lock()
+				outcomes[o]++
+				messages[o] = text
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return msg{"outcomes": outcomes, "messages": messages}
+}
+
+// pushEvery sets reg's subscription of r to the wall-clock time (unix
+// ns) at random moments, on average every mean apart, while something
+// is subscribed to it, until the process ends.
+func pushEvery(r *testReal, reg json.RawMessage, mean time.Duration) {
+	key, err := marshalReg(reg)
+	if err != nil || mean <= 0 {
+		return
+	}
+	for {
+		time.Sleep(rand.N(2 * mean))
+		r.mu.Lock()
+		push := r.push[string(key)]
+		r.mu.Unlock()
+		if push != nil {
+			push(time.Now().UnixNano())
+		}
+	}
 }
 
 // hammer calls a method without pause from several goroutines until
