@@ -438,7 +438,11 @@ func topicConns(c *Client, reg msg) int {
 	if t == nil {
 		return 0
 	}
-	return len(t.conns)
+	n := len(t.subs)
+	if _, local := t.subs[nil]; local {
+		n--
+	}
+	return n
 }
 
 // TestFaultFollowerStopsReading stops a follower process with SIGSTOP
