@@ -58,7 +58,7 @@ type leader struct {
 	realMu sync.Mutex
 
 	mu      sync.Mutex
-	changed sync.Cond                // on mu: signalled when conns or calls shrink, or the drain expires
+	changed sync.Cond                // on mu: broadcast when conns or calls shrink, or the drain expires
 	conns   map[*serverConn]struct{} // guarded by mu
 	topics  map[string]*topic        // guarded by mu
 	calls   int                      // guarded by mu: calls running, remote and local
@@ -106,7 +106,7 @@ func newLeader(name string, cfg *Config, deliver func(key string, data []byte)) 
 // codePanic is the error code of a call whose user code panicked.
 const codePanic = "ERR_CLUSTER_PANIC"
 
-// safely runs f, which calls user code (the real client, the build, the
+// safely runs f, which calls user code (the build, the real client, the
 // codec), and turns a panic in it into an error: the stack goes to the
 // log, and the leader serves on.
 func (l *leader) safely(what string, f func() error) (err error) {
@@ -119,40 +119,26 @@ func (l *leader) safely(what string, f func() error) (err error) {
 	return f()
 }
 
-// marshal encodes v with the codec.
 func (l *leader) marshal(v any) (data []byte, err error) {
-	err = l.safely("Codec.Marshal", func() (err error) {
-		data, err = l.cfg.Codec.Marshal(v)
-		return err
-	})
+	err = l.safely("Codec.Marshal", func() (err error) { data, err = l.cfg.Codec.Marshal(v); return err })
 	return data, err
 }
 
-// call runs method on the real client.
 func (l *leader) call(ctx context.Context, method string, args []Value) (result any, err error) {
-	err = l.safely("RealClient.Invoke", func() (err error) {
-		result, err = l.real.Invoke(ctx, method, args)
-		return err
-	})
+	err = l.safely("RealClient.Invoke", func() (err error) { result, err = l.real.Invoke(ctx, method, args); return err })
 	return result, err
 }
 
-// start builds the real client in the background and starts the check
-// for silent followers.
+// start builds the real client in the background.
 func (l *leader) start(build BuildFunc) {
 	l.wg.Add(1)
 	go func() {
 		defer l.wg.Done()
-		var real RealClient
-		err := l.safely("BuildFunc", func() (err error) {
-			real, err = build(l.ctx)
-			return err
-		})
-		if err == nil && real == nil {
-			err = errors.New("clusterclient: BuildFunc returned a nil RealClient")
+		defer close(l.ready)
+		l.err = l.safely("BuildFunc", func() (err error) { l.real, err = build(l.ctx); return err })
+		if l.err == nil && l.real == nil {
+			l.err = errors.New("clusterclient: BuildFunc returned a nil RealClient")
 		}
-		l.real, l.err = real, err
-		close(l.ready)
 	}()
 }
 
@@ -160,40 +146,33 @@ func (l *leader) start(build BuildFunc) {
 // until it closes. br, the connection's read buffer of readBufferSize
 // bytes, serves it for its whole life.
 func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerChannel) {
-	l.mu.Lock()
-	closing := l.closing
-	if !closing {
-		l.wg.Add(1)
-	}
-	l.mu.Unlock()
-	if closing {
-		l.refuse(nc, reg, &registerErrorObject{Name: "ClusterChannelNotFoundError",
-			Message: "the leader of channel " + l.name + " is closing", Code: codeJSON(codeChannelNotHosted)})
-		return
-	}
-	defer l.wg.Done()
 	select {
 	case <-l.ready:
 	case <-l.ctx.Done():
 		nc.Close()
 		return
 	}
-	if e := l.refusal(nc, rc); e != nil {
-		l.refuse(nc, reg, e)
-		return
-	}
+	e := l.refusal(nc, rc)
 	sc := &serverConn{l: l, nc: nc, keys: make(map[string]struct{})}
-	sc.ctx, sc.cancel = context.WithCancel(l.ctx)
-	sc.ended.L = &sc.gate
-	sc.w = newSender(nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close)
 	l.mu.Lock()
-	if l.closing {
-		l.mu.Unlock()
-		sc.close(nil)
+	if e == nil && l.closing {
+		e = &registerErrorObject{Name: "ClusterChannelNotFoundError",
+			Message: "the leader of channel " + l.name + " is closing", Code: codeJSON(codeChannelNotHosted)}
+	}
+	if e == nil {
+		sc.ctx, sc.cancel = context.WithCancel(l.ctx)
+		sc.ended.L = &sc.gate
+		sc.w = newSender(nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close)
+		l.conns[sc] = struct{}{}
+		l.wg.Add(1)
+	}
+	l.mu.Unlock()
+	if e != nil {
+		data, _ := l.marshal(registerResult{Success: false, Error: e})
+		refuse(l.host, nc, reg, data)
 		return
 	}
-	l.conns[sc] = struct{}{}
-	l.mu.Unlock()
+	defer l.wg.Done()
 	sc.close(l.readLoop(sc, br, reg))
 	l.dropConn(sc)
 }
@@ -211,40 +190,33 @@ func (l *leader) refusal(nc net.Conn, rc registerChannel) *registerErrorObject {
 	return nil
 }
 
-// refuse answers a register_channel with an error, then holds nc.
-func (l *leader) refuse(nc net.Conn, reg *Packet, e *registerErrorObject) {
-	data, _ := l.marshal(registerResult{Success: false, Error: e})
-	refuse(l.host, nc, reg, data)
+// secretsEqual compares in constant time, whatever the lengths.
+func secretsEqual(want, got string) bool {
+	a, b := sha256.Sum256([]byte(want)), sha256.Sum256([]byte(got))
+	return subtle.ConstantTimeCompare(a[:], b[:]) == 1
 }
 
-// readLoop answers the register packet reg, then reads and handles the
-// packets of sc until the connection fails; it returns why. Unless the
-// heartbeat check is off, a connection that sends no whole packet for
-// three heartbeat intervals fails.
+// readLoop handles the register packet reg, then the packets of sc until
+// the connection fails, and returns why. Unless the heartbeat check is
+// off, a connection that sends no whole packet for three heartbeat
+// intervals fails.
 func (l *leader) readLoop(sc *serverConn, br *bufio.Reader, reg *Packet) error {
 	r := NewReader(br, l.cfg.MaxPacketSize)
 	idle := 3 * l.cfg.HeartbeatInterval
-	p := reg
-	for {
+	for p := reg; ; {
 		if err := l.handle(sc, p); err != nil {
 			return err
 		}
 		if !l.cfg.DisableHeartbeatCheck {
 			sc.nc.SetReadDeadline(time.Now().Add(idle))
 		}
-		p = new(Packet)
+		p = new(Packet) // an invoke's goroutine keeps the last one
 		if err := r.ReadPacket(p); errors.Is(err, os.ErrDeadlineExceeded) {
 			return fmt.Errorf("no packet for %v, three heartbeat intervals: %w", idle, err)
 		} else if err != nil {
 			return err
 		}
 	}
-}
-
-// secretsEqual compares in constant time, whatever the lengths.
-func secretsEqual(want, got string) bool {
-	a, b := sha256.Sum256([]byte(want)), sha256.Sum256([]byte(got))
-	return subtle.ConstantTimeCompare(a[:], b[:]) == 1
 }
 
 // close closes the connection once, which cancels its invokes. It logs
@@ -265,12 +237,18 @@ func (sc *serverConn) close(err error) {
 	})
 }
 
-// answer writes a response from the calling goroutine, unless another
-// one is writing already.
-func (sc *serverConn) answer(id uint64, timeout int32, c connObject, data []byte) {
-	sc.w.send(true, func(b []byte) ([]byte, error) {
-		return appendPacket(b, true, id, timeout, c, data)
+// send writes a packet to the follower. With inline set the calling
+// goroutine writes it, unless another one is writing already; otherwise
+// the caller never waits on the socket.
+func (sc *serverConn) send(inline, response bool, id uint64, timeout int32, c connObject, data []byte) {
+	sc.w.send(inline, func(b []byte) ([]byte, error) {
+		return appendPacket(b, response, id, timeout, c, data)
 	})
+}
+
+// push sends a subscribe_result.
+func (sc *serverConn) push(key string, data []byte) {
+	sc.send(false, false, nextID(), int32(sc.l.cfg.ResponseTimeout/time.Millisecond), subscribeResult{Key: key}, data)
 }
 
 // handle acts on one packet from a follower, on the connection's reader.
@@ -284,7 +262,7 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 	case invoke:
 		return l.invoke(sc, p, c)
 	case heartbeat:
-		sc.answer(p.ID, p.Timeout, heartbeatRes{}, nil)
+		sc.send(true, true, p.ID, p.Timeout, heartbeatRes{}, nil)
 	case subscribe:
 		key := subscriptionKey(c.Reg)
 		if latest := l.subscribe(sc, key, c.Reg); latest != nil {
@@ -294,7 +272,7 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 		l.unsubscribe(sc, subscriptionKey(c.Reg))
 	case registerChannel: // the first, or again: answer again
 		ok, _ := l.marshal(registerResult{Success: true})
-		sc.answer(p.ID, p.Timeout, registerChannelRes{}, ok)
+		sc.send(true, true, p.ID, p.Timeout, registerChannelRes{}, ok)
 	default:
 		// Logged once per connection: a peer cannot flood the log.
 		if !sc.oddType {
@@ -319,36 +297,32 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	for !sc.closed && sc.running > 0 && (sc.running >= maxConnInvokes || sc.held+n > l.cfg.MaxQueuedBytes) {
 		sc.ended.Wait()
 	}
-	closed := sc.closed
-	if !closed {
-		sc.running++
-		sc.held += n
-	}
-	sc.gate.Unlock()
-	if closed {
+	if sc.closed {
+		sc.gate.Unlock()
 		return net.ErrClosed
 	}
-	if !l.enter() {
-		sc.release(n)
-		// A Node.js follower does not heed leader_closing and may call
-		// after the drain: tell it, as the reference would by closing
-		// the connection.
-		if !c.Oneway {
-			_, data := l.encodeResult(nil, &RemoteError{Name: "ClusterLeaderClosingError",
-				Message: "the leader of channel " + l.name + " is closing", Code: "ERR_CLUSTER_LEADER_CLOSING"})
-			sc.answer(p.ID, p.Timeout, invokeResult{Success: false}, data)
-		}
+	sc.running, sc.held = sc.running+1, sc.held+n
+	sc.gate.Unlock()
+	if l.enter() {
+		go l.runInvoke(sc, p, c)
 		return nil
 	}
-	go l.runInvoke(sc, p, c)
+	sc.release(n)
+	// A Node.js follower does not heed leader_closing and may call after
+	// the drain: tell it, as the reference would by closing the
+	// connection.
+	if !c.Oneway {
+		_, data := l.encodeResult(nil, &RemoteError{Name: "ClusterLeaderClosingError",
+			Message: "the leader of channel " + l.name + " is closing", Code: "ERR_CLUSTER_LEADER_CLOSING"})
+		sc.send(true, true, p.ID, p.Timeout, invokeResult{Success: false}, data)
+	}
 	return nil
 }
 
 // release ends an invoke that invoke let start.
 func (sc *serverConn) release(n int) {
 	sc.gate.Lock()
-	sc.running--
-	sc.held -= n
+	sc.running, sc.held = sc.running-1, sc.held-n
 	sc.gate.Unlock()
 	sc.ended.Signal()
 }
@@ -358,11 +332,10 @@ func (sc *serverConn) release(n int) {
 func (l *leader) enter() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.stopped {
-		return false
+	if !l.stopped {
+		l.calls++
 	}
-	l.calls++
-	return true
+	return !l.stopped
 }
 
 // exit ends a call that enter counted.
@@ -384,16 +357,33 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
 	if p.Timeout <= 0 {
 		limit = l.cfg.ResponseTimeout
 	}
-	ctx, cancel := context.WithTimeout(sc.ctx, limit)
-	defer cancel()
 	args := make([]Value, 0, c.ArgLength)
 	for rest := p.App; len(rest) > 0; {
 		var a []byte
 		a, rest = nextArg(rest)
 		args = append(args, Value{data: a, codec: l.cfg.Codec})
 	}
-	var result any
-	err := l.checkArgs(c.Method, args)
+	result, late, err := l.run(sc.ctx, limit, c, args)
+	sc.release(len(p.App))
+	switch {
+	case c.Oneway:
+	case late && p.Timeout > 0:
+		l.cfg.Logger.Warn("clusterclient: invoke outlasted its timeout; no answer sent",
+			"channel", l.name, "method", clip(c.Method), "timeout", limit, "err", err)
+	default:
+		success, data := l.encodeResult(result, err)
+		sc.send(true, true, p.ID, p.Timeout, invokeResult{Success: success}, data)
+	}
+}
+
+// run runs one call, from a follower or the own Client, with the deadline
+// limit from now: a oneway publish with one argument goes to publish,
+// anything else to the real client. It logs the errors of oneway calls,
+// and reports whether the deadline passed.
+func (l *leader) run(ctx context.Context, limit time.Duration, c invoke, args []Value) (result any, late bool, err error) {
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	err = l.checkArgs(c.Method, args)
 	switch {
 	case err != nil: // refused before the real client sees it
 	case c.Method == publishMethod && c.Oneway && len(args) == 1:
@@ -401,19 +391,10 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
 	default:
 		result, err = l.call(ctx, c.Method, args)
 	}
-	sc.release(len(p.App))
-	switch {
-	case c.Oneway:
-		if err != nil {
-			l.cfg.Logger.Warn("clusterclient: oneway invoke failed", "channel", l.name, "method", clip(c.Method), "err", err)
-		}
-	case p.Timeout > 0 && ctx.Err() == context.DeadlineExceeded:
-		l.cfg.Logger.Warn("clusterclient: invoke outlasted its timeout; no answer sent",
-			"channel", l.name, "method", clip(c.Method), "timeout", limit, "err", err)
-	default:
-		success, data := l.encodeResult(result, err)
-		sc.answer(p.ID, p.Timeout, invokeResult{Success: success}, data)
+	if c.Oneway && err != nil {
+		l.cfg.Logger.Warn("clusterclient: oneway invoke failed", "channel", l.name, "method", clip(c.Method), "err", err)
 	}
+	return result, ctx.Err() == context.DeadlineExceeded, err
 }
 
 // clipLen bounds a name that a peer sent (method, type, channel) in a log
@@ -437,13 +418,10 @@ const codeBadArgument = "ERR_CLUSTER_BAD_ARGUMENT"
 // since the packet itself was well framed. Another codec decodes its own
 // arguments and reports its own errors.
 func (l *leader) checkArgs(method string, args []Value) error {
-	switch l.cfg.Codec.(type) {
-	case JSONCodec, *JSONCodec:
-	default:
-		return nil
-	}
-	for i, a := range args {
-		if !validJSON(a.data) {
+	_, plain := l.cfg.Codec.(JSONCodec)
+	_, ptr := l.cfg.Codec.(*JSONCodec)
+	for i := 0; (plain || ptr) && i < len(args); i++ {
+		if !validJSON(args[i].data) {
 			return &RemoteError{Name: "SyntaxError", Code: codeBadArgument,
 				Message: fmt.Sprintf("argument %d of %.64q is not valid JSON", i, method)}
 		}
@@ -490,11 +468,13 @@ func (l *leader) publish(ctx context.Context, arg Value) error {
 }
 
 // invokeLocal runs a call of the own Client straight on the real client.
-// A oneway call starts on a goroutine of its own.
+// A oneway call runs on a goroutine of its own; invokeLocal returns at
+// once.
 func (l *leader) invokeLocal(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
 	if !l.enter() {
 		return Value{}, ErrClosed
 	}
+	c := invoke{Method: method, ArgLength: len(args), Oneway: oneway}
 	vals := make([]Value, len(args))
 	for i, a := range args {
 		vals[i] = Value{data: a, codec: l.cfg.Codec}
@@ -502,29 +482,23 @@ func (l *leader) invokeLocal(ctx context.Context, method string, args [][]byte, 
 	if oneway {
 		go func() {
 			defer l.exit()
-			ctx, cancel := context.WithTimeout(l.ctx, l.cfg.ResponseTimeout)
-			defer cancel()
-			if _, err := l.call(ctx, method, vals); err != nil {
-				l.cfg.Logger.Warn("clusterclient: oneway invoke failed", "channel", l.name, "method", method, "err", err)
-			}
+			l.run(l.ctx, l.cfg.ResponseTimeout, c, vals)
 		}()
 		return Value{}, nil
 	}
 	defer l.exit()
-	ctx, cancel := context.WithTimeout(ctx, l.cfg.ResponseTimeout)
-	defer cancel()
-	result, err := l.call(ctx, method, vals)
-	if err != nil {
-		if ctx.Err() == context.DeadlineExceeded && errors.Is(err, context.DeadlineExceeded) {
-			return Value{}, fmt.Errorf("%w: %s did not return within %v", ErrTimeout, method, l.cfg.ResponseTimeout)
+	result, late, err := l.run(ctx, l.cfg.ResponseTimeout, c, vals)
+	if err == nil {
+		var data []byte
+		if data, err = l.marshal(result); err == nil {
+			return Value{data: data, codec: l.cfg.Codec}, nil
 		}
-		return Value{}, toRemote(err)
-	}
-	data, err := l.marshal(result)
-	if err != nil {
 		return Value{}, fmt.Errorf("clusterclient: encode result of %s: %w", method, err)
 	}
-	return Value{data: data, codec: l.cfg.Codec}, nil
+	if late && errors.Is(err, context.DeadlineExceeded) {
+		return Value{}, fmt.Errorf("%w: %s did not return within %v", ErrTimeout, method, l.cfg.ResponseTimeout)
+	}
+	return Value{}, toRemote(err)
 }
 
 // publishLocal publishes a registration of the own Client.
@@ -536,10 +510,10 @@ func (l *leader) publishLocal(ctx context.Context, reg json.RawMessage) error {
 	ctx, cancel := context.WithTimeout(ctx, l.cfg.ResponseTimeout)
 	defer cancel()
 	data, err := l.marshal(reg)
-	if err != nil {
-		return err
+	if err == nil {
+		err = l.publish(ctx, Value{data: data, codec: l.cfg.Codec})
 	}
-	if err := l.publish(ctx, Value{data: data, codec: l.cfg.Codec}); err != nil {
+	if err != nil {
 		return toRemote(err)
 	}
 	return nil
@@ -600,12 +574,12 @@ func (l *leader) pushValue(t *topic, v any) {
 		return
 	}
 	l.mu.Lock()
-	if l.topics[t.key] != t {
-		l.mu.Unlock()
-		return // released meanwhile
-	}
-	t.latest = data
 	targets := slices.Collect(maps.Keys(t.subs))
+	if l.topics[t.key] == t {
+		t.latest = data
+	} else {
+		targets = nil // released meanwhile
+	}
 	l.mu.Unlock()
 	if !l.cfg.Broadcast && len(targets) > 0 {
 		i := rand.IntN(len(targets))
@@ -618,14 +592,6 @@ func (l *leader) pushValue(t *topic, v any) {
 			sc.push(t.key, data)
 		}
 	}
-}
-
-// push sends a subscribe_result. It never waits on the socket.
-func (sc *serverConn) push(key string, data []byte) {
-	id, timeout := nextID(), int32(sc.l.cfg.ResponseTimeout/time.Millisecond)
-	sc.w.send(false, func(b []byte) ([]byte, error) {
-		return appendPacket(b, false, id, timeout, subscribeResult{Key: key}, data)
-	})
 }
 
 // unsubscribe removes sc (nil: the own Client) from the listeners of key;
@@ -642,8 +608,8 @@ func (l *leader) unsubscribe(sc *serverConn, key string) {
 	if t != nil {
 		delete(t.subs, sc)
 	}
-	_, can := l.real.(Unsubscriber)
-	release := t != nil && len(t.subs) == 0 && t.real && can
+	u, ok := l.real.(Unsubscriber)
+	release := ok && t != nil && len(t.subs) == 0 && t.real
 	if release {
 		delete(l.topics, key)
 	}
@@ -651,8 +617,7 @@ func (l *leader) unsubscribe(sc *serverConn, key string) {
 	if !release {
 		return
 	}
-	err := l.safely("Unsubscriber.Unsubscribe", func() error { return l.real.(Unsubscriber).Unsubscribe(t.reg) })
-	if err != nil {
+	if err := l.safely("Unsubscriber.Unsubscribe", func() error { return u.Unsubscribe(t.reg) }); err != nil {
 		l.cfg.Logger.Warn("clusterclient: real client unsubscribe failed", "channel", l.name, "key", t.key, "err", err)
 	}
 }
@@ -677,21 +642,18 @@ func (l *leader) dropConn(sc *serverConn) {
 // Config.DrainTimeout, then closes what is left and the real client.
 func (l *leader) close() {
 	l.mu.Lock()
-	if l.closing {
-		l.mu.Unlock()
-		return
-	}
+	closing := l.closing
 	l.closing = true
 	conns := slices.Collect(maps.Keys(l.conns))
 	l.mu.Unlock()
+	if closing {
+		return
+	}
 	if l.host != nil {
 		l.host.unhost(l)
 	}
-	timeout := int32(l.cfg.ResponseTimeout / time.Millisecond)
 	for _, sc := range conns {
-		sc.w.send(false, func(b []byte) ([]byte, error) {
-			return appendPacket(b, false, nextID(), timeout, leaderClosing{}, nil)
-		})
+		sc.send(false, false, nextID(), int32(l.cfg.ResponseTimeout/time.Millisecond), leaderClosing{}, nil)
 	}
 	timer := time.AfterFunc(l.cfg.DrainTimeout, func() {
 		l.mu.Lock()
@@ -704,7 +666,7 @@ func (l *leader) close() {
 	for len(l.conns) > 0 && !l.expired {
 		l.changed.Wait()
 	}
-	l.stopped = true
+	l.stopped = true // from here on no call starts
 	for l.calls > 0 && !l.expired {
 		l.changed.Wait()
 	}
