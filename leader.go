@@ -15,7 +15,6 @@ import (
 	"os"
 	"runtime/debug"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 )
@@ -58,23 +57,21 @@ type leader struct {
 	realMu sync.Mutex
 
 	mu      sync.Mutex
-	changed sync.Cond                // on mu: broadcast when conns or calls shrink, or the drain expires
+	changed sync.Cond                // on mu: broadcast when conns or calls shrink, or the drain ends
 	conns   map[*serverConn]struct{} // guarded by mu
 	topics  map[string]*topic        // guarded by mu
 	calls   int                      // guarded by mu: calls running, remote and local
 	closing bool                     // guarded by mu
 	stopped bool                     // guarded by mu: the drain is over; no call may start
-	expired bool                     // guarded by mu: Config.DrainTimeout has passed since close began
 }
 
-// topic is one subscription key on the leader. Its fields are guarded by
-// the leader's mu.
+// topic is one subscription key on the leader, to which the real client
+// is subscribed. Its fields are guarded by the leader's mu.
 type topic struct {
 	key    string
 	reg    json.RawMessage
 	latest []byte                   // the last value pushed, nil before the first
 	subs   map[*serverConn]struct{} // the listeners: followers, and nil for the own Client
-	real   bool                     // the real client has been subscribed
 }
 
 // serverConn is one follower connection on the leader.
@@ -92,7 +89,6 @@ type serverConn struct {
 	ended   sync.Cond // on gate: signalled when an invoke ends or the connection closes
 	running int       // guarded by gate: invokes running
 	held    int       // guarded by gate: bytes of their app objects
-	closed  bool      // guarded by gate
 }
 
 func newLeader(name string, cfg *Config, deliver func(key string, data []byte)) *leader {
@@ -162,6 +158,9 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerCh
 	if e == nil {
 		sc.ctx, sc.cancel = context.WithCancel(l.ctx)
 		sc.ended.L = &sc.gate
+		// Taking gate orders the broadcast after the check of sc.ctx
+		// that the reader made before it waits.
+		context.AfterFunc(sc.ctx, func() { sc.gate.Lock(); sc.gate.Unlock(); sc.ended.Broadcast() })
 		sc.w = newSender(nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close)
 		l.conns[sc] = struct{}{}
 		l.wg.Add(1)
@@ -224,10 +223,6 @@ func (l *leader) readLoop(sc *serverConn, br *bufio.Reader, reg *Packet) error {
 func (sc *serverConn) close(err error) {
 	sc.once.Do(func() {
 		sc.cancel()
-		sc.gate.Lock()
-		sc.closed = true
-		sc.gate.Unlock()
-		sc.ended.Broadcast()
 		sc.w.fail(net.ErrClosed)
 		sc.nc.Close()
 		if err != nil && err != io.EOF && !errors.Is(err, net.ErrClosed) && !errors.Is(err, ErrClosed) {
@@ -294,10 +289,10 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	}
 	n := len(p.App)
 	sc.gate.Lock()
-	for !sc.closed && sc.running > 0 && (sc.running >= maxConnInvokes || sc.held+n > l.cfg.MaxQueuedBytes) {
+	for sc.ctx.Err() == nil && sc.running > 0 && (sc.running >= maxConnInvokes || sc.held+n > l.cfg.MaxQueuedBytes) {
 		sc.ended.Wait()
 	}
-	if sc.closed {
+	if sc.ctx.Err() != nil {
 		sc.gate.Unlock()
 		return net.ErrClosed
 	}
@@ -397,17 +392,9 @@ func (l *leader) run(ctx context.Context, limit time.Duration, c invoke, args []
 	return result, ctx.Err() == context.DeadlineExceeded, err
 }
 
-// clipLen bounds a name that a peer sent (method, type, channel) in a log
-// line: a packet may carry megabytes of it.
-const clipLen = 64
-
-// clip cuts s to clipLen bytes for a log line.
-func clip(s string) string {
-	if len(s) <= clipLen {
-		return s
-	}
-	return strings.ToValidUTF8(s[:clipLen], "") + "..."
-}
+// clip cuts a name that a peer sent (method, type, channel) to 64
+// characters for a log line: a packet may carry megabytes of it.
+func clip(s string) string { return fmt.Sprintf("%.64s", s) }
 
 // codeBadArgument is the error code of an invoke refused because an
 // argument is not valid JSON.
@@ -432,20 +419,19 @@ func (l *leader) checkArgs(method string, args []Value) error {
 // encodeResult turns the outcome of an invoke into the app object of an
 // invoke_result.
 func (l *leader) encodeResult(result any, err error) (bool, []byte) {
+	var data []byte
 	if err == nil {
-		data, merr := l.marshal(result)
-		if merr == nil && len(data) > l.cfg.MaxPacketSize-256 {
-			merr = fmt.Errorf("result of %d bytes exceeds Config.MaxPacketSize %d", len(data), l.cfg.MaxPacketSize)
-		}
-		if merr == nil {
-			return true, data
-		}
-		err = fmt.Errorf("clusterclient: encode result: %w", merr)
+		data, err = l.marshal(result)
+	}
+	if err == nil && len(data) > l.cfg.MaxPacketSize-256 {
+		err = fmt.Errorf("clusterclient: result of %d bytes exceeds Config.MaxPacketSize %d", len(data), l.cfg.MaxPacketSize)
+	}
+	if err == nil {
+		return true, data
 	}
 	re := toRemote(err)
-	data, merr := l.marshal(invokeErrorObject{Stack: re.Stack, Name: re.Name, Message: re.Message, Code: codeJSON(re.Code)})
-	if merr != nil {
-		data, _ = JSONCodec{}.Marshal(invokeErrorObject{Name: "Error", Message: merr.Error()})
+	if data, err = l.marshal(invokeErrorObject{Stack: re.Stack, Name: re.Name, Message: re.Message, Code: codeJSON(re.Code)}); err != nil {
+		data, _ = JSONCodec{}.Marshal(invokeErrorObject{Name: "Error", Message: err.Error()})
 	}
 	return false, data
 }
@@ -488,17 +474,17 @@ func (l *leader) invokeLocal(ctx context.Context, method string, args [][]byte, 
 	}
 	defer l.exit()
 	result, late, err := l.run(ctx, l.cfg.ResponseTimeout, c, vals)
-	if err == nil {
-		var data []byte
-		if data, err = l.marshal(result); err == nil {
-			return Value{data: data, codec: l.cfg.Codec}, nil
-		}
-		return Value{}, fmt.Errorf("clusterclient: encode result of %s: %w", method, err)
-	}
 	if late && errors.Is(err, context.DeadlineExceeded) {
 		return Value{}, fmt.Errorf("%w: %s did not return within %v", ErrTimeout, method, l.cfg.ResponseTimeout)
 	}
-	return Value{}, toRemote(err)
+	var data []byte
+	if err == nil {
+		data, err = l.marshal(result)
+	}
+	if err != nil {
+		return Value{}, toRemote(err)
+	}
+	return Value{data: data, codec: l.cfg.Codec}, nil
 }
 
 // publishLocal publishes a registration of the own Client.
@@ -527,7 +513,8 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) []by
 	defer l.realMu.Unlock()
 	l.mu.Lock()
 	t := l.topics[key]
-	if t == nil {
+	created := t == nil
+	if created {
 		t = &topic{key: key, reg: reg, subs: make(map[*serverConn]struct{})}
 		l.topics[key] = t
 	}
@@ -536,10 +523,9 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) []by
 	if sc != nil {
 		sc.keys[key] = struct{}{}
 	}
-	latest, needReal := t.latest, !t.real
-	t.real = true
+	latest := t.latest
 	l.mu.Unlock()
-	if needReal {
+	if created {
 		l.subscribeReal(t)
 	}
 	if !l.cfg.Broadcast || (dup && sc != nil) {
@@ -575,9 +561,7 @@ func (l *leader) pushValue(t *topic, v any) {
 	}
 	l.mu.Lock()
 	targets := slices.Collect(maps.Keys(t.subs))
-	if l.topics[t.key] == t {
-		t.latest = data
-	} else {
+	if t.latest = data; l.topics[t.key] != t {
 		targets = nil // released meanwhile
 	}
 	l.mu.Unlock()
@@ -609,7 +593,7 @@ func (l *leader) unsubscribe(sc *serverConn, key string) {
 		delete(t.subs, sc)
 	}
 	u, ok := l.real.(Unsubscriber)
-	release := ok && t != nil && len(t.subs) == 0 && t.real
+	release := ok && t != nil && len(t.subs) == 0
 	if release {
 		delete(l.topics, key)
 	}
@@ -647,7 +631,7 @@ func (l *leader) close() {
 	conns := slices.Collect(maps.Keys(l.conns))
 	l.mu.Unlock()
 	if closing {
-		return
+		return // closed already
 	}
 	if l.host != nil {
 		l.host.unhost(l)
@@ -655,19 +639,17 @@ func (l *leader) close() {
 	for _, sc := range conns {
 		sc.send(false, false, nextID(), int32(l.cfg.ResponseTimeout/time.Millisecond), leaderClosing{}, nil)
 	}
-	timer := time.AfterFunc(l.cfg.DrainTimeout, func() {
-		l.mu.Lock()
-		l.expired = true
-		l.mu.Unlock()
-		l.changed.Broadcast()
-	})
-	defer timer.Stop()
+	drain, stop := context.WithTimeout(context.Background(), l.cfg.DrainTimeout)
+	defer stop()
+	// Taking mu orders the broadcast after the check of drain.Err
+	// that a waiter made before it waits.
+	context.AfterFunc(drain, func() { l.mu.Lock(); l.mu.Unlock(); l.changed.Broadcast() })
 	l.mu.Lock()
-	for len(l.conns) > 0 && !l.expired {
+	for len(l.conns) > 0 && drain.Err() == nil {
 		l.changed.Wait()
 	}
 	l.stopped = true // from here on no call starts
-	for l.calls > 0 && !l.expired {
+	for l.calls > 0 && drain.Err() == nil {
 		l.changed.Wait()
 	}
 	conns = slices.Collect(maps.Keys(l.conns))
