@@ -269,14 +269,19 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 		ok, _ := l.marshal(registerResult{Success: true})
 		sc.send(true, true, p.ID, p.Timeout, registerChannelRes{}, ok)
 	default:
-		// Logged once per connection: a peer cannot flood the log.
-		if !sc.oddType {
-			sc.oddType = true
-			l.cfg.Logger.Warn("clusterclient: ignoring requests of unknown type on this connection",
-				"channel", l.name, "remote", sc.nc.RemoteAddr(), "type", clip(typ))
-		}
+		sc.ignore(typ)
 	}
 	return nil
+}
+
+// ignore logs a request of unknown type, once per connection: a peer
+// cannot flood the log.
+func (sc *serverConn) ignore(typ string) {
+	if !sc.oddType {
+		sc.oddType = true
+		sc.l.cfg.Logger.Warn("clusterclient: ignoring requests of unknown type on this connection",
+			"channel", sc.l.name, "remote", sc.nc.RemoteAddr(), "type", clip(typ))
+	}
 }
 
 // invoke starts an invoke from a follower on a goroutine of its own, once
@@ -620,6 +625,25 @@ func (l *leader) dropConn(sc *serverConn) {
 	}
 }
 
+// drain waits until the followers have left, then stops taking calls and
+// waits until those in flight have ended, all within Config.DrainTimeout.
+func (l *leader) drain() {
+	ctx, stop := context.WithTimeout(context.Background(), l.cfg.DrainTimeout)
+	defer stop()
+	// Taking mu orders the broadcast after the check of ctx.Err that a
+	// waiter made before it waits.
+	context.AfterFunc(ctx, func() { l.mu.Lock(); l.mu.Unlock(); l.changed.Broadcast() })
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for len(l.conns) > 0 && ctx.Err() == nil {
+		l.changed.Wait()
+	}
+	l.stopped = true // from here on no call starts
+	for l.calls > 0 && ctx.Err() == nil {
+		l.changed.Wait()
+	}
+}
+
 // close stops the leader on purpose: it frees the port (if no other
 // channel of this process uses it), tells every follower that it is
 // closing, lets Go followers leave and calls in flight finish, bounded by
@@ -639,19 +663,8 @@ func (l *leader) close() {
 	for _, sc := range conns {
 		sc.send(false, false, nextID(), int32(l.cfg.ResponseTimeout/time.Millisecond), leaderClosing{}, nil)
 	}
-	drain, stop := context.WithTimeout(context.Background(), l.cfg.DrainTimeout)
-	defer stop()
-	// Taking mu orders the broadcast after the check of drain.Err
-	// that a waiter made before it waits.
-	context.AfterFunc(drain, func() { l.mu.Lock(); l.mu.Unlock(); l.changed.Broadcast() })
+	l.drain()
 	l.mu.Lock()
-	for len(l.conns) > 0 && drain.Err() == nil {
-		l.changed.Wait()
-	}
-	l.stopped = true // from here on no call starts
-	for l.calls > 0 && drain.Err() == nil {
-		l.changed.Wait()
-	}
 	conns = slices.Collect(maps.Keys(l.conns))
 	l.mu.Unlock()
 	for _, sc := range conns {
