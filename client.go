@@ -460,14 +460,8 @@ func (c *Client) InvokeOneway(ctx context.Context, method string, args ...any) e
 			return err
 		}
 		if l != nil {
-			if !l.enter() {
-				return ErrClosed
-			}
-			go func() {
-				defer l.inflight.Done()
-				l.invokeLocal(l.ctx, method, raw, true)
-			}()
-			return nil
+			_, err := l.invokeLocal(ctx, method, raw, true)
+			return err
 		}
 		err = f.oneway(func(b []byte) ([]byte, error) {
 			return c.appendInvoke(b, nextID(), c.timeoutMS(), method, true, raw)

@@ -13,14 +13,14 @@ import (
 func claim(c *Client) (*leader, error) {
 	cfg := &c.cfg
 	if cfg.SingleMode {
-		l := newLeader(c.name, cfg, c)
+		l := newLeader(c.name, cfg, c.deliver)
 		l.start(c.build)
 		return l, nil
 	}
 	if cfg.Role == RoleFollower {
 		return nil, nil
 	}
-	l := newLeader(c.name, cfg, c)
+	l := newLeader(c.name, cfg, c.deliver)
 	hosts.mu.Lock()
 	ok, err := hostChannel(cfg, l)
 	hosts.mu.Unlock()

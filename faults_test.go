@@ -438,7 +438,11 @@ func topicConns(c *Client, reg msg) int {
 	if t == nil {
 		return 0
 	}
-	return len(t.conns)
+	n := len(t.subs)
+	if _, local := t.subs[nil]; local {
+		n--
+	}
+	return n
 }
 
 // TestFaultFollowerStopsReading stops a follower process with SIGSTOP
@@ -501,4 +505,180 @@ func TestFaultFollowerStopsReading(t *testing.T) {
 		t.Fatal("no service after reconnecting")
 	}
 	r.serving() // the other follower kept its connection throughout
+}
+
+// panicReal is a real client whose user code panics: Invoke of "panic",
+// Subscribe of any key, and the encoding of a boom value by panicCodec.
+type panicReal struct{ *testReal }
+
+// boom is a result that panicCodec cannot encode.
+type boom struct{}
+
+func (p panicReal) Invoke(ctx context.Context, method string, args []Value) (any, error) {
+	switch method {
+	case "panic":
+		panic("boom on purpose")
+	case "badResult":
+		return boom{}, nil
+	}
+	return p.testReal.Invoke(ctx, method, args)
+}
+
+func (panicReal) Subscribe(json.RawMessage, func(any)) error { panic("subscribe boom") }
+
+// panicCodec is JSONCodec, but panics on encoding a boom.
+type panicCodec struct{ JSONCodec }
+
+func (c panicCodec) Marshal(v any) ([]byte, error) {
+	if _, ok := v.(boom); ok {
+		panic("marshal boom")
+	}
+	return c.JSONCodec.Marshal(v)
+}
+
+// startPanicLeader starts a leader in this process whose user code
+// panics (see panicReal), and a follower of it over loopback TCP.
+func startPanicLeader(t *testing.T, build BuildFunc) (lead, fol *Client, logs *logCapture) {
+	t.Helper()
+	logs = newLogCapture()
+	cfg := testConfig(t, freePort(t))
+	cfg.Role = RoleLeader
+	cfg.Logger = slog.New(logs)
+	cfg.Codec = panicCodec{}
+	var err error
+	if lead, err = New("panics", cfg, build); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lead.Close() })
+	mustReady(t, lead)
+	fcfg := testConfig(t, cfg.Port)
+	fcfg.Role = RoleFollower
+	fol = newClient(t, "panics", fcfg, newTestReal())
+	mustReady(t, fol)
+	return lead, fol, logs
+}
+
+// TestFaultPanicInRealClient: a panic in the real client's Invoke, or in
+// the codec encoding its result, reaches the caller as a RemoteError with
+// code ERR_CLUSTER_PANIC, over TCP and on the leader itself; the stack
+// goes to the leader's log, and the next calls succeed.
+func TestFaultPanicInRealClient(t *testing.T) {
+	lead, fol, logs := startPanicLeader(t, func(context.Context) (RealClient, error) {
+		return panicReal{newTestReal()}, nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, c := range []struct {
+		who    string
+		client *Client
+		method string
+		value  string
+	}{
+		{"follower", fol, "panic", "boom on purpose"},
+		{"leader", lead, "panic", "boom on purpose"},
+		{"follower", fol, "badResult", "marshal boom"},
+		{"leader", lead, "badResult", "marshal boom"},
+	} {
+		_, err := c.client.Invoke(ctx, c.method, 1)
+		var re *RemoteError
+		if !errors.As(err, &re) || re.Code != codePanic || !strings.Contains(re.Message, c.value) {
+			t.Fatalf("%s: %s: %v (%#v), want a RemoteError with code %s naming %q", c.who, c.method, err, re, codePanic, c.value)
+		}
+		if n, err := Invoke[int](ctx, c.client, "echo", 7); err != nil || n != 7 {
+			t.Fatalf("%s: echo after a panic: %d, %v", c.who, n, err)
+		}
+	}
+	line := logs.wait(t, 5*time.Second, "ERROR", "panicked", "boom on purpose", "stack=")
+	if !strings.Contains(line, "panicReal.Invoke") {
+		t.Errorf("the logged stack does not name the panicking method: %.300s", line)
+	}
+}
+
+// TestFaultPanicInSubscribeAndBuild: a real client whose Subscribe
+// panics, and a BuildFunc that panics, crash nothing: the leader keeps
+// serving, and the build's panic is the client's build error.
+func TestFaultPanicInSubscribeAndBuild(t *testing.T) {
+	lead, fol, logs := startPanicLeader(t, func(context.Context) (RealClient, error) {
+		return panicReal{newTestReal()}, nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, c := range []*Client{fol, lead} {
+		if _, err := c.Subscribe(msg{"k": fmt.Sprint(c.IsLeader())}, func(Value) {}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	logs.wait(t, 5*time.Second, "ERROR", "Subscriber.Subscribe panicked", "subscribe boom")
+	for _, c := range []*Client{fol, lead} {
+		if n, err := Invoke[int](ctx, c, "echo", 3); err != nil || n != 3 {
+			t.Fatalf("echo after a panicking Subscribe: %d, %v", n, err)
+		}
+	}
+
+	cfg := testConfig(t, freePort(t))
+	cfg.Role = RoleLeader
+	blogs := newLogCapture()
+	cfg.Logger = slog.New(blogs)
+	c, err := New("panicbuild", cfg, func(context.Context) (RealClient, error) { panic("build boom") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	err = c.Ready(ctx)
+	var re *RemoteError
+	if !errors.As(err, &re) || re.Code != codePanic || !strings.Contains(re.Message, "build boom") {
+		t.Fatalf("Ready after a panicking BuildFunc: %v, want a RemoteError with code %s", err, codePanic)
+	}
+	blogs.wait(t, 5*time.Second, "ERROR", "BuildFunc panicked", "stack=")
+}
+
+// ctxReal is a real client whose method "wait" tells started, waits for
+// its context to end, then sends why on ended.
+type ctxReal struct{ started, ended chan error }
+
+func (r *ctxReal) Invoke(ctx context.Context, method string, _ []Value) (any, error) {
+	r.started <- nil
+	<-ctx.Done()
+	r.ended <- ctx.Err()
+	return nil, ctx.Err()
+}
+
+// TestFaultConnCloseCancelsInvoke: an invoke's context ends when the
+// follower connection that sent it closes, long before the invoke's own
+// deadline.
+func TestFaultConnCloseCancelsInvoke(t *testing.T) {
+	real := &ctxReal{started: make(chan error, 1), ended: make(chan error, 1)}
+	cfg := testConfig(t, freePort(t))
+	cfg.Role = RoleLeader
+	c, err := New("ctxcancel", cfg, func(context.Context) (RealClient, error) { return real, nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	mustReady(t, c)
+	nc, err := net.Dial("tcp", loopback(cfg.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	registerRaw(t, nc, "ctxcancel", "")
+	b, err := appendPacket(nil, false, 2, 600000, invoke{Method: "wait"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, nc, b)
+	select {
+	case <-real.started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the invoke did not start")
+	}
+	nc.Close()
+	select {
+	case err := <-real.ended:
+		if err != context.Canceled {
+			t.Fatalf("the invoke's context ended with %v, want context.Canceled", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the invoke's context did not end within 10 s of its connection closing")
+	}
 }

@@ -617,7 +617,9 @@ func repeatCalls(c *Client, cmd *childCmd) msg {
 	var mu sync.Mutex
 	outcomes, messages := map[string]int{}, map[string]string{}
 	for range max(cmd.Workers, 1) {
-		wg.Go(func() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
 			for next.Add(1) <= int64(cmd.N) {
 				ctx, cancel := cmd.ctx()
 				_, err := c.Invoke(ctx, cmd.Method, cmd.args()...)
@@ -634,7 +636,7 @@ func repeatCalls(c *Client, cmd *childCmd) msg {
 				messages[o] = text
 				mu.Unlock()
 			}
-		})
+		}()
 	}
 	wg.Wait()
 	return msg{"outcomes": outcomes, "messages": messages}
