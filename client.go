@@ -241,13 +241,9 @@ func (c *Client) run(l *leader) {
 	failures := 0 // failed attempts since the last connection
 	// ctx ends when the client closes.
 	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	go func() {
-		select {
-		case <-c.done:
-			cancel()
-		case <-ctx.Done():
-		}
+		<-c.done
+		cancel()
 	}()
 	for {
 		if l == nil {

@@ -1,6 +1,7 @@
 package clusterclient
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -27,18 +28,18 @@ func nextID() uint64 { return lastID.Add(1) }
 // under mu; the goroutine that finds no write under way becomes the
 // writer and writes everything queued, releasing mu around each write, so
 // the packets that others queue meanwhile go out together in the next
-// write.
+// write. Two buffers take turns: one is written while the other takes
+// new packets.
 type sender struct {
 	nc       net.Conn
 	maxQueue int           // bound on len(buf), Config.MaxQueuedBytes
 	timeout  time.Duration // a write that takes longer fails
-	onFail   func(error)   // called once, outside mu, when a write fails or the queue overflows
+	onFail   func(error)   // run once, on its own goroutine, when a write fails or the queue overflows
 
-	mu      sync.Mutex
-	buf     []byte // guarded by mu: encoded packets not yet written
-	spare   []byte // guarded by mu: the other buffer, empty
-	writing bool   // guarded by mu: a goroutine is writing
-	err     error  // guarded by mu: why the connection takes no more packets
+	mu         sync.Mutex
+	buf, spare []byte // guarded by mu: encoded packets not yet written; the other buffer, empty
+	writing    bool   // guarded by mu: a goroutine is writing
+	err        error  // guarded by mu: why the connection takes no more packets
 }
 
 func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(error)) *sender {
@@ -50,75 +51,55 @@ func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(err
 // does, so that the caller never waits on the socket.
 func (s *sender) send(inline bool, encode func(b []byte) ([]byte, error)) error {
 	s.mu.Lock()
-	if s.err != nil {
-		defer s.mu.Unlock()
-		return s.err
+	b, err := s.buf, s.err
+	if err == nil {
+		b, err = encode(s.buf)
 	}
-	n := len(s.buf)
-	b, err := encode(s.buf)
-	if err == nil && len(b) > s.maxQueue && n > 0 {
+	if err == nil && len(b) > s.maxQueue && len(s.buf) > 0 {
 		s.err, err = errQueueFull, errQueueFull
-		defer s.onFail(err) // runs after the unlock below
+		go s.onFail(err)
 	}
-	if err != nil {
-		s.buf = b[:n]
-		s.mu.Unlock()
-		return err
+	start := err == nil && !s.writing
+	if err == nil {
+		s.buf, s.writing = b, true
 	}
-	s.buf = b
-	start := !s.writing
-	s.writing = true
 	s.mu.Unlock()
-	switch {
-	case !start:
-		return nil
-	case !inline:
+	if start && !inline {
 		go s.write()
-		return nil
+	} else if start {
+		return s.write()
 	}
-	return s.write()
+	return err
 }
 
-// write writes until the queue is empty; called by the one goroutine that
+// write writes until the queue is empty; run by the one goroutine that
 // set writing.
 func (s *sender) write() error {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	for len(s.buf) > 0 && s.err == nil {
 		b := s.buf
-		s.buf = s.spare[:0]
+		s.buf, s.spare = s.spare[:0], nil
 		s.mu.Unlock()
 		s.nc.SetWriteDeadline(time.Now().Add(s.timeout))
 		_, err := s.nc.Write(b)
 		s.mu.Lock()
-		s.spare = b[:0]
-		if cap(b) > keepBuffer {
-			s.spare = nil
+		if cap(b) <= keepBuffer {
+			s.spare = b[:0]
 		}
 		if err != nil && s.err == nil {
-			if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
-				err = fmt.Errorf("peer is not reading: a write made no progress within %v: %w", s.timeout, err)
-			}
-			s.err = fmt.Errorf("clusterclient: write to %s: %w", s.nc.RemoteAddr(), err)
-			s.writing, s.buf = false, nil
-			err = s.err
-			s.mu.Unlock()
-			s.onFail(err)
-			return err
+			s.err = fmt.Errorf("clusterclient: write to %s failed or made no progress within %v: %w", s.nc.RemoteAddr(), s.timeout, err)
+			go s.onFail(s.err)
 		}
 	}
 	s.writing = false
-	if cap(s.buf) > keepBuffer {
-		s.buf = nil
-	}
-	s.mu.Unlock()
-	return nil
+	return s.err
 }
 
-// fail stops the sender: later sends return err.
+// fail stops the sender: later sends return err, or the error that
+// stopped it first.
 func (s *sender) fail(err error) {
 	s.mu.Lock()
-	if s.err == nil {
-		s.err = err
-	}
+	s.err = cmp.Or(s.err, err)
 	s.mu.Unlock()
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -28,25 +29,21 @@ const followerReadBuffer = 64 << 10
 // reader goroutine reads the connection for its whole life: it hands each
 // answer to its pending call, and each pushed value to the client at
 // once. A call is registered in pending before it is written, and fails
-// at once when the reader stops.
+// at once when the reader stops. Callers never read the socket.
 type follower struct {
-	name    string
-	cfg     *Config
-	nc      net.Conn
-	w       *sender
-	r       *Reader
-	deliver func(key string, data []byte) // called by the reader for each pushed value
-	dead    chan struct{}                 // closed when the reader has stopped
-	closing chan struct{}                 // closed when the leader sent leader_closing
-
-	lastRecv atomic.Int64 // unix nanoseconds when the last packet arrived
-	hbSent   int64        // touched only by beat: when the last heartbeat went out
+	name     string
+	cfg      *Config
+	nc       net.Conn
+	w        *sender
+	deliver  func(key string, data []byte) // called by the reader for each pushed value
+	dead     chan struct{}                 // closed when the reader has stopped
+	closing  chan struct{}                 // closed when the leader sent leader_closing
+	lastRecv atomic.Int64                  // unix nanoseconds when the last packet arrived
 
 	mu       sync.Mutex
 	pending  map[uint64]chan answer // guarded by mu: calls waiting for their answer, by request id
 	err      error                  // guarded by mu: why the connection ended; nil while it serves
 	draining bool                   // guarded by mu: the leader is closing; no new calls
-	hb       *time.Timer            // guarded by mu: the heartbeat tick, re-armed by beat while err is nil
 }
 
 // answer is the outcome of a call: its response, or why it has none.
@@ -59,16 +56,15 @@ type answer struct {
 // name. The leader answers only once its real client is ready. ctx ends
 // when the client closes, which closes the connection.
 func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key string, data []byte)) (*follower, error) {
-	d := net.Dialer{Timeout: cfg.ResponseTimeout}
-	nc, err := d.DialContext(ctx, "tcp", loopback(cfg.Port))
+	nc, err := (&net.Dialer{Timeout: cfg.ResponseTimeout}).DialContext(ctx, "tcp", loopback(cfg.Port))
 	if err != nil {
 		return nil, err
 	}
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	f := &follower{name: name, cfg: cfg, nc: nc, deliver: deliver, dead: make(chan struct{}),
 		closing: make(chan struct{}), pending: make(map[uint64]chan answer)}
-	f.w = newSender(nc, cfg.MaxQueuedBytes, cfg.ResponseTimeout, f.fail)
-	f.r = NewReader(bufio.NewReaderSize(nc, followerReadBuffer), cfg.MaxPacketSize)
+	f.w = newSender(nc, cfg.MaxQueuedBytes, cfg.ResponseTimeout, func(err error) { f.fail(err) })
+	r := NewReader(bufio.NewReaderSize(nc, followerReadBuffer), cfg.MaxPacketSize)
 	id, timeout := nextID(), int32(cfg.ResponseTimeout/time.Millisecond)
 	err = f.w.send(true, func(b []byte) ([]byte, error) {
 		return appendPacket(b, false, id, timeout, registerChannel{ChannelName: name, Secret: cfg.Secret}, nil)
@@ -78,21 +74,17 @@ func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key 
 		// then try again: a leader still building its real client
 		// answers a later attempt.
 		nc.SetReadDeadline(time.Now().Add(cfg.ResponseTimeout))
-		err = f.readRegistered(id)
+		err = f.readRegistered(r, id)
 	}
-	if !stop() && err == nil {
-		err = ErrClosed
-	}
+	stop() // should ctx have ended, the client closes f at once
 	if err != nil {
 		nc.Close()
 		return nil, err
 	}
 	nc.SetReadDeadline(time.Time{})
 	f.lastRecv.Store(time.Now().UnixNano())
-	f.mu.Lock()
-	f.hb = time.AfterFunc(cfg.HeartbeatInterval, f.beat)
-	f.mu.Unlock()
-	go f.readLoop()
+	go f.readLoop(r)
+	go f.heartbeat()
 	return f, nil
 }
 
@@ -110,12 +102,11 @@ func (e *errNotLeader) Error() string {
 func (e *errNotLeader) Unwrap() error { return e.err }
 
 // readRegistered reads the answer to register_channel.
-func (f *follower) readRegistered(id uint64) error {
+func (f *follower) readRegistered(r *Reader, id uint64) error {
 	addr := loopback(f.cfg.Port)
 	var p Packet
-	if err := f.r.ReadPacket(&p); err != nil {
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() {
+	if err := r.ReadPacket(&p); err != nil {
+		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
 			return fmt.Errorf("%w: %s accepted the connection but did not answer register_channel within %v: "+
 				"the leader is stopped or overloaded, its real client is still being built, or it is not a cluster-client leader",
 				ErrTimeout, addr, f.cfg.ResponseTimeout)
@@ -136,12 +127,10 @@ func (f *follower) readRegistered(id uint64) error {
 	if err := f.cfg.Codec.Unmarshal(p.App, &res); err != nil {
 		return &errNotLeader{addr, fmt.Errorf("register_channel_res app object: %w", err)}
 	}
-	if !res.Success {
-		re := &RemoteError{Name: "Error", Message: "register refused"}
-		if e := res.Error; e != nil {
-			re = &RemoteError{Name: e.Name, Message: e.Message, Code: codeText(e.Code), Stack: e.Stack}
-		}
-		return re
+	if e := res.Error; !res.Success && e != nil {
+		return &RemoteError{Name: e.Name, Message: e.Message, Code: codeText(e.Code), Stack: e.Stack}
+	} else if !res.Success {
+		return &RemoteError{Name: "Error", Message: "register refused"}
 	}
 	return nil
 }
@@ -149,29 +138,22 @@ func (f *follower) readRegistered(id uint64) error {
 // isProtocolError reports a packet that breaks the protocol, as opposed
 // to a connection that ended.
 func isProtocolError(err error) bool {
-	for _, e := range []error{ErrBadVersion, ErrBadType, ErrNegativeLength, ErrPacketTooLarge, ErrBadConn, ErrArgCount, ErrArgOverrun} {
-		if errors.Is(err, e) {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc([]error{ErrBadVersion, ErrBadType, ErrNegativeLength, ErrPacketTooLarge, ErrBadConn, ErrArgCount, ErrArgOverrun},
+		func(e error) bool { return errors.Is(err, e) })
 }
 
 // readLoop reads packets until the connection ends, then fails the
-// pending calls.
-func (f *follower) readLoop() {
+// pending calls. It is the only reader of r.
+func (f *follower) readLoop(r *Reader) {
 	defer close(f.dead)
-	for {
+	var err error
+	for err == nil {
 		var p Packet
-		err := f.r.ReadPacket(&p)
-		if err == nil {
+		if err = r.ReadPacket(&p); err == nil {
 			err = f.handle(&p)
 		}
-		if err != nil {
-			f.fail(err)
-			return
-		}
 	}
+	f.fail(err)
 }
 
 // handle handles one packet from the leader: an answer goes to its
@@ -180,16 +162,8 @@ func (f *follower) readLoop() {
 func (f *follower) handle(p *Packet) error {
 	f.lastRecv.Store(time.Now().UnixNano())
 	if p.Response {
-		f.mu.Lock()
-		ch := f.pending[p.ID]
-		delete(f.pending, p.ID)
-		leave := f.draining && len(f.pending) == 0
-		f.mu.Unlock()
-		if ch != nil {
+		if ch := f.take(p.ID); ch != nil {
 			ch <- answer{p: *p}
-		}
-		if leave {
-			return errDraining
 		}
 		return nil
 	}
@@ -201,188 +175,152 @@ func (f *follower) handle(p *Packet) error {
 	case subscribeResult:
 		// The reference follower writes timeout 0 here: its decoded
 		// request has no timeout to repeat.
-		id := p.ID
 		f.w.send(false, func(b []byte) ([]byte, error) {
-			return appendPacket(b, true, id, 0, subscribeResultRes{}, nil)
+			return appendPacket(b, true, p.ID, 0, subscribeResultRes{}, nil)
 		})
 		f.deliver(c.Key, p.App)
 	case leaderClosing:
 		f.mu.Lock()
 		if !f.draining {
-			f.draining = true
 			close(f.closing)
 		}
-		leave := len(f.pending) == 0
+		f.draining = true
 		f.mu.Unlock()
-		if leave {
-			return errDraining
-		}
+		f.take(0) // no call has id 0: this only closes the connection if no call is pending
 	}
 	return nil
 }
 
-// fail ends the connection: every pending call fails with an error
-// wrapping ErrLeaderLost, or with ErrClosed when the client closed it.
-func (f *follower) fail(cause error) {
+// take removes the pending call id and returns its channel, nil if it
+// was not pending. Once the leader is closing and no call is pending, the
+// connection closes.
+func (f *follower) take(id uint64) chan answer {
 	f.mu.Lock()
-	if f.err != nil {
-		f.mu.Unlock()
-		return
-	}
-	err := ErrClosed
-	if cause != ErrClosed {
-		err = fmt.Errorf("%w: %v", ErrLeaderLost, cause)
-	}
-	f.err = err
-	pending, hb := f.pending, f.hb
-	f.pending = nil
+	ch := f.pending[id]
+	delete(f.pending, id)
+	leave := f.draining && f.err == nil && len(f.pending) == 0
 	f.mu.Unlock()
-	if hb != nil {
-		hb.Stop() // beat re-arms it no more: err is set
+	if leave {
+		f.fail(errDraining)
 	}
+	return ch
+}
+
+// fail ends the connection: every pending call fails with an error
+// wrapping ErrLeaderLost, or with ErrClosed when the client closed it. It
+// returns the error of the first failure.
+func (f *follower) fail(cause error) error {
+	f.mu.Lock()
+	err, pending := f.err, f.pending
+	if err == nil {
+		err = ErrClosed
+		if cause != ErrClosed {
+			err = fmt.Errorf("%w: %v", ErrLeaderLost, cause)
+		}
+		f.err, f.pending = err, nil
+	}
+	f.mu.Unlock()
 	f.w.fail(err)
 	f.nc.Close()
 	for _, ch := range pending {
 		ch <- answer{err: err}
 	}
-}
-
-// forget drops a pending call that gave up waiting. It reports false if
-// the call was no longer pending: its answer is on the way.
-func (f *follower) forget(id uint64) bool {
-	f.mu.Lock()
-	_, ok := f.pending[id]
-	delete(f.pending, id)
-	leave := ok && f.draining && len(f.pending) == 0
-	f.mu.Unlock()
-	if leave {
-		f.fail(errDraining)
-	}
-	return ok
+	return err
 }
 
 // request sends a request built by encode and waits for its answer,
 // bounded by Config.ResponseTimeout and ctx.
 func (f *follower) request(ctx context.Context, what string, encode func(b []byte, id uint64, timeout int32) ([]byte, error)) (Packet, error) {
 	timeout := f.cfg.ResponseTimeout
-	dl, byCtx := ctx.Deadline()
-	if byCtx = byCtx && time.Until(dl) < timeout; byCtx {
-		if timeout = time.Until(dl); timeout <= 0 {
+	if dl, ok := ctx.Deadline(); ok {
+		if timeout = min(timeout, time.Until(dl)); timeout <= 0 {
 			return Packet{}, context.DeadlineExceeded
 		}
 	}
 	id, ms := nextID(), max(int32(timeout/time.Millisecond), 1)
 	ch := make(chan answer, 1)
-	f.mu.Lock()
-	err := f.usable()
-	if err == nil {
-		f.pending[id] = ch
-	}
-	f.mu.Unlock()
+	err := f.send(id, ch, func(b []byte) ([]byte, error) { return encode(b, id, ms) })
 	if err != nil {
 		return Packet{}, err
-	}
-	if err := f.w.send(true, func(b []byte) ([]byte, error) { return encode(b, id, ms) }); err != nil {
-		f.forget(id)
-		return Packet{}, f.sendError(err)
-	}
-	var expired <-chan time.Time
-	if !byCtx {
-		t := time.NewTimer(timeout)
-		defer t.Stop()
-		expired = t.C
 	}
 	select {
 	case a := <-ch:
 		return a.p, a.err
-	case <-expired:
+	case <-time.After(timeout): // collected once the call returns
+		err = fmt.Errorf("%w: %s: no answer from the leader on port %d within %v", ErrTimeout, what, f.cfg.Port, timeout)
 	case <-ctx.Done():
 		err = ctx.Err()
 	}
-	if !f.forget(id) {
+	if f.take(id) == nil {
 		a := <-ch // answered meanwhile
 		return a.p, a.err
-	}
-	if err == nil || err == context.DeadlineExceeded {
-		err = fmt.Errorf("%w: %s: no answer from the leader on port %d within %v", ErrTimeout, what, f.cfg.Port, timeout)
 	}
 	return Packet{}, err
 }
 
 // oneway sends a request that gets no response.
 func (f *follower) oneway(encode func(b []byte) ([]byte, error)) error {
+	return f.send(0, nil, encode)
+}
+
+// send writes a request, registered first as pending under id if ch is
+// not nil. errDraining and errGone say that it was not sent, and waits for
+// the next leader. A write that failed fails the connection: the request
+// may have reached the leader.
+func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte, error)) error {
 	f.mu.Lock()
-	err := f.usable()
+	err := errGone
+	switch {
+	case f.draining:
+		err = errDraining
+	case f.err == nil && ch != nil:
+		f.pending[id] = ch
+		fallthrough
+	case f.err == nil:
+		err = nil
+	}
 	f.mu.Unlock()
 	if err != nil {
 		return err
 	}
-	if err := f.w.send(true, encode); err != nil {
-		return f.sendError(err)
-	}
-	return nil
-}
-
-// usable says why no new request may go out: errDraining or errGone, on
-// which the call waits for the next leader. Called with mu held.
-func (f *follower) usable() error {
-	if f.draining {
-		return errDraining
-	}
-	if f.err != nil {
-		return errGone
-	}
-	return nil
-}
-
-// sendError tells a refusal of the packet itself from a broken
-// connection, which fails the call with ErrLeaderLost: the packet may
-// have reached the leader.
-func (f *follower) sendError(err error) error {
-	if errors.Is(err, ErrPacketTooLarge) {
+	if err = f.w.send(true, encode); errors.Is(err, ErrPacketTooLarge) {
+		f.take(id) // the packet was refused: nothing was written
 		return err
+	} else if err != nil {
+		return f.fail(err)
 	}
-	f.fail(err)
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.draining {
-		return errDraining
-	}
-	return f.err
+	return nil
 }
 
-// beat runs every heartbeat interval. A follower that has heard nothing
-// from its leader for an interval sends a heartbeat; if nothing at all
-// arrives by the next tick, the leader is taken for dead.
-func (f *follower) beat() {
-	f.mu.Lock()
-	dead := f.err != nil
-	f.mu.Unlock()
-	if dead {
-		return
-	}
-	now, last := time.Now().UnixNano(), f.lastRecv.Load()
-	interval := f.cfg.HeartbeatInterval
-	switch {
-	case f.hbSent != 0 && last < f.hbSent:
-		if !f.cfg.DisableHeartbeatCheck {
+// heartbeat runs until the reader stops. Every interval, a follower that
+// has heard nothing from its leader for about an interval sends a
+// heartbeat; if nothing at all arrives by the next tick, it leaves the
+// leader.
+func (f *follower) heartbeat() {
+	t := time.NewTicker(f.cfg.HeartbeatInterval)
+	defer t.Stop()
+	var sent int64 // unix nanoseconds when the last heartbeat went out
+	for {
+		select {
+		case <-f.dead:
+			return
+		case <-t.C:
+		}
+		now, last := time.Now().UnixNano(), f.lastRecv.Load()
+		switch {
+		case sent != 0 && last < sent && !f.cfg.DisableHeartbeatCheck:
 			f.cfg.Logger.Warn("clusterclient: leader did not answer a heartbeat; leaving it",
 				"channel", f.name, "port", f.cfg.Port, "silent", time.Duration(now-last))
-			f.fail(fmt.Errorf("leader on port %d silent for %v after a heartbeat", f.cfg.Port, time.Duration(now-f.hbSent)))
+			f.fail(fmt.Errorf("leader on port %d silent for %v after a heartbeat", f.cfg.Port, time.Duration(now-sent)))
 			return
+		case time.Duration(now-last) >= f.cfg.HeartbeatInterval*9/10:
+			id, timeout := nextID(), int32(f.cfg.ResponseTimeout/time.Millisecond)
+			f.w.send(true, func(b []byte) ([]byte, error) {
+				return appendPacket(b, false, id, timeout, heartbeat{}, nil)
+			})
+			sent = now
 		}
-	case time.Duration(now-last) >= interval*9/10:
-		id, timeout := nextID(), int32(f.cfg.ResponseTimeout/time.Millisecond)
-		f.w.send(false, func(b []byte) ([]byte, error) {
-			return appendPacket(b, false, id, timeout, heartbeat{}, nil)
-		})
-		f.hbSent = now
 	}
-	f.mu.Lock()
-	if f.err == nil {
-		f.hb.Reset(interval)
-	}
-	f.mu.Unlock()
 }
 
 // close ends the connection on purpose.

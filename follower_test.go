@@ -315,20 +315,11 @@ func TestFollowerPushAndClosing(t *testing.T) {
 	out, req := r.invoke(context.Background())
 	r.push(1001, `"while reading"`)
 	r.fc.mustWrite(false, 1002, leaderClosing{}, nil)
-	// The drain unroutes the connection: wait for that, the call still
-	// in flight.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		r.f.mu.Lock()
-		draining := r.f.draining
-		r.f.mu.Unlock()
-		if draining {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("leader_closing did not start the drain")
-		}
-		time.Sleep(time.Millisecond)
+	// The drain starts, the call still in flight.
+	select {
+	case <-r.f.closing:
+	case <-time.After(10 * time.Second):
+		t.Fatal("leader_closing did not start the drain")
 	}
 	select {
 	case o := <-out:
