@@ -51,10 +51,8 @@ func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(err
 // does, so that the caller never waits on the socket.
 func (s *sender) send(inline bool, encode func(b []byte) ([]byte, error)) error {
 	s.mu.Lock()
-	b, err := s.buf, s.err
-	if err == nil {
-		b, err = encode(s.buf)
-	}
+	b, err := encode(s.buf)
+	err = cmp.Or(s.err, err) // a stopped sender drops the packet
 	if err == nil && len(b) > s.maxQueue && len(s.buf) > 0 {
 		s.err, err = errQueueFull, errQueueFull
 		go s.onFail(err)
@@ -73,8 +71,8 @@ func (s *sender) send(inline bool, encode func(b []byte) ([]byte, error)) error 
 }
 
 // write writes until the queue is empty; run by the one goroutine that
-// set writing.
-func (s *sender) write() error {
+// set writing. It returns the error of a write that failed here.
+func (s *sender) write() (failed error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for len(s.buf) > 0 && s.err == nil {
@@ -89,11 +87,12 @@ func (s *sender) write() error {
 		}
 		if err != nil && s.err == nil {
 			s.err = fmt.Errorf("clusterclient: write to %s failed or made no progress within %v: %w", s.nc.RemoteAddr(), s.timeout, err)
-			go s.onFail(s.err)
+			failed = s.err
+			go s.onFail(failed)
 		}
 	}
 	s.writing = false
-	return s.err
+	return failed
 }
 
 // fail stops the sender: later sends return err, or the error that
