@@ -185,8 +185,11 @@ func (f *follower) handle(p *Packet) error {
 			close(f.closing)
 		}
 		f.draining = true
+		leave := len(f.pending) == 0
 		f.mu.Unlock()
-		f.take(0) // no call has id 0: this only closes the connection if no call is pending
+		if leave {
+			return errDraining
+		}
 	}
 	return nil
 }
@@ -270,26 +273,25 @@ func (f *follower) oneway(encode func(b []byte) ([]byte, error)) error {
 func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte, error)) error {
 	f.mu.Lock()
 	err := errGone
-	switch {
-	case f.draining:
+	if f.draining {
 		err = errDraining
-	case f.err == nil && ch != nil:
-		f.pending[id] = ch
-		fallthrough
-	case f.err == nil:
+	} else if f.err == nil {
 		err = nil
+		if ch != nil {
+			f.pending[id] = ch
+		}
 	}
 	f.mu.Unlock()
 	if err != nil {
 		return err
 	}
-	if err = f.w.send(true, encode); errors.Is(err, ErrPacketTooLarge) {
-		f.take(id) // the packet was refused: nothing was written
-		return err
-	} else if err != nil {
-		return f.fail(err)
+	switch err = f.w.send(true, encode); {
+	case errors.Is(err, ErrPacketTooLarge):
+		f.take(id) // refused before anything was written
+	case err != nil:
+		err = f.fail(err)
 	}
-	return nil
+	return err
 }
 
 // heartbeat runs until the reader stops. Every interval, a follower that
@@ -314,9 +316,8 @@ func (f *follower) heartbeat() {
 			f.fail(fmt.Errorf("leader on port %d silent for %v after a heartbeat", f.cfg.Port, time.Duration(now-sent)))
 			return
 		case time.Duration(now-last) >= f.cfg.HeartbeatInterval*9/10:
-			id, timeout := nextID(), int32(f.cfg.ResponseTimeout/time.Millisecond)
 			f.w.send(true, func(b []byte) ([]byte, error) {
-				return appendPacket(b, false, id, timeout, heartbeat{}, nil)
+				return appendPacket(b, false, nextID(), int32(f.cfg.ResponseTimeout/time.Millisecond), heartbeat{}, nil)
 			})
 			sent = now
 		}
