@@ -199,7 +199,7 @@ func (c *Client) setRoute(l *leader, f *follower) bool {
 				c.deliver(k.key, latest)
 			}
 		} else {
-			f.oneway(c.subscribePacket(k.key, k.reg, false), false)
+			f.oneway(c.subscribePacket(k.key, k.reg, false))
 		}
 	}
 	for _, reg := range published {
@@ -212,7 +212,7 @@ func (c *Client) setRoute(l *leader, f *follower) bool {
 		} else if arg, err := c.cfg.Codec.Marshal(reg); err == nil {
 			f.oneway(func(b []byte) ([]byte, error) {
 				return c.appendInvoke(b, nextID(), c.timeoutMS(), publishMethod, true, [][]byte{arg})
-			}, false)
+			})
 		}
 	}
 
@@ -232,6 +232,12 @@ func (c *Client) run(l *leader) {
 	deadline := time.Now().Add(c.cfg.MaxWaitTime)
 	var backoff time.Duration
 	failures := 0 // failed attempts since the last connection
+	// ctx ends when the client closes.
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		<-c.done
+		cancel()
+	}()
 	for {
 		if l == nil {
 			var err error
@@ -245,16 +251,9 @@ func (c *Client) run(l *leader) {
 			c.runLeader(l)
 			return
 		}
-		f, err := dialLeader(c)
+		f, err := dialLeader(ctx, c.name, &c.cfg, c.deliver)
 		if err == nil {
-			if !c.setRoute(nil, f) {
-				f.close()
-				return
-			}
-			select {
-			case <-f.dead:
-				c.unroute(f)
-			case <-c.done:
+			if !c.setRoute(nil, f) || !c.follow(f) {
 				f.close()
 				return
 			}
@@ -300,6 +299,25 @@ func (c *Client) run(l *leader) {
 			t.Stop()
 			return
 		}
+	}
+}
+
+// follow waits until f's connection has ended; calls leave f as soon as
+// its leader announces its close. It reports false if the client closed.
+func (c *Client) follow(f *follower) bool {
+	select {
+	case <-f.closing:
+		c.unroute(f)
+	case <-f.dead:
+	case <-c.done:
+		return false
+	}
+	select {
+	case <-f.dead:
+		c.unroute(f)
+		return true
+	case <-c.done:
+		return false
 	}
 }
 
@@ -465,7 +483,7 @@ func (c *Client) InvokeOneway(ctx context.Context, method string, args ...any) e
 		}
 		err = f.oneway(func(b []byte) ([]byte, error) {
 			return c.appendInvoke(b, nextID(), c.timeoutMS(), method, true, raw)
-		}, true)
+		})
 		if !c.retry(f, err) {
 			return err
 		}
@@ -507,7 +525,7 @@ func (c *Client) Publish(ctx context.Context, reg any) error {
 	case f != nil:
 		err = f.oneway(func(b []byte) ([]byte, error) {
 			return c.appendInvoke(b, nextID(), c.timeoutMS(), publishMethod, true, [][]byte{arg})
-		}, true)
+		})
 		if c.retry(f, err) {
 			return nil // the next leader gets it with the rest of the record
 		}
@@ -569,7 +587,7 @@ func (c *Client) Subscribe(reg any, listener func(Value)) (*Subscription, error)
 				c.deliver(key, latest)
 			}
 		} else if f != nil {
-			f.oneway(c.subscribePacket(key, raw, false), false)
+			f.oneway(c.subscribePacket(key, raw, false))
 		}
 	}
 	return s, nil
@@ -634,7 +652,7 @@ func (c *Client) unsubscribe(key string, s *Subscription) {
 	if l != nil {
 		l.unsubscribeLocal(key)
 	} else if f != nil {
-		f.oneway(c.subscribePacket(key, t.reg, true), false)
+		f.oneway(c.subscribePacket(key, t.reg, true))
 	}
 }
 

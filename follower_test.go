@@ -232,25 +232,6 @@ func wait(t *testing.T, out <-chan callOutcome) callOutcome {
 	panic("unreachable")
 }
 
-// waitReading waits until a call holds the reading of f, or, with held
-// false, until none does.
-func waitReading(t *testing.T, f *follower, held bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		f.mu.Lock()
-		got := f.reader != nil
-		f.mu.Unlock()
-		if got == held {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("a call holds the reading: %v, want %v", got, held)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 // push sends a subscribe_result for the rig's key and checks that the
 // subscriber gets it and the follower acknowledges it.
 func (r *followerRig) push(id uint64, val string) {
@@ -280,15 +261,13 @@ func (r *followerRig) works(ctx context.Context, val string) {
 	}
 }
 
-// TestFollowerReaderCancel: a call whose ctx ends while it holds the
-// reading returns at once; the background reader reads again, so a push
-// with no call in flight reaches the subscriber, the late answer is
-// dropped, and the next call works.
-func TestFollowerReaderCancel(t *testing.T) {
+// TestFollowerCancel: a call whose ctx ends while it waits for its answer
+// returns at once; a push with no call in flight reaches the subscriber,
+// the late answer is dropped, and the next call works.
+func TestFollowerCancel(t *testing.T) {
 	r := newFollowerRig(t, func(c *Config) { c.ResponseTimeout = 30 * time.Second })
 	ctx, cancel := context.WithCancel(context.Background())
 	out, req := r.invoke(ctx)
-	waitReading(t, r.f, true)
 	cancel()
 	o := wait(t, out)
 	if !errors.Is(o.err, context.Canceled) {
@@ -297,25 +276,25 @@ func TestFollowerReaderCancel(t *testing.T) {
 	if o.d > 10*time.Second {
 		t.Fatalf("the cancelled call took %v", o.d)
 	}
-	waitReading(t, r.f, false)
 	r.push(1001, `"after cancel"`)
 	r.fc.answer(req, `"late"`)
 	r.works(context.Background(), `"next"`)
 	r.push(1002, `"still"`)
 }
 
-// TestFollowerReaderTimeout: a call whose ResponseTimeout passes while it
-// holds the reading fails with ErrTimeout; its late answer is dropped and
-// the connection serves on.
-func TestFollowerReaderTimeout(t *testing.T) {
-	r := newFollowerRig(t, func(c *Config) { c.ResponseTimeout = time.Second })
+// TestFollowerTimeout: a call whose ResponseTimeout passes fails with
+// ErrTimeout naming the call; its late answer is dropped and the
+// connection serves on.
+func TestFollowerTimeout(t *testing.T) {
+	r := newFollowerRig(t, func(c *Config) { c.ResponseTimeout = 200 * time.Millisecond })
 	out, req := r.invoke(context.Background())
-	waitReading(t, r.f, true)
 	o := wait(t, out)
-	if !errors.Is(o.err, ErrTimeout) {
-		t.Fatalf("call = %s, %v; want ErrTimeout", o.val, o.err)
+	if !errors.Is(o.err, ErrTimeout) || !strings.Contains(o.err.Error(), "echo") || !strings.Contains(o.err.Error(), "200ms") {
+		t.Fatalf("call = %s, %v; want ErrTimeout naming echo and 200ms", o.val, o.err)
 	}
-	waitReading(t, r.f, false)
+	if o.d < 200*time.Millisecond {
+		t.Fatalf("the call timed out after %v, before its timeout", o.d)
+	}
 	r.fc.answer(req, `"late"`)
 	r.push(1001, `"after timeout"`)
 	r.works(context.Background(), `"next"`)
@@ -327,31 +306,20 @@ func TestFollowerReaderTimeout(t *testing.T) {
 	}
 }
 
-// TestFollowerReaderPushAndClosing: a push and a leader_closing notice
-// that arrive while a call holds the reading are handled as the
-// background reader handles them: the listener gets the value, the push
-// is acknowledged, and the drain closes the connection once the call has
-// its answer.
-func TestFollowerReaderPushAndClosing(t *testing.T) {
+// TestFollowerPushAndClosing: a push and a leader_closing notice that
+// arrive while a call waits: the listener gets the value, the push is
+// acknowledged, and the drain closes the connection once the call has its
+// answer.
+func TestFollowerPushAndClosing(t *testing.T) {
 	r := newFollowerRig(t, func(c *Config) { c.ResponseTimeout = 30 * time.Second })
 	out, req := r.invoke(context.Background())
-	waitReading(t, r.f, true)
 	r.push(1001, `"while reading"`)
 	r.fc.mustWrite(false, 1002, leaderClosing{}, nil)
-	// The drain unroutes the connection: wait for that, the call still
-	// in flight.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		r.f.mu.Lock()
-		draining := r.f.draining
-		r.f.mu.Unlock()
-		if draining {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("leader_closing did not start the drain")
-		}
-		time.Sleep(time.Millisecond)
+	// The drain starts, the call still in flight.
+	select {
+	case <-r.f.closing:
+	case <-time.After(10 * time.Second):
+		t.Fatal("leader_closing did not start the drain")
 	}
 	select {
 	case o := <-out:
@@ -377,34 +345,29 @@ func TestFollowerReaderPushAndClosing(t *testing.T) {
 	}
 }
 
-// TestFollowerReaderLargeAnswer: an answer larger than the read buffer
-// that arrives while the call holds the reading reaches the call intact,
-// read by the background reader.
-func TestFollowerReaderLargeAnswer(t *testing.T) {
+// TestFollowerLargeAnswer: an answer larger than the read buffer reaches
+// the call intact.
+func TestFollowerLargeAnswer(t *testing.T) {
 	r := newFollowerRig(t, func(c *Config) { c.ResponseTimeout = 30 * time.Second })
 	big := `"` + strings.Repeat("abcdefgh", 200<<10/8) + `"`
 	if len(big) <= followerReadBuffer {
 		t.Fatal("the answer must be larger than the read buffer")
 	}
 	out, req := r.invoke(context.Background())
-	waitReading(t, r.f, true)
 	r.fc.answer(req, big)
 	o := wait(t, out)
 	if o.err != nil || o.val != big {
 		t.Fatalf("call = %d bytes, %v; want %d bytes", len(o.val), o.err, len(big))
 	}
-	waitReading(t, r.f, false)
 	r.push(1001, `"after big"`)
 	r.works(context.Background(), `"next"`)
 }
 
-// TestFollowerReaderLeaderLost: the leader closes the connection while a
-// call holds the reading: the call fails with ErrLeaderLost at once, not
-// at its timeout.
-func TestFollowerReaderLeaderLost(t *testing.T) {
+// TestFollowerLeaderLost: the leader closes the connection while a call
+// waits: the call fails with ErrLeaderLost at once, not at its timeout.
+func TestFollowerLeaderLost(t *testing.T) {
 	r := newFollowerRig(t, func(c *Config) { c.ResponseTimeout = 30 * time.Second })
 	out, _ := r.invoke(context.Background())
-	waitReading(t, r.f, true)
 	r.fc.nc.Close()
 	o := wait(t, out)
 	if !errors.Is(o.err, ErrLeaderLost) {
@@ -415,62 +378,50 @@ func TestFollowerReaderLeaderLost(t *testing.T) {
 	}
 }
 
-// TestFollowerFreeReading: a call that read its own answer leaves the
-// reading free, so that the next call takes it with no goroutine woken;
-// the background reader takes it back within about resumeAfter, so a
-// value pushed and the end of the connection are still seen with no
-// call made.
-func TestFollowerFreeReading(t *testing.T) {
+// TestFollowerPushAfterCall: a value pushed right after an answered call,
+// with no call in flight, reaches the listener at once.
+func TestFollowerPushAfterCall(t *testing.T) {
 	r := newFollowerRig(t, nil)
-	ctx := context.Background()
-	free := func() bool {
-		r.f.mu.Lock()
-		defer r.f.mu.Unlock()
-		return r.f.reader == nil && !r.f.bgReads
-	}
-	r.works(ctx, `"a"`)
-	if !free() {
-		t.Fatal("after a call that read its own answer, the reading is not left free")
-	}
-	r.works(ctx, `"b"`) // takes the free reading
+	r.works(context.Background(), `"a"`)
 	start := time.Now()
-	r.push(7, `"pushed"`)
-	if d := time.Since(start); d > 2*resumeAfter+time.Second {
-		t.Errorf("a value pushed after a call arrived after %v; resumeAfter is %v", d, resumeAfter)
-	} else {
-		t.Logf("a value pushed after a call arrived after %v (resumeAfter %v)", d, resumeAfter)
-	}
-	r.works(ctx, `"c"`)
-	if !free() {
-		t.Fatal("the reading is not left free")
-	}
-	start = time.Now()
-	r.fc.nc.Close()
+	r.fc.mustWrite(false, 7, subscribeResult{Key: r.key}, []byte(`"pushed"`))
 	select {
-	case <-r.fl.conns:
-		t.Logf("the follower saw the end of its connection and reconnected after %v", time.Since(start))
-	case <-time.After(2*resumeAfter + 5*time.Second):
-		t.Fatal("the follower did not see the end of its connection with the reading free")
+	case got := <-r.vals:
+		if d := time.Since(start); got != `"pushed"` || d > 50*time.Millisecond {
+			t.Fatalf("listener got %s after %v; want \"pushed\" within 50ms", got, d)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("the listener did not get the value pushed after a call")
+	}
+	if ack := r.fc.next("subscribe_result_res"); !ack.Response || ack.ID != 7 || ack.Timeout != 0 {
+		t.Fatalf("ack: response %v id %d timeout %d, want a response to 7 with timeout 0", ack.Response, ack.ID, ack.Timeout)
 	}
 }
 
-// TestFollowerFreeReadingLeaderGone: a call made while the reading is
-// left free, after the leader has closed the connection, is sent on it
-// and fails with ErrLeaderLost, as a call in flight does; the next call
-// goes to the next leader.
-func TestFollowerFreeReadingLeaderGone(t *testing.T) {
-	r := newFollowerRig(t, nil)
-	ctx := context.Background()
-	r.works(ctx, `"a"`)
+// TestFollowerLeaderLostNextLeader: the end of the connection fails a
+// call in flight at once with ErrLeaderLost; a call made after that waits
+// for the next leader and is answered there.
+func TestFollowerLeaderLostNextLeader(t *testing.T) {
+	r := newFollowerRig(t, func(c *Config) { c.ResponseTimeout = 30 * time.Second })
+	out, _ := r.invoke(context.Background())
+	start := time.Now()
 	r.fc.nc.Close()
-	if _, err := r.c.Invoke(ctx, "echo", 1); !errors.Is(err, ErrLeaderLost) {
-		t.Fatalf("call on a connection closed while unread: %v; want ErrLeaderLost", err)
+	if o := wait(t, out); !errors.Is(o.err, ErrLeaderLost) || time.Since(start) > 2*time.Second {
+		t.Fatalf("call in flight = %s, %v after %v; want ErrLeaderLost at once", o.val, o.err, time.Since(start))
 	}
+	later := make(chan callOutcome, 1)
+	go func() {
+		v, err := r.c.Invoke(context.Background(), "echo", 2)
+		later <- callOutcome{v.String(), err, 0}
+	}()
 	select {
 	case r.fc = <-r.fl.conns:
 	case <-time.After(10 * time.Second):
 		t.Fatal("the follower did not connect again")
 	}
 	r.fc.next("subscribe") // its listener subscribes again
-	r.works(ctx, `"b"`)
+	r.fc.answer(r.fc.next("invoke"), `"next leader"`)
+	if o := wait(t, later); o.err != nil || o.val != `"next leader"` {
+		t.Fatalf("later call = %s, %v; want the next leader's answer", o.val, o.err)
+	}
 }
