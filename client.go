@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -27,8 +28,9 @@ type Client struct {
 	done  chan struct{}  // closed by Close
 	wg    sync.WaitGroup // the run loop and the delivery loop
 
-	// subMu serializes changes of subscriptions with their replay on a
-	// new leader, so that no key is subscribed twice or forgotten.
+	// subMu serializes changes of subscriptions and publications with
+	// their replay on a new route, so that none is sent twice or
+	// forgotten. Lock order: subMu, then mu.
 	subMu sync.Mutex
 
 	mu        sync.Mutex
@@ -43,7 +45,17 @@ type Client struct {
 	wake      chan struct{}          // wakes the delivery loop; capacity 1
 }
 
-// localTopic is a key with listeners in this client.
+// route is where a client's calls go: its own leader, or its follower
+// connection to the leader of another process. routeInvoke returns
+// errDraining or errGone for a call that it did not send, which then
+// waits for the next route.
+type route interface {
+	routeInvoke(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error)
+	routeSubscribe(key string, reg json.RawMessage, on bool) error
+}
+
+// localTopic is a key with listeners in this client. Its fields are
+// guarded by Client.mu.
 type localTopic struct {
 	reg     json.RawMessage
 	subs    []*Subscription
@@ -67,10 +79,10 @@ type Subscription struct {
 }
 
 // New creates a client of the channel name on cfg.Port (nil cfg means
-// DefaultConfig()). It competes for the port at once; build runs only if
-// this client leads. A forced leader fails here when the port is taken.
-// Call Ready to wait until the client can serve calls, and Close when
-// done.
+// DefaultConfig(); zero fields mean their defaults). It competes for the
+// port at once; build runs only if this client leads. A forced leader
+// fails here when the port is taken. Call Ready to wait until the client
+// can serve calls, and Close when done.
 func New(name string, cfg *Config, build BuildFunc) (*Client, error) {
 	if err := VerifyConfig(cfg); err != nil {
 		return nil, err
@@ -81,15 +93,8 @@ func New(name string, cfg *Config, build BuildFunc) (*Client, error) {
 	if build == nil {
 		return nil, errors.New("clusterclient: nil BuildFunc")
 	}
-	c := &Client{
-		name:   name,
-		cfg:    withDefaults(cfg),
-		build:  build,
-		done:   make(chan struct{}),
-		ready:  make(chan struct{}),
-		topics: make(map[string]*localTopic),
-		wake:   make(chan struct{}, 1),
-	}
+	c := &Client{name: name, cfg: withDefaults(cfg), build: build, done: make(chan struct{}),
+		ready: make(chan struct{}), topics: make(map[string]*localTopic), wake: make(chan struct{}, 1)}
 	l, err := claim(c)
 	if err != nil {
 		return nil, err
@@ -112,41 +117,61 @@ func (c *Client) IsLeader() bool {
 
 // Ready waits until the client can serve calls: as leader once the real
 // client is built, as follower once the leader accepted it. It returns
-// the build error (a *RemoteError on followers), an error wrapping
-// ErrNoLeader after Config.MaxWaitTime, ErrClosed, or ctx's error.
+// nil, or:
+//   - the build error, as a *RemoteError (on followers too);
+//   - an error wrapping ErrTimeout when a process holds the port but does
+//     not answer the registration within Config.ResponseTimeout, or one
+//     that says what answers on the port does not speak the protocol:
+//     another program holds it (choose another Config.Port);
+//   - an error wrapping ErrNoLeader when no leader was found within
+//     Config.MaxWaitTime;
+//   - ErrClosed, or ctx's error.
+//
+// After an error the client keeps trying; a later Ready may succeed.
 func (c *Client) Ready(ctx context.Context) error {
-	_, _, err := c.route(ctx)
+	_, err := c.route(ctx)
 	return err
 }
 
-// route waits for the leader or follower that serves calls now.
-func (c *Client) route(ctx context.Context) (*leader, *follower, error) {
+// current returns the route of calls now, nil if none. Called with mu held.
+func (c *Client) current() route {
+	if c.lead != nil {
+		return c.lead
+	}
+	if c.fol != nil {
+		return c.fol
+	}
+	return nil
+}
+
+// route waits for the route of calls.
+func (c *Client) route(ctx context.Context) (route, error) {
 	for {
 		c.mu.Lock()
-		if c.closed {
-			c.mu.Unlock()
-			return nil, nil, ErrClosed
-		}
-		l, f, err, ready := c.lead, c.fol, c.readyErr, c.ready
+		r, err, ready, closed := c.current(), c.readyErr, c.ready, c.closed
 		c.mu.Unlock()
-		if l != nil || f != nil {
-			return l, f, nil
-		}
-		if err != nil {
-			return nil, nil, err
+		switch {
+		case closed:
+			return nil, ErrClosed
+		case r != nil:
+			return r, nil
+		case err != nil:
+			return nil, err
 		}
 		select {
 		case <-ready:
 		case <-ctx.Done():
-			return nil, nil, ctx.Err()
+			return nil, ctx.Err()
 		case <-c.done:
-			return nil, nil, ErrClosed
+			return nil, ErrClosed
 		}
 	}
 }
 
-// signal wakes every call waiting in route. Called with mu held.
-func (c *Client) signal() {
+// setState sets the route and why there is none, and wakes every call
+// waiting in route.
+func (c *Client) setState(l *leader, f *follower, err error) {
+	c.lead, c.fol, c.readyErr = l, f, err
 	close(c.ready)
 	c.ready = make(chan struct{})
 }
@@ -154,20 +179,18 @@ func (c *Client) signal() {
 // setError records why no route can be had now.
 func (c *Client) setError(err error) {
 	c.mu.Lock()
-	if c.lead == nil && c.fol == nil {
-		c.readyErr = err
-		c.signal()
+	if c.current() == nil {
+		c.setState(nil, nil, err)
 	}
 	c.mu.Unlock()
 }
 
-// unroute stops routing calls to f; they wait for the next route.
-func (c *Client) unroute(f *follower) {
+// unroute stops routing calls to r, if it is a follower; they wait for
+// the next route.
+func (c *Client) unroute(r route) {
 	c.mu.Lock()
-	if c.fol == f {
-		c.fol = nil
-		c.readyErr = nil
-		c.signal()
+	if f, ok := r.(*follower); ok && c.fol == f {
+		c.setState(nil, nil, nil)
 	}
 	c.mu.Unlock()
 }
@@ -175,70 +198,42 @@ func (c *Client) unroute(f *follower) {
 // setRoute replays subscriptions and publications on a new route, then
 // lets calls through. It returns false if the client closed meanwhile.
 func (c *Client) setRoute(l *leader, f *follower) bool {
+	var r route = f
+	if l != nil {
+		r = l
+	}
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
 	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		return false
-	}
-	type keyReg struct {
-		key string
-		reg json.RawMessage
-	}
-	keys := make([]keyReg, 0, len(c.topics))
+	topics := make(map[string]json.RawMessage, len(c.topics))
 	for key, t := range c.topics {
-		keys = append(keys, keyReg{key, t.reg})
+		topics[key] = t.reg
 	}
 	published := slices.Clone(c.published)
 	c.mu.Unlock()
-
-	for _, k := range keys {
-		if l != nil {
-			if latest := l.subscribeLocal(k.key, k.reg); latest != nil {
-				c.deliver(k.key, latest)
-			}
-		} else {
-			f.oneway(c.subscribePacket(k.key, k.reg, false))
-		}
+	for key, reg := range topics {
+		r.routeSubscribe(key, reg, true)
 	}
 	for _, reg := range published {
-		if l != nil {
-			ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ResponseTimeout)
-			if err := l.publishLocal(ctx, reg); err != nil {
-				c.cfg.Logger.Warn("clusterclient: publishing again on the new leader", "channel", c.name, "err", err)
-			}
-			cancel()
-		} else if arg, err := c.cfg.Codec.Marshal(reg); err == nil {
-			f.oneway(func(b []byte) ([]byte, error) {
-				return c.appendInvoke(b, nextID(), c.timeoutMS(), publishMethod, true, [][]byte{arg})
-			})
+		if err := c.publishOn(context.Background(), r, reg); err != nil {
+			c.cfg.Logger.Warn("clusterclient: publishing again on the new leader", "channel", c.name, "err", err)
 		}
 	}
-
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed {
-		return false
+	if !c.closed {
+		c.setState(l, f, nil)
 	}
-	c.lead, c.fol, c.readyErr = l, f, nil
-	c.signal()
-	return true
+	return !c.closed
 }
 
 // run elects and re-elects until the client closes.
 func (c *Client) run(l *leader) {
 	defer c.wg.Done()
+	ctx, cancel := context.WithCancel(context.Background()) // ends when the client closes
+	go func() { <-c.done; cancel() }()
 	deadline := time.Now().Add(c.cfg.MaxWaitTime)
-	var backoff time.Duration
-	failures := 0 // failed attempts since the last connection
-	// ctx ends when the client closes.
-	ctx, cancel := context.WithCancel(context.Background())
-	go func() {
-		<-c.done
-		cancel()
-	}()
-	for {
+	for failures := 0; ; {
 		if l == nil {
 			var err error
 			if l, err = claim(c); err != nil {
@@ -257,42 +252,11 @@ func (c *Client) run(l *leader) {
 				f.close()
 				return
 			}
-			deadline = time.Now().Add(c.cfg.MaxWaitTime)
-			backoff, failures = 0, 0
+			deadline, failures = time.Now().Add(c.cfg.MaxWaitTime), 0
 			continue
 		}
 		failures++
-		switch {
-		case !retryable(err):
-			// The leader refused: its real client failed to build.
-			c.setError(err)
-			backoff = time.Second
-		case time.Now().After(deadline):
-			c.setError(fmt.Errorf("%w on port %d after %v: %w", ErrNoLeader, c.cfg.Port, c.cfg.MaxWaitTime, err))
-			backoff = 100 * time.Millisecond
-		case errors.Is(err, ErrTimeout):
-			// A leader that does not answer: waiting calls fail now,
-			// and the attempt already took a response timeout.
-			c.setError(err)
-			backoff = 0
-		case failures == 1:
-			// The first retry goes at once: a killed leader's listener
-			// may outlive its connections by a moment, so the first
-			// attempt after a loss can meet it, and the next finds the
-			// port free.
-			backoff = 0
-		default:
-			backoff = min(max(2*backoff, time.Millisecond), 100*time.Millisecond)
-		}
-		if backoff == 0 {
-			select {
-			case <-c.done:
-				return
-			default:
-			}
-			continue
-		}
-		t := time.NewTimer(backoff)
+		t := time.NewTimer(c.retryAfter(err, failures, deadline))
 		select {
 		case <-t.C:
 		case <-c.done:
@@ -300,6 +264,31 @@ func (c *Client) run(l *leader) {
 			return
 		}
 	}
+}
+
+// retryAfter says how long to wait before the next attempt to follow,
+// after failures failed ones; errors that waiting calls must see now are
+// recorded.
+func (c *Client) retryAfter(err error, failures int, deadline time.Time) time.Duration {
+	var notLeader *errNotLeader
+	switch {
+	case !retryable(err): // the leader's real client failed to build
+		c.setError(err)
+		return time.Second
+	case time.Now().After(deadline):
+		c.setError(fmt.Errorf("%w on port %d after %v: %w", ErrNoLeader, c.cfg.Port, c.cfg.MaxWaitTime, err))
+		return 100 * time.Millisecond
+	case errors.Is(err, ErrTimeout), errors.As(err, &notLeader):
+		// Something holds the port and is not, or not yet, a leader
+		// that answers: waiting calls fail now.
+		c.setError(err)
+		return 100 * time.Millisecond
+	case failures == 1:
+		// The first retry goes at once: a killed leader's listener may
+		// outlive its connections by a moment.
+		return 0
+	}
+	return min(time.Millisecond<<min(failures-2, 7), 100*time.Millisecond)
 }
 
 // follow waits until f's connection has ended; calls leave f as soon as
@@ -323,20 +312,18 @@ func (c *Client) follow(f *follower) bool {
 
 // runLeader serves as leader until the client closes.
 func (c *Client) runLeader(l *leader) {
+	defer l.close()
 	select {
 	case <-l.ready:
 	case <-c.done:
-		l.close()
 		return
 	}
 	if l.err != nil {
 		c.setError(toRemote(l.err))
 	} else if !c.setRoute(l, nil) {
-		l.close()
 		return
 	}
 	<-c.done
-	l.close()
 }
 
 // Close closes the client. A leader stops taking calls, lets those in
@@ -362,32 +349,20 @@ func (c *Client) Close() error {
 	return nil
 }
 
-// timeoutMS is the timeout carried by packets that wait for nothing.
-func (c *Client) timeoutMS() int32 { return int32(c.cfg.ResponseTimeout / time.Millisecond) }
-
-// appendInvoke appends an invoke packet, refusing one that the leader
-// would refuse for its size.
-func (c *Client) appendInvoke(b []byte, id uint64, ms int32, method string, oneway bool, args [][]byte) ([]byte, error) {
-	n := len(b)
-	b, err := appendInvoke(b, id, ms, method, oneway, args)
-	if err == nil && len(b)-n-HeaderSize > c.cfg.MaxPacketSize {
-		err = fmt.Errorf("%w: invoke %s has %d bytes, Config.MaxPacketSize is %d", ErrPacketTooLarge, method, len(b)-n-HeaderSize, c.cfg.MaxPacketSize)
-	}
-	if err != nil {
-		return b[:n], err
-	}
-	return b, nil
-}
-
-func (c *Client) encodeArgs(raw [][]byte, args []any) ([][]byte, error) {
-	for i, a := range args {
-		b, err := c.cfg.Codec.Marshal(a)
+// call runs fn on the route of calls, waiting for one first, and on the
+// next route when fn's was gone or closing before it sent anything.
+func (c *Client) call(ctx context.Context, fn func(r route) (Value, error)) (Value, error) {
+	for {
+		r, err := c.route(ctx)
 		if err != nil {
-			return nil, fmt.Errorf("clusterclient: encode argument %d: %w", i, err)
+			return Value{}, err
 		}
-		raw = append(raw, b)
+		v, err := fn(r)
+		if !errors.Is(err, errDraining) && !errors.Is(err, errGone) {
+			return v, err
+		}
+		c.unroute(r)
 	}
-	return raw, nil
 }
 
 // Invoke calls method on the real client with args, encoded with the
@@ -395,63 +370,27 @@ func (c *Client) encodeArgs(raw [][]byte, args []any) ([][]byte, error) {
 // bounded by ctx and Config.ResponseTimeout; errors of the real client
 // come back as *RemoteError.
 func (c *Client) Invoke(ctx context.Context, method string, args ...any) (Value, error) {
-	// The encoded arguments of a call to the leader stay on the stack;
-	// the local real client gets a copy it may keep.
-	var few [2][]byte
-	raw, err := c.encodeArgs(few[:0], args)
-	if err != nil {
-		return Value{}, err
-	}
-	for {
-		l, f, err := c.route(ctx)
-		if err != nil {
-			return Value{}, err
-		}
-		if l != nil {
-			return l.invokeLocal(ctx, method, slices.Clone(raw), false)
-		}
-		p, err := f.request(ctx, method, func(b []byte, id uint64, ms int32) ([]byte, error) {
-			return c.appendInvoke(b, id, ms, method, false, raw)
-		})
-		if c.retry(f, err) {
-			continue
-		}
-		if err != nil {
-			return Value{}, err
-		}
-		return c.result(&p)
-	}
+	return c.invoke(ctx, method, args, false)
 }
 
-// retry reports whether f refused a call without sending it, because its
-// leader is closing or the connection has ended. The call then waits for
-// the next route, and f gets no more calls.
-func (c *Client) retry(f *follower, err error) bool {
-	if errors.Is(err, errDraining) || errors.Is(err, errGone) {
-		c.unroute(f)
-		return true
-	}
-	return false
+// InvokeOneway calls method with args and does not wait for its result;
+// it returns once the call is handed to the leader (or, on the leader,
+// started). Errors of the real client are logged by the leader.
+func (c *Client) InvokeOneway(ctx context.Context, method string, args ...any) error {
+	_, err := c.invoke(ctx, method, args, true)
+	return err
 }
 
-// result reads an invoke_result.
-func (c *Client) result(p *Packet) (Value, error) {
-	conn, typ, err := parseConn(p.Conn)
-	if err != nil {
-		return Value{}, err
+func (c *Client) invoke(ctx context.Context, method string, args []any, oneway bool) (Value, error) {
+	raw := make([][]byte, len(args))
+	for i, a := range args {
+		b, err := c.cfg.Codec.Marshal(a)
+		if err != nil {
+			return Value{}, fmt.Errorf("clusterclient: encode argument %d: %w", i, err)
+		}
+		raw[i] = b
 	}
-	res, ok := conn.(invokeResult)
-	if !ok {
-		return Value{}, fmt.Errorf("%w: answer to invoke has type %q", ErrBadConn, typ)
-	}
-	if res.Success {
-		return Value{data: p.App, codec: c.cfg.Codec}, nil
-	}
-	var e invokeErrorObject
-	if err := c.cfg.Codec.Unmarshal(p.App, &e); err != nil {
-		return Value{}, fmt.Errorf("clusterclient: decode remote error: %w", err)
-	}
-	return Value{}, &RemoteError{Name: e.Name, Message: e.Message, Code: codeText(e.Code), Stack: e.Stack}
+	return c.call(ctx, func(r route) (Value, error) { return r.routeInvoke(ctx, method, raw, oneway) })
 }
 
 // Invoke calls method like Client.Invoke and decodes the result into a T.
@@ -464,44 +403,16 @@ func Invoke[T any](ctx context.Context, c *Client, method string, args ...any) (
 	return out, v.Decode(&out)
 }
 
-// InvokeOneway calls method with args and does not wait for its result;
-// it returns once the call is handed to the leader (or, on the leader,
-// started). Errors of the real client are logged by the leader.
-func (c *Client) InvokeOneway(ctx context.Context, method string, args ...any) error {
-	raw, err := c.encodeArgs(nil, args)
-	if err != nil {
-		return err
-	}
-	for {
-		l, f, err := c.route(ctx)
-		if err != nil {
-			return err
-		}
-		if l != nil {
-			_, err := l.invokeLocal(ctx, method, raw, true)
-			return err
-		}
-		err = f.oneway(func(b []byte) ([]byte, error) {
-			return c.appendInvoke(b, nextID(), c.timeoutMS(), method, true, raw)
-		})
-		if !c.retry(f, err) {
-			return err
-		}
-	}
-}
-
-// Publish publishes a registration through the real client: a oneway
-// invoke of "publish" on followers, Publisher.Publish on the leader. The
-// client remembers it and publishes it again on every new leader. It does
-// not wait for a leader: made before one is ready, the registration is
-// published when it is. ctx bounds the real client's Publish on the
-// leader. The record of registrations grows with each distinct one.
+// Publish hands a registration to the real client (Publisher.Publish, or
+// Invoke of "publish"), as a oneway invoke in every role: it returns once
+// the registration is handed to the leader, and an error only for what
+// fails in this process (encoding, ErrClosed); the leader logs an error of
+// the real client. The client remembers the registration and publishes it
+// again on every new leader. Publish does not wait for a leader: made
+// before one is ready, the registration is published when it is. The
+// record grows with each distinct registration.
 func (c *Client) Publish(ctx context.Context, reg any) error {
 	raw, err := marshalReg(reg)
-	if err != nil {
-		return err
-	}
-	arg, err := c.cfg.Codec.Marshal(raw)
 	if err != nil {
 		return err
 	}
@@ -517,31 +428,26 @@ func (c *Client) Publish(ctx context.Context, reg any) error {
 	if !slices.ContainsFunc(c.published, func(r json.RawMessage) bool { return bytes.Equal(r, raw) }) {
 		c.published = append(c.published, raw)
 	}
-	l, f := c.lead, c.fol
+	r := c.current()
 	c.mu.Unlock()
-	switch {
-	case l != nil:
-		return l.publishLocal(ctx, raw)
-	case f != nil:
-		err = f.oneway(func(b []byte) ([]byte, error) {
-			return c.appendInvoke(b, nextID(), c.timeoutMS(), publishMethod, true, [][]byte{arg})
-		})
-		if c.retry(f, err) {
-			return nil // the next leader gets it with the rest of the record
-		}
+	if r == nil {
+		return nil // no leader yet: it gets the record when it is ready
+	}
+	if err := c.publishOn(ctx, r, raw); errors.Is(err, errDraining) || errors.Is(err, errGone) {
+		c.unroute(r) // the next leader gets it with the rest of the record
+	} else if err != nil {
 		return err
 	}
-	return nil // no leader yet: it gets the record when it is ready
+	return nil
 }
 
-func (c *Client) subscribePacket(key string, reg json.RawMessage, unsub bool) func(b []byte) ([]byte, error) {
-	return func(b []byte) ([]byte, error) {
-		var conn connObject = subscribe{Key: key, Reg: reg}
-		if unsub {
-			conn = unSubscribe{Key: key, Reg: reg}
-		}
-		return appendPacket(b, false, nextID(), c.timeoutMS(), conn, nil)
+// publishOn sends a registration on r as a oneway invoke of "publish".
+func (c *Client) publishOn(ctx context.Context, r route, reg json.RawMessage) error {
+	arg, err := c.cfg.Codec.Marshal(reg)
+	if err == nil {
+		_, err = r.routeInvoke(ctx, publishMethod, [][]byte{arg}, true)
 	}
+	return err
 }
 
 // Subscribe adds a listener for the values of reg, a registration that is
@@ -567,8 +473,7 @@ func (c *Client) Subscribe(reg any, listener func(Value)) (*Subscription, error)
 		return nil, ErrClosed
 	}
 	t := c.topics[key]
-	first := t == nil
-	if first {
+	if t == nil {
 		t = &localTopic{reg: raw}
 		c.topics[key] = t
 		if d := c.cfg.SubscribeTimeout; d > 0 {
@@ -579,16 +484,10 @@ func (c *Client) Subscribe(reg any, listener func(Value)) (*Subscription, error)
 	if t.version > 0 {
 		c.markDirty(key, t)
 	}
-	l, f := c.lead, c.fol
+	r := c.current()
 	c.mu.Unlock()
-	if first {
-		if l != nil {
-			if latest := l.subscribeLocal(key, raw); latest != nil {
-				c.deliver(key, latest)
-			}
-		} else if f != nil {
-			f.oneway(c.subscribePacket(key, raw, false))
-		}
+	if r != nil && len(t.subs) == 1 {
+		r.routeSubscribe(key, raw, true) // a lost route replays it on the next
 	}
 	return s, nil
 }
@@ -599,7 +498,7 @@ func (c *Client) subscribeTimedOut(key string, t *localTopic, d time.Duration) {
 	c.mu.Unlock()
 	if late {
 		c.cfg.Logger.Warn("clusterclient: no value for a subscription within Config.SubscribeTimeout",
-			"channel", c.name, "key", key, "timeout", d)
+			"channel", c.name, "reg", string(t.reg), "timeout", d)
 	}
 }
 
@@ -631,11 +530,11 @@ func (c *Client) unsubscribe(key string, s *Subscription) {
 		return
 	}
 	t.subs = slices.DeleteFunc(t.subs, func(x *Subscription) bool {
-		if s == nil || x == s {
+		gone := s == nil || x == s
+		if gone {
 			x.removed.Store(true)
-			return true
 		}
-		return false
+		return gone
 	})
 	last := len(t.subs) == 0
 	if last {
@@ -644,30 +543,22 @@ func (c *Client) unsubscribe(key string, s *Subscription) {
 			t.timer.Stop()
 		}
 	}
-	l, f := c.lead, c.fol
+	r := c.current()
 	c.mu.Unlock()
-	if !last {
-		return
-	}
-	if l != nil {
-		l.unsubscribeLocal(key)
-	} else if f != nil {
-		f.oneway(c.subscribePacket(key, t.reg, true))
+	if last && r != nil {
+		r.routeSubscribe(key, t.reg, false)
 	}
 }
 
 // deliver records a value of key and queues it for the listeners.
 func (c *Client) deliver(key string, data []byte) {
 	c.mu.Lock()
-	t := c.topics[key]
-	if t == nil || c.closed {
-		c.mu.Unlock()
-		return
+	defer c.mu.Unlock()
+	if t := c.topics[key]; t != nil && !c.closed {
+		t.latest = data
+		t.version++
+		c.markDirty(key, t)
 	}
-	t.latest = data
-	t.version++
-	c.markDirty(key, t)
-	c.mu.Unlock()
 }
 
 // markDirty queues key for the delivery loop. Called with mu held.
@@ -692,31 +583,47 @@ func (c *Client) deliverLoop() {
 		case <-c.done:
 			return
 		}
-		for {
-			c.mu.Lock()
-			if len(c.dirty) == 0 || c.closed {
-				c.dirty = nil
-				c.mu.Unlock()
-				break
-			}
-			key := c.dirty[0]
-			c.dirty = c.dirty[1:]
-			t := c.topics[key]
-			if t == nil {
-				c.mu.Unlock()
-				continue
-			}
-			t.dirty = false
-			data, version := t.latest, t.version
-			subs := slices.Clone(t.subs)
-			c.mu.Unlock()
-			v := Value{data: data, codec: c.cfg.Codec}
-			for _, s := range subs {
-				if s.seen < version && !s.removed.Load() {
-					s.seen = version
-					s.fn(v)
-				}
-			}
+		for c.deliverNext() {
 		}
 	}
+}
+
+// deliverNext hands the value of the oldest dirty key to its listeners.
+// It reports false when no key is dirty.
+func (c *Client) deliverNext() bool {
+	c.mu.Lock()
+	if len(c.dirty) == 0 || c.closed {
+		c.dirty = nil
+		c.mu.Unlock()
+		return false
+	}
+	key := c.dirty[0]
+	c.dirty = c.dirty[1:]
+	t := c.topics[key]
+	if t == nil {
+		c.mu.Unlock()
+		return true
+	}
+	t.dirty = false
+	v, version, subs := Value{data: t.latest, codec: c.cfg.Codec}, t.version, slices.Clone(t.subs)
+	c.mu.Unlock()
+	for _, s := range subs {
+		if s.seen < version && !s.removed.Load() {
+			s.seen = version
+			c.listen(s, v)
+		}
+	}
+	return true
+}
+
+// listen calls a listener. A panic in it is logged, and the other
+// listeners still get their values.
+func (c *Client) listen(s *Subscription, v Value) {
+	defer func() {
+		if p := recover(); p != nil {
+			c.cfg.Logger.Error("clusterclient: a listener panicked", "channel", c.name, "key", s.key,
+				"panic", p, "stack", string(debug.Stack()))
+		}
+	}()
+	s.fn(v)
 }

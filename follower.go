@@ -3,6 +3,7 @@ package clusterclient
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -260,6 +261,54 @@ func (f *follower) request(ctx context.Context, what string, encode func(b []byt
 	}
 	return Packet{}, err
 }
+
+// routeInvoke sends an invoke of method and, unless oneway, waits for
+// its result. An invoke larger than Config.MaxPacketSize is refused here,
+// as the leader would refuse it.
+func (f *follower) routeInvoke(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
+	encode := func(b []byte, id uint64, ms int32) ([]byte, error) {
+		n := len(b)
+		b, err := appendInvoke(b, id, ms, method, oneway, args)
+		if size := len(b) - n - HeaderSize; err == nil && size > f.cfg.MaxPacketSize {
+			return b[:n], fmt.Errorf("%w: invoke %.64s has %d bytes, Config.MaxPacketSize is %d", ErrPacketTooLarge, method, size, f.cfg.MaxPacketSize)
+		}
+		return b, err
+	}
+	if oneway {
+		return Value{}, f.oneway(func(b []byte) ([]byte, error) { return encode(b, nextID(), f.timeoutMS()) })
+	}
+	p, err := f.request(ctx, method, encode)
+	if err != nil {
+		return Value{}, err
+	}
+	conn, typ, err := parseConn(p.Conn)
+	res, ok := conn.(invokeResult)
+	switch {
+	case err != nil:
+		return Value{}, err
+	case !ok:
+		return Value{}, fmt.Errorf("%w: answer to invoke has type %.64q", ErrBadConn, typ)
+	case res.Success:
+		return Value{data: p.App, codec: f.cfg.Codec}, nil
+	}
+	var e invokeErrorObject
+	if err := f.cfg.Codec.Unmarshal(p.App, &e); err != nil {
+		return Value{}, fmt.Errorf("clusterclient: decode remote error: %w", err)
+	}
+	return Value{}, &RemoteError{Name: e.Name, Message: e.Message, Code: codeText(e.Code), Stack: e.Stack}
+}
+
+// routeSubscribe sends subscribe, or unSubscribe when on is false.
+func (f *follower) routeSubscribe(key string, reg json.RawMessage, on bool) error {
+	var c connObject = subscribe{Key: key, Reg: reg}
+	if !on {
+		c = unSubscribe{Key: key, Reg: reg}
+	}
+	return f.oneway(func(b []byte) ([]byte, error) { return appendPacket(b, false, nextID(), f.timeoutMS(), c, nil) })
+}
+
+// timeoutMS is the timeout carried by requests that wait for no answer.
+func (f *follower) timeoutMS() int32 { return int32(f.cfg.ResponseTimeout / time.Millisecond) }
 
 // oneway sends a request that gets no response.
 func (f *follower) oneway(encode func(b []byte) ([]byte, error)) error {
