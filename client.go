@@ -62,7 +62,6 @@ type localTopic struct {
 	latest  []byte // the last value received
 	version uint64 // counts values received; 0 = none yet
 	dirty   bool   // queued in Client.dirty
-	timer   *time.Timer
 }
 
 // Subscription is one listener on one key. Listeners of a client run one
@@ -338,11 +337,6 @@ func (c *Client) Close() error {
 	}
 	c.closed = true
 	c.lead, c.fol = nil, nil
-	for _, t := range c.topics {
-		if t.timer != nil {
-			t.timer.Stop()
-		}
-	}
 	close(c.done)
 	c.mu.Unlock()
 	c.wg.Wait()
@@ -477,7 +471,7 @@ func (c *Client) Subscribe(reg any, listener func(Value)) (*Subscription, error)
 		t = &localTopic{reg: raw}
 		c.topics[key] = t
 		if d := c.cfg.SubscribeTimeout; d > 0 {
-			t.timer = time.AfterFunc(d, func() { c.subscribeTimedOut(key, t, d) })
+			time.AfterFunc(d, func() { c.subscribeTimedOut(key, t, d) })
 		}
 	}
 	t.subs = append(t.subs, s)
@@ -494,7 +488,7 @@ func (c *Client) Subscribe(reg any, listener func(Value)) (*Subscription, error)
 
 func (c *Client) subscribeTimedOut(key string, t *localTopic, d time.Duration) {
 	c.mu.Lock()
-	late := c.topics[key] == t && t.version == 0
+	late := c.topics[key] == t && t.version == 0 && !c.closed
 	c.mu.Unlock()
 	if late {
 		c.cfg.Logger.Warn("clusterclient: no value for a subscription within Config.SubscribeTimeout",
@@ -539,9 +533,6 @@ func (c *Client) unsubscribe(key string, s *Subscription) {
 	last := len(t.subs) == 0
 	if last {
 		delete(c.topics, key)
-		if t.timer != nil {
-			t.timer.Stop()
-		}
 	}
 	r := c.current()
 	c.mu.Unlock()
