@@ -232,67 +232,64 @@ func (f *follower) fail(cause error) error {
 	return err
 }
 
-// request sends a request built by encode and waits for its answer,
-// bounded by Config.ResponseTimeout and ctx.
-func (f *follower) request(ctx context.Context, what string, encode func(b []byte, id uint64, timeout int32) ([]byte, error)) (Packet, error) {
+// routeInvoke sends an invoke of method and, unless oneway, waits for
+// its answer, bounded by Config.ResponseTimeout and ctx. An invoke larger
+// than Config.MaxPacketSize is refused here, as the leader would refuse
+// it.
+func (f *follower) routeInvoke(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
 	timeout := f.cfg.ResponseTimeout
 	if dl, ok := ctx.Deadline(); ok {
 		if timeout = min(timeout, time.Until(dl)); timeout <= 0 {
-			return Packet{}, context.DeadlineExceeded
+			return Value{}, context.DeadlineExceeded
 		}
 	}
-	id, ms := nextID(), max(int32(timeout/time.Millisecond), 1)
-	ch := make(chan answer, 1)
-	err := f.send(id, ch, func(b []byte) ([]byte, error) { return encode(b, id, ms) })
-	if err != nil {
-		return Packet{}, err
+	id, ms, ch := nextID(), max(int32(timeout/time.Millisecond), 1), make(chan answer, 1)
+	if oneway {
+		ms, ch = f.timeoutMS(), nil
+	}
+	err := f.send(id, ch, func(b []byte) ([]byte, error) {
+		n := len(b)
+		b, err := appendInvoke(b, id, ms, method, oneway, args)
+		if size := len(b) - n - HeaderSize; err == nil && size > f.cfg.MaxPacketSize {
+			return b[:n], fmt.Errorf("%w: invoke %.64s has %d bytes, Config.MaxPacketSize is %d",
+				ErrPacketTooLarge, method, size, f.cfg.MaxPacketSize)
+		}
+		return b, err
+	})
+	if err != nil || oneway {
+		return Value{}, err
 	}
 	select {
 	case a := <-ch:
-		return a.p, a.err
+		return f.result(a)
 	case <-time.After(timeout): // collected once the call returns
-		err = fmt.Errorf("%w: %s: no answer from the leader on port %d within %v", ErrTimeout, what, f.cfg.Port, timeout)
+		err = fmt.Errorf("%w: %.64s: no answer from the leader on port %d within %v", ErrTimeout, method, f.cfg.Port, timeout)
 	case <-ctx.Done():
 		err = ctx.Err()
 	}
 	if f.take(id) == nil {
-		a := <-ch // answered meanwhile
-		return a.p, a.err
+		return f.result(<-ch) // answered meanwhile
 	}
-	return Packet{}, err
+	return Value{}, err
 }
 
-// routeInvoke sends an invoke of method and, unless oneway, waits for
-// its result. An invoke larger than Config.MaxPacketSize is refused here,
-// as the leader would refuse it.
-func (f *follower) routeInvoke(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
-	encode := func(b []byte, id uint64, ms int32) ([]byte, error) {
-		n := len(b)
-		b, err := appendInvoke(b, id, ms, method, oneway, args)
-		if size := len(b) - n - HeaderSize; err == nil && size > f.cfg.MaxPacketSize {
-			return b[:n], fmt.Errorf("%w: invoke %.64s has %d bytes, Config.MaxPacketSize is %d", ErrPacketTooLarge, method, size, f.cfg.MaxPacketSize)
-		}
-		return b, err
+// result reads the answer to an invoke.
+func (f *follower) result(a answer) (Value, error) {
+	if a.err != nil {
+		return Value{}, a.err
 	}
-	if oneway {
-		return Value{}, f.oneway(func(b []byte) ([]byte, error) { return encode(b, nextID(), f.timeoutMS()) })
-	}
-	p, err := f.request(ctx, method, encode)
-	if err != nil {
-		return Value{}, err
-	}
-	conn, typ, err := parseConn(p.Conn)
-	res, ok := conn.(invokeResult)
+	c, typ, err := parseConn(a.p.Conn)
+	res, ok := c.(invokeResult)
 	switch {
 	case err != nil:
 		return Value{}, err
 	case !ok:
 		return Value{}, fmt.Errorf("%w: answer to invoke has type %.64q", ErrBadConn, typ)
 	case res.Success:
-		return Value{data: p.App, codec: f.cfg.Codec}, nil
+		return Value{data: a.p.App, codec: f.cfg.Codec}, nil
 	}
 	var e invokeErrorObject
-	if err := f.cfg.Codec.Unmarshal(p.App, &e); err != nil {
+	if err := f.cfg.Codec.Unmarshal(a.p.App, &e); err != nil {
 		return Value{}, fmt.Errorf("clusterclient: decode remote error: %w", err)
 	}
 	return Value{}, &RemoteError{Name: e.Name, Message: e.Message, Code: codeText(e.Code), Stack: e.Stack}
@@ -304,16 +301,11 @@ func (f *follower) routeSubscribe(key string, reg json.RawMessage, on bool) erro
 	if !on {
 		c = unSubscribe{Key: key, Reg: reg}
 	}
-	return f.oneway(func(b []byte) ([]byte, error) { return appendPacket(b, false, nextID(), f.timeoutMS(), c, nil) })
+	return f.send(0, nil, func(b []byte) ([]byte, error) { return appendPacket(b, false, nextID(), f.timeoutMS(), c, nil) })
 }
 
 // timeoutMS is the timeout carried by requests that wait for no answer.
 func (f *follower) timeoutMS() int32 { return int32(f.cfg.ResponseTimeout / time.Millisecond) }
-
-// oneway sends a request that gets no response.
-func (f *follower) oneway(encode func(b []byte) ([]byte, error)) error {
-	return f.send(0, nil, encode)
-}
 
 // send writes a request, registered first as pending under id if ch is
 // not nil. errDraining and errGone say that it was not sent, and waits for
