@@ -159,8 +159,7 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerCh
 		re = &RemoteError{Name: "ClusterChannelNotFoundError", Message: "the leader of channel " + l.name + " is closing", Code: codeChannelNotHosted}
 	}
 	if re != nil {
-		data, _ := l.marshal(refusal(re))
-		refuse(l.host, nc, reg, data)
+		refuse(l.host, nc, reg, l.marshal, re)
 		return
 	}
 	defer l.wg.Done()
@@ -185,12 +184,6 @@ func (l *leader) admit(sc *serverConn) bool {
 	l.conns[sc] = struct{}{}
 	l.wg.Add(1)
 	return true
-}
-
-// refusal is the register_channel_res app object that refuses a
-// follower for re.
-func refusal(re *RemoteError) registerResult {
-	return registerResult{Error: &registerErrorObject{Message: re.Message, Stack: re.Stack, Name: re.Name, Code: codeJSON(re.Code)}}
 }
 
 // secretsEqual compares in constant time, whatever the lengths.
