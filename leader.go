@@ -2,6 +2,7 @@ package clusterclient
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -141,12 +142,7 @@ func (l *leader) start(build BuildFunc) {
 // until it closes, or refuses it. br, the connection's read buffer of
 // readBufferSize bytes, serves it for its whole life.
 func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerChannel) {
-	select {
-	case <-l.ready:
-	case <-l.ctx.Done():
-		nc.Close()
-		return
-	}
+	<-l.ready // a leader closed while building waits for the build too
 	sc := &serverConn{l: l, nc: nc}
 	var re *RemoteError
 	switch {
@@ -289,16 +285,15 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	if err := validArgs(p.App, c.ArgLength); err != nil {
 		return err
 	}
-	n := len(p.App)
 	sc.gate.Lock()
 	defer sc.gate.Unlock()
-	for sc.ctx.Err() == nil && sc.running > 0 && (sc.running >= maxConnInvokes || sc.held+n > l.cfg.MaxQueuedBytes) {
+	for sc.ctx.Err() == nil && sc.running > 0 && (sc.running >= maxConnInvokes || sc.held+len(p.App) > l.cfg.MaxQueuedBytes) {
 		sc.ended.Wait()
 	}
 	if sc.ctx.Err() != nil {
 		return net.ErrClosed
 	}
-	sc.running, sc.held = sc.running+1, sc.held+n
+	sc.running, sc.held = sc.running+1, sc.held+len(p.App)
 	l.wg.Add(1) // the reader holds the count up: close is not waiting on zero
 	go l.runInvoke(sc, p, c)
 	return nil
@@ -336,10 +331,7 @@ func (l *leader) exit() {
 // drain: it is told so, as the reference would by closing the connection.
 func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
 	defer l.wg.Done()
-	limit := time.Duration(p.Timeout) * time.Millisecond
-	if p.Timeout <= 0 {
-		limit = l.cfg.ResponseTimeout
-	}
+	limit := cmp.Or(time.Duration(max(p.Timeout, 0))*time.Millisecond, l.cfg.ResponseTimeout)
 	args, rest := make([][]byte, c.ArgLength), p.App
 	for i := range args {
 		args[i], rest = nextArg(rest)
@@ -369,15 +361,14 @@ func (l *leader) answer(sc *serverConn, p *Packet, data []byte, err error) {
 	if err == nil && len(data) > l.cfg.MaxPacketSize-256 {
 		err = fmt.Errorf("clusterclient: result of %d bytes exceeds Config.MaxPacketSize %d", len(data), l.cfg.MaxPacketSize)
 	}
-	if err == nil {
-		sc.reply(p, invokeResult{Success: true}, data)
-		return
+	ok := err == nil
+	if !ok {
+		re := toRemote(err)
+		if data, err = l.marshal(invokeErrorObject{Stack: re.Stack, Name: re.Name, Message: re.Message, Code: codeJSON(re.Code)}); err != nil {
+			data, _ = JSONCodec{}.Marshal(invokeErrorObject{Name: "Error", Message: err.Error()})
+		}
 	}
-	re := toRemote(err)
-	if data, err = l.marshal(invokeErrorObject{Stack: re.Stack, Name: re.Name, Message: re.Message, Code: codeJSON(re.Code)}); err != nil {
-		data, _ = JSONCodec{}.Marshal(invokeErrorObject{Name: "Error", Message: err.Error()})
-	}
-	sc.reply(p, invokeResult{Success: false}, data)
+	sc.reply(p, invokeResult{Success: ok}, data)
 }
 
 // run runs one call, from a follower or the own Client, with the deadline

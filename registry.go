@@ -41,8 +41,9 @@ type portHost struct {
 	unreg    []net.Conn         // guarded by mu: not yet registered, or refused; oldest first
 	closed   bool               // guarded by mu
 	logStart time.Time          // guarded by mu: start of the current second of warn
-	logged   int                // guarded by mu: lines warn logged since logStart
-	dropped  int                // guarded by mu: lines warn left out since it last logged
+	// guarded by mu: lines warn logged since logStart, and left out since
+	// it last logged
+	logged, dropped int
 }
 
 // warnPerSecond bounds the lines that warn logs per second and port, so
