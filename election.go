@@ -21,9 +21,9 @@ func claim(c *Client) (*leader, error) {
 		return nil, nil
 	}
 	l := newLeader(c.name, cfg, c.deliver)
-	hosts.mu.Lock()
+	hostsMu.Lock()
 	ok, err := hostChannel(cfg, l)
-	hosts.mu.Unlock()
+	hostsMu.Unlock()
 	if ok {
 		l.start(c.build)
 		return l, nil

@@ -2,6 +2,7 @@ package clusterclient
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -48,7 +49,7 @@ type leader struct {
 
 	ctx    context.Context // ends when the leader has closed
 	cancel context.CancelFunc
-	wg     sync.WaitGroup // the build and the connections' readers
+	wg     sync.WaitGroup // the build, the connections' readers and invokes, the calls
 
 	// realMu is held from the decision to subscribe or release a key
 	// until the real client's Subscribe or Unsubscribe has returned, so
@@ -61,8 +62,8 @@ type leader struct {
 	conns   map[*serverConn]struct{} // guarded by mu
 	topics  map[string]*topic        // guarded by mu
 	calls   int                      // guarded by mu: calls running, remote and local
-	closing bool                     // guarded by mu
-	stopped bool                     // guarded by mu: the drain is over; no call may start
+	// guarded by mu: close has begun; the drain is over and no call may start
+	closing, stopped bool
 }
 
 // topic is one subscription key on the leader, to which the real client
@@ -81,14 +82,13 @@ type serverConn struct {
 	w       *sender
 	ctx     context.Context // ends when the connection closes; its invokes' contexts derive from it
 	cancel  context.CancelFunc
-	keys    map[string]struct{} // guarded by l.mu: keys subscribed
-	oddType bool                // reader only: a request of unknown type was logged
+	oddType bool // reader only: a request of unknown type was logged
 	once    sync.Once
 
-	gate    sync.Mutex
-	ended   sync.Cond // on gate: signalled when an invoke ends or the connection closes
-	running int       // guarded by gate: invokes running
-	held    int       // guarded by gate: bytes of their app objects
+	gate  sync.Mutex
+	ended sync.Cond // on gate: signalled when an invoke ends or the connection closes
+	// guarded by gate: invokes running, and the bytes of their app objects
+	running, held int
 }
 
 func newLeader(name string, cfg *Config, deliver func(key string, data []byte)) *leader {
@@ -139,36 +139,23 @@ func (l *leader) start(build BuildFunc) {
 }
 
 // serve runs one follower connection, from its register_channel packet
-// until it closes. br, the connection's read buffer of readBufferSize
-// bytes, serves it for its whole life.
+// until it closes, or refuses it. br, the connection's read buffer of
+// readBufferSize bytes, serves it for its whole life.
 func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerChannel) {
-	select {
-	case <-l.ready:
-	case <-l.ctx.Done():
-		nc.Close()
-		return
+	<-l.ready // a leader closed while building waits for the build too
+	sc := &serverConn{l: l, nc: nc}
+	var re *RemoteError
+	switch {
+	case l.cfg.Secret != "" && !secretsEqual(l.cfg.Secret, rc.Secret):
+		l.cfg.Logger.Warn("clusterclient: refusing follower with a wrong secret", "channel", l.name, "remote", nc.RemoteAddr())
+		re = &RemoteError{Name: "ClusterAuthError", Message: "wrong secret", Code: "ERR_CLUSTER_AUTH"}
+	case l.err != nil:
+		re = toRemote(l.err)
+	case !l.admit(sc):
+		re = &RemoteError{Name: "ClusterChannelNotFoundError", Message: "the leader of channel " + l.name + " is closing", Code: codeChannelNotHosted}
 	}
-	e := l.refusal(nc, rc)
-	sc := &serverConn{l: l, nc: nc, keys: make(map[string]struct{})}
-	l.mu.Lock()
-	if e == nil && l.closing {
-		e = &registerErrorObject{Name: "ClusterChannelNotFoundError",
-			Message: "the leader of channel " + l.name + " is closing", Code: codeJSON(codeChannelNotHosted)}
-	}
-	if e == nil {
-		sc.ctx, sc.cancel = context.WithCancel(l.ctx)
-		sc.ended.L = &sc.gate
-		// Taking gate orders the broadcast after the check of sc.ctx
-		// that the reader made before it waits.
-		context.AfterFunc(sc.ctx, func() { sc.gate.Lock(); sc.gate.Unlock(); sc.ended.Broadcast() })
-		sc.w = newSender(nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close)
-		l.conns[sc] = struct{}{}
-		l.wg.Add(1)
-	}
-	l.mu.Unlock()
-	if e != nil {
-		data, _ := l.marshal(registerResult{Success: false, Error: e})
-		refuse(l.host, nc, reg, data)
+	if re != nil {
+		refuse(l.host, nc, reg, l.marshal, re)
 		return
 	}
 	defer l.wg.Done()
@@ -176,17 +163,23 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerCh
 	l.dropConn(sc)
 }
 
-// refusal returns why a follower may not register, or nil.
-func (l *leader) refusal(nc net.Conn, rc registerChannel) *registerErrorObject {
-	if l.cfg.Secret != "" && !secretsEqual(l.cfg.Secret, rc.Secret) {
-		l.cfg.Logger.Warn("clusterclient: refusing follower with a wrong secret", "channel", l.name, "remote", nc.RemoteAddr())
-		return &registerErrorObject{Name: "ClusterAuthError", Message: "wrong secret", Code: codeJSON("ERR_CLUSTER_AUTH")}
+// admit adds sc to the leader's connections, unless the leader is
+// closing: it must then not miss the leader_closing notice.
+func (l *leader) admit(sc *serverConn) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closing {
+		return false
 	}
-	if l.err != nil {
-		re := toRemote(l.err)
-		return &registerErrorObject{Message: re.Message, Stack: re.Stack, Name: re.Name, Code: codeJSON(re.Code)}
-	}
-	return nil
+	sc.ctx, sc.cancel = context.WithCancel(l.ctx)
+	sc.ended.L = &sc.gate
+	// Taking gate orders the broadcast after the check of sc.ctx that
+	// the reader made before it waits.
+	context.AfterFunc(sc.ctx, func() { sc.gate.Lock(); sc.gate.Unlock(); sc.ended.Broadcast() })
+	sc.w = newSender(sc.nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close)
+	l.conns[sc] = struct{}{}
+	l.wg.Add(1)
+	return true
 }
 
 // secretsEqual compares in constant time, whatever the lengths.
@@ -232,18 +225,18 @@ func (sc *serverConn) close(err error) {
 	})
 }
 
-// send writes a packet to the follower. With inline set the calling
-// goroutine writes it, unless another one is writing already; otherwise
-// the caller never waits on the socket.
-func (sc *serverConn) send(inline, response bool, id uint64, timeout int32, c connObject, data []byte) {
-	sc.w.send(inline, func(b []byte) ([]byte, error) {
-		return appendPacket(b, response, id, timeout, c, data)
-	})
+// reply answers the request p. The calling goroutine writes it, unless
+// another one is writing already.
+func (sc *serverConn) reply(p *Packet, c connObject, data []byte) {
+	sc.w.send(true, func(b []byte) ([]byte, error) { return appendPacket(b, true, p.ID, p.Timeout, c, data) })
 }
 
-// push sends a subscribe_result.
-func (sc *serverConn) push(key string, data []byte) {
-	sc.send(false, false, nextID(), int32(sc.l.cfg.ResponseTimeout/time.Millisecond), subscribeResult{Key: key}, data)
+// notify sends a request that the follower need not answer: a
+// subscribe_result or leader_closing. The caller never waits on the
+// socket.
+func (sc *serverConn) notify(c connObject, data []byte) {
+	id, timeout := nextID(), int32(sc.l.cfg.ResponseTimeout/time.Millisecond)
+	sc.w.send(false, func(b []byte) ([]byte, error) { return appendPacket(b, false, id, timeout, c, data) })
 }
 
 // handle acts on one packet from a follower, on the connection's reader.
@@ -257,17 +250,17 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 	case invoke:
 		return l.invoke(sc, p, c)
 	case heartbeat:
-		sc.send(true, true, p.ID, p.Timeout, heartbeatRes{}, nil)
+		sc.reply(p, heartbeatRes{}, nil)
 	case subscribe:
 		key := subscriptionKey(c.Reg)
 		if latest := l.subscribe(sc, key, c.Reg); latest != nil {
-			sc.push(key, latest)
+			sc.notify(subscribeResult{Key: key}, latest)
 		}
 	case unSubscribe:
 		l.unsubscribe(sc, subscriptionKey(c.Reg))
 	case registerChannel: // the first, or again: answer again
 		ok, _ := l.marshal(registerResult{Success: true})
-		sc.send(true, true, p.ID, p.Timeout, registerChannelRes{}, ok)
+		sc.reply(p, registerChannelRes{}, ok)
 	default:
 		sc.ignore(typ)
 	}
@@ -292,50 +285,32 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	if err := validArgs(p.App, c.ArgLength); err != nil {
 		return err
 	}
-	n := len(p.App)
 	sc.gate.Lock()
-	for sc.ctx.Err() == nil && sc.running > 0 && (sc.running >= maxConnInvokes || sc.held+n > l.cfg.MaxQueuedBytes) {
+	defer sc.gate.Unlock()
+	for sc.ctx.Err() == nil && sc.running > 0 && (sc.running >= maxConnInvokes || sc.held+len(p.App) > l.cfg.MaxQueuedBytes) {
 		sc.ended.Wait()
 	}
 	if sc.ctx.Err() != nil {
-		sc.gate.Unlock()
 		return net.ErrClosed
 	}
-	sc.running, sc.held = sc.running+1, sc.held+n
-	sc.gate.Unlock()
-	if l.enter() {
-		go l.runInvoke(sc, p, c)
-		return nil
-	}
-	sc.release(n)
-	// A Node.js follower does not heed leader_closing and may call after
-	// the drain: tell it, as the reference would by closing the
-	// connection.
-	if !c.Oneway {
-		_, data := l.encodeResult(nil, &RemoteError{Name: "ClusterLeaderClosingError",
-			Message: "the leader of channel " + l.name + " is closing", Code: "ERR_CLUSTER_LEADER_CLOSING"})
-		sc.send(true, true, p.ID, p.Timeout, invokeResult{Success: false}, data)
-	}
+	sc.running, sc.held = sc.running+1, sc.held+len(p.App)
+	l.wg.Add(1) // the reader holds the count up: close is not waiting on zero
+	go l.runInvoke(sc, p, c)
 	return nil
 }
 
-// release ends an invoke that invoke let start.
-func (sc *serverConn) release(n int) {
-	sc.gate.Lock()
-	sc.running, sc.held = sc.running-1, sc.held-n
-	sc.gate.Unlock()
-	sc.ended.Signal()
-}
-
-// enter counts a call in flight, unless the leader has stopped taking
-// calls.
-func (l *leader) enter() bool {
+// enter counts a call in flight, in calls and in wg, unless the leader
+// has stopped taking calls: then it returns the error that a follower
+// gets.
+func (l *leader) enter() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if !l.stopped {
-		l.calls++
+	if l.stopped {
+		return &RemoteError{Name: "ClusterLeaderClosingError", Message: "the leader of channel " + l.name + " is closing", Code: "ERR_CLUSTER_LEADER_CLOSING"}
 	}
-	return !l.stopped
+	l.calls++
+	l.wg.Add(1)
+	return nil
 }
 
 // exit ends a call that enter counted.
@@ -344,46 +319,68 @@ func (l *leader) exit() {
 	l.calls--
 	l.mu.Unlock()
 	l.changed.Broadcast()
+	l.wg.Done()
 }
 
 // runInvoke runs one invoke from a follower and answers it, unless it is
 // oneway or its timeout passed (the follower gave up; the reference also
 // stays silent then). The packet's timeout is the method's deadline; a
 // request without one (the reference never sends that) gets the leader's
-// ResponseTimeout, so no follower can hold the real client forever.
+// ResponseTimeout, so no follower can hold the real client forever. A
+// Node.js follower does not heed leader_closing and may call after the
+// drain: it is told so, as the reference would by closing the connection.
 func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
-	defer l.exit()
-	limit := time.Duration(p.Timeout) * time.Millisecond
-	if p.Timeout <= 0 {
-		limit = l.cfg.ResponseTimeout
+	defer l.wg.Done()
+	limit := cmp.Or(time.Duration(max(p.Timeout, 0))*time.Millisecond, l.cfg.ResponseTimeout)
+	args, rest := make([][]byte, c.ArgLength), p.App
+	for i := range args {
+		args[i], rest = nextArg(rest)
 	}
-	args := make([]Value, 0, c.ArgLength)
-	for rest := p.App; len(rest) > 0; {
-		var a []byte
-		a, rest = nextArg(rest)
-		args = append(args, Value{data: a, codec: l.cfg.Codec})
+	var data []byte
+	late, err := false, l.enter()
+	if err == nil {
+		data, late, err = l.run(sc.ctx, limit, c, args)
+		l.exit()
 	}
-	result, late, err := l.run(sc.ctx, limit, c, args)
-	sc.release(len(p.App))
+	sc.gate.Lock()
+	sc.running, sc.held = sc.running-1, sc.held-len(p.App)
+	sc.gate.Unlock()
+	sc.ended.Signal()
 	switch {
 	case c.Oneway:
 	case late && p.Timeout > 0:
 		l.cfg.Logger.Warn("clusterclient: invoke outlasted its timeout; no answer sent",
 			"channel", l.name, "method", clip(c.Method), "timeout", limit, "err", err)
 	default:
-		success, data := l.encodeResult(result, err)
-		sc.send(true, true, p.ID, p.Timeout, invokeResult{Success: success}, data)
+		l.answer(sc, p, data, err)
 	}
+}
+
+// answer sends the invoke_result of p: the result data, or err.
+func (l *leader) answer(sc *serverConn, p *Packet, data []byte, err error) {
+	if err == nil && len(data) > l.cfg.MaxPacketSize-256 {
+		err = fmt.Errorf("clusterclient: result of %d bytes exceeds Config.MaxPacketSize %d", len(data), l.cfg.MaxPacketSize)
+	}
+	ok := err == nil
+	if !ok {
+		re := toRemote(err)
+		if data, err = l.marshal(invokeErrorObject{Stack: re.Stack, Name: re.Name, Message: re.Message, Code: codeJSON(re.Code)}); err != nil {
+			data, _ = JSONCodec{}.Marshal(invokeErrorObject{Name: "Error", Message: err.Error()})
+		}
+	}
+	sc.reply(p, invokeResult{Success: ok}, data)
 }
 
 // run runs one call, from a follower or the own Client, with the deadline
 // limit from now: a oneway publish with one argument goes to publish,
-// anything else to the real client. It logs the errors of oneway calls,
-// and reports whether the deadline passed.
-func (l *leader) run(ctx context.Context, limit time.Duration, c invoke, args []Value) (result any, late bool, err error) {
+// anything else to the real client. It returns the result encoded (none
+// for a oneway call), logs the errors of oneway calls, and reports whether
+// the deadline passed.
+func (l *leader) run(ctx context.Context, limit time.Duration, c invoke, raw [][]byte) (data []byte, late bool, err error) {
 	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
-	err = l.checkArgs(c.Method, args)
+	var result any
+	args, err := l.values(c.Method, raw)
 	switch {
 	case err != nil: // refused before the real client sees it
 	case c.Method == publishMethod && c.Oneway && len(args) == 1:
@@ -391,10 +388,13 @@ func (l *leader) run(ctx context.Context, limit time.Duration, c invoke, args []
 	default:
 		result, err = l.call(ctx, c.Method, args)
 	}
-	if c.Oneway && err != nil {
+	if late = ctx.Err() == context.DeadlineExceeded; c.Oneway && err != nil {
 		l.cfg.Logger.Warn("clusterclient: oneway invoke failed", "channel", l.name, "method", clip(c.Method), "err", err)
 	}
-	return result, ctx.Err() == context.DeadlineExceeded, err
+	if err == nil && !c.Oneway {
+		data, err = l.marshal(result)
+	}
+	return data, late, err
 }
 
 // clip cuts a name that a peer sent (method, type, channel) to 64
@@ -405,40 +405,23 @@ func clip(s string) string { return fmt.Sprintf("%.64s", s) }
 // argument is not valid JSON.
 const codeBadArgument = "ERR_CLUSTER_BAD_ARGUMENT"
 
-// checkArgs refuses, when the codec is JSONCodec, arguments that are not
-// valid JSON: the caller gets a clear error and the connection stays,
-// since the packet itself was well framed. Another codec decodes its own
-// arguments and reports its own errors.
-func (l *leader) checkArgs(method string, args []Value) error {
+// values wraps the arguments of a call. When the codec is JSONCodec it
+// refuses arguments that are not valid JSON: the caller gets a clear
+// error and the connection stays, since the packet itself was well
+// framed. Another codec decodes its own arguments and reports its own
+// errors.
+func (l *leader) values(method string, raw [][]byte) ([]Value, error) {
 	_, plain := l.cfg.Codec.(JSONCodec)
 	_, ptr := l.cfg.Codec.(*JSONCodec)
-	for i := 0; (plain || ptr) && i < len(args); i++ {
-		if !json.Valid(args[i].data) {
-			return &RemoteError{Name: "SyntaxError", Code: codeBadArgument,
+	args := make([]Value, len(raw))
+	for i, a := range raw {
+		if (plain || ptr) && !json.Valid(a) {
+			return nil, &RemoteError{Name: "SyntaxError", Code: codeBadArgument,
 				Message: fmt.Sprintf("argument %d of %.64q is not valid JSON", i, method)}
 		}
+		args[i] = Value{data: a, codec: l.cfg.Codec}
 	}
-	return nil
-}
-
-// encodeResult turns the outcome of an invoke into the app object of an
-// invoke_result.
-func (l *leader) encodeResult(result any, err error) (bool, []byte) {
-	var data []byte
-	if err == nil {
-		data, err = l.marshal(result)
-	}
-	if err == nil && len(data) > l.cfg.MaxPacketSize-256 {
-		err = fmt.Errorf("clusterclient: result of %d bytes exceeds Config.MaxPacketSize %d", len(data), l.cfg.MaxPacketSize)
-	}
-	if err == nil {
-		return true, data
-	}
-	re := toRemote(err)
-	if data, err = l.marshal(invokeErrorObject{Stack: re.Stack, Name: re.Name, Message: re.Message, Code: codeJSON(re.Code)}); err != nil {
-		data, _ = JSONCodec{}.Marshal(invokeErrorObject{Name: "Error", Message: err.Error()})
-	}
-	return false, data
+	return args, nil
 }
 
 // publish hands a registration to the real client: to Publish if it has
@@ -462,31 +445,19 @@ func (l *leader) publish(ctx context.Context, arg Value) error {
 // A oneway call runs on a goroutine of its own; invokeLocal returns at
 // once.
 func (l *leader) invokeLocal(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
-	if !l.enter() {
+	if l.enter() != nil {
 		return Value{}, ErrClosed
 	}
 	c := invoke{Method: method, ArgLength: len(args), Oneway: oneway}
-	vals := make([]Value, len(args))
-	for i, a := range args {
-		vals[i] = Value{data: a, codec: l.cfg.Codec}
-	}
 	if oneway {
-		go func() {
-			defer l.exit()
-			l.run(l.ctx, l.cfg.ResponseTimeout, c, vals)
-		}()
+		go func() { defer l.exit(); l.run(l.ctx, l.cfg.ResponseTimeout, c, args) }()
 		return Value{}, nil
 	}
 	defer l.exit()
-	result, late, err := l.run(ctx, l.cfg.ResponseTimeout, c, vals)
+	data, late, err := l.run(ctx, l.cfg.ResponseTimeout, c, args)
 	if late && errors.Is(err, context.DeadlineExceeded) {
 		return Value{}, fmt.Errorf("%w: %s did not return within %v", ErrTimeout, method, l.cfg.ResponseTimeout)
-	}
-	var data []byte
-	if err == nil {
-		data, err = l.marshal(result)
-	}
-	if err != nil {
+	} else if err != nil {
 		return Value{}, toRemote(err)
 	}
 	return Value{data: data, codec: l.cfg.Codec}, nil
@@ -494,7 +465,7 @@ func (l *leader) invokeLocal(ctx context.Context, method string, args [][]byte, 
 
 // publishLocal publishes a registration of the own Client.
 func (l *leader) publishLocal(ctx context.Context, reg json.RawMessage) error {
-	if !l.enter() {
+	if l.enter() != nil {
 		return ErrClosed
 	}
 	defer l.exit()
@@ -525,13 +496,15 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) []by
 	}
 	_, dup := t.subs[sc]
 	t.subs[sc] = struct{}{}
-	if sc != nil {
-		sc.keys[key] = struct{}{}
-	}
 	latest := t.latest
 	l.mu.Unlock()
-	if created {
-		l.subscribeReal(t)
+	if s, ok := l.real.(Subscriber); created && ok {
+		push := func(v any) { l.safely("the push callback", func() error { l.pushValue(t, v); return nil }) }
+		if err := l.safely("Subscriber.Subscribe", func() error { return s.Subscribe(reg, push) }); err != nil {
+			l.cfg.Logger.Warn("clusterclient: real client subscribe failed", "channel", l.name, "key", key, "err", err)
+		}
+	} else if created {
+		l.cfg.Logger.Warn("clusterclient: the real client cannot subscribe", "channel", l.name, "key", key)
 	}
 	if !l.cfg.Broadcast || (dup && sc != nil) {
 		return nil
@@ -541,19 +514,6 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) []by
 
 func (l *leader) subscribeLocal(key string, reg json.RawMessage) []byte {
 	return l.subscribe(nil, key, reg)
-}
-
-// subscribeReal subscribes the real client to t.
-func (l *leader) subscribeReal(t *topic) {
-	s, ok := l.real.(Subscriber)
-	if !ok {
-		l.cfg.Logger.Warn("clusterclient: the real client cannot subscribe", "channel", l.name, "key", t.key)
-		return
-	}
-	push := func(v any) { l.safely("the push callback", func() error { l.pushValue(t, v); return nil }) }
-	if err := l.safely("Subscriber.Subscribe", func() error { return s.Subscribe(t.reg, push) }); err != nil {
-		l.cfg.Logger.Warn("clusterclient: real client subscribe failed", "channel", l.name, "key", t.key, "err", err)
-	}
 }
 
 // pushValue keeps v as t's latest value and pushes it to t's listeners:
@@ -571,63 +531,60 @@ func (l *leader) pushValue(t *topic, v any) {
 	}
 	l.mu.Unlock()
 	if !l.cfg.Broadcast && len(targets) > 0 {
-		i := rand.IntN(len(targets))
-		targets = targets[i : i+1]
+		targets = targets[rand.IntN(len(targets)):][:1]
 	}
 	for _, sc := range targets {
 		if sc == nil {
 			l.deliver(t.key, data)
 		} else {
-			sc.push(t.key, data)
+			sc.notify(subscribeResult{Key: t.key}, data)
 		}
 	}
 }
 
-// unsubscribe removes sc (nil: the own Client) from the listeners of key;
-// the last one anywhere to leave releases the real client's subscription,
-// if it can unsubscribe.
-func (l *leader) unsubscribe(sc *serverConn, key string) {
+// unsubscribe removes sc (nil: the own Client) from the listeners of
+// keys; the last one anywhere to leave a key releases the real client's
+// subscription, if it can unsubscribe.
+func (l *leader) unsubscribe(sc *serverConn, keys ...string) {
 	l.realMu.Lock()
 	defer l.realMu.Unlock()
-	l.mu.Lock()
-	t := l.topics[key]
-	if sc != nil {
-		delete(sc.keys, key)
-	}
-	if t != nil {
-		delete(t.subs, sc)
-	}
 	u, ok := l.real.(Unsubscriber)
-	release := ok && t != nil && len(t.subs) == 0
-	if release {
-		delete(l.topics, key)
+	var gone []*topic
+	l.mu.Lock()
+	for _, key := range keys {
+		if t := l.topics[key]; t != nil {
+			delete(t.subs, sc)
+			if ok && len(t.subs) == 0 {
+				delete(l.topics, key)
+				gone = append(gone, t)
+			}
+		}
 	}
 	l.mu.Unlock()
-	if !release {
-		return
-	}
-	if err := l.safely("Unsubscriber.Unsubscribe", func() error { return u.Unsubscribe(t.reg) }); err != nil {
-		l.cfg.Logger.Warn("clusterclient: real client unsubscribe failed", "channel", l.name, "key", t.key, "err", err)
+	for _, t := range gone {
+		if err := l.safely("Unsubscriber.Unsubscribe", func() error { return u.Unsubscribe(t.reg) }); err != nil {
+			l.cfg.Logger.Warn("clusterclient: real client unsubscribe failed", "channel", l.name, "key", t.key, "err", err)
+		}
 	}
 }
 
 func (l *leader) unsubscribeLocal(key string) { l.unsubscribe(nil, key) }
 
 // dropConn forgets a closed follower connection and its subscriptions.
+// Its reader has ended, so it subscribes to nothing new meanwhile.
 func (l *leader) dropConn(sc *serverConn) {
 	l.mu.Lock()
 	delete(l.conns, sc)
-	keys := slices.Collect(maps.Keys(sc.keys))
+	keys := slices.Collect(maps.Keys(l.topics))
 	l.mu.Unlock()
 	l.changed.Broadcast()
-	for _, key := range keys {
-		l.unsubscribe(sc, key)
-	}
+	l.unsubscribe(sc, keys...)
 }
 
 // drain waits until the followers have left, then stops taking calls and
 // waits until those in flight have ended, all within Config.DrainTimeout.
-func (l *leader) drain() {
+// It returns the connections left.
+func (l *leader) drain() []*serverConn {
 	ctx, stop := context.WithTimeout(context.Background(), l.cfg.DrainTimeout)
 	defer stop()
 	// Taking mu orders the broadcast after the check of ctx.Err that a
@@ -642,17 +599,18 @@ func (l *leader) drain() {
 	for l.calls > 0 && ctx.Err() == nil {
 		l.changed.Wait()
 	}
+	return slices.Collect(maps.Keys(l.conns))
 }
 
 // close stops the leader on purpose: it frees the port (if no other
 // channel of this process uses it), tells every follower that it is
 // closing, lets Go followers leave and calls in flight finish, bounded by
-// Config.DrainTimeout, then closes what is left and the real client.
+// Config.DrainTimeout, then closes what is left, waits for the calls that
+// outlasted the drain, and closes the real client.
 func (l *leader) close() {
 	l.mu.Lock()
-	closing := l.closing
+	closing, conns := l.closing, slices.Collect(maps.Keys(l.conns))
 	l.closing = true
-	conns := slices.Collect(maps.Keys(l.conns))
 	l.mu.Unlock()
 	if closing {
 		return // closed already
@@ -661,22 +619,13 @@ func (l *leader) close() {
 		l.host.unhost(l)
 	}
 	for _, sc := range conns {
-		sc.send(false, false, nextID(), int32(l.cfg.ResponseTimeout/time.Millisecond), leaderClosing{}, nil)
+		sc.notify(leaderClosing{}, nil)
 	}
-	l.drain()
-	l.mu.Lock()
-	conns = slices.Collect(maps.Keys(l.conns))
-	l.mu.Unlock()
-	for _, sc := range conns {
+	for _, sc := range l.drain() {
 		sc.close(ErrClosed)
 	}
 	l.cancel()
-	l.mu.Lock()
-	for l.calls > 0 {
-		l.changed.Wait()
-	}
-	l.mu.Unlock()
-	l.wg.Wait()
+	l.wg.Wait() // the build, the readers and every call
 	if c, ok := l.real.(io.Closer); ok {
 		if err := l.safely("io.Closer.Close", c.Close); err != nil {
 			l.cfg.Logger.Warn("clusterclient: closing the real client", "channel", l.name, "err", err)

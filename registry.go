@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"slices"
@@ -23,30 +22,28 @@ const readBufferSize = 4 << 10
 
 // hosts holds the ports this process listens on: one listener per port,
 // shared by every channel that the process leads on it. Lock order:
-// hosts.mu, then a portHost's mu.
-var hosts = struct {
-	mu sync.Mutex
-	m  map[int]*portHost // guarded by mu
-}{m: make(map[int]*portHost)}
+// hostsMu, then a portHost's mu.
+var (
+	hostsMu sync.Mutex
+	hosts   = map[int]*portHost{} // guarded by hostsMu
+)
 
 // portHost is a listener on 127.0.0.1:port and the channels that this
 // process leads on it. It reads the first packet of each new connection
 // and hands the connection to the leader of the channel it names.
 type portHost struct {
-	port     int
-	ln       net.Listener
-	log      *slog.Logger
-	maxUnreg int            // Config.MaxUnregistered of the first channel
-	regWait  time.Duration  // Config.RegisterTimeout of the first channel
-	wg       sync.WaitGroup // the accept loop and the connections it has not handed to a leader
+	ln  net.Listener
+	cfg *Config        // the first channel's: Port, Logger, MaxUnregistered, RegisterTimeout
+	wg  sync.WaitGroup // the accept loop and the connections it has not handed to a leader
 
 	mu       sync.Mutex
 	channels map[string]*leader // guarded by mu
 	unreg    []net.Conn         // guarded by mu: not yet registered, or refused; oldest first
 	closed   bool               // guarded by mu
 	logStart time.Time          // guarded by mu: start of the current second of warn
-	logged   int                // guarded by mu: lines warn logged since logStart
-	dropped  int                // guarded by mu: lines warn left out since it last logged
+	// guarded by mu: lines warn logged since logStart, and left out since
+	// it last logged
+	logged, dropped int
 }
 
 // warnPerSecond bounds the lines that warn logs per second and port, so
@@ -63,16 +60,15 @@ func (h *portHost) warn(msg string, args ...any) {
 	}
 	h.logged++
 	ok, dropped := h.logged <= warnPerSecond, h.dropped
-	h.dropped++
-	if ok {
+	if h.dropped++; ok {
 		h.dropped = 0
 	}
 	h.mu.Unlock()
-	if ok && dropped > 0 {
+	if dropped > 0 {
 		args = append(args, "suppressed", dropped)
 	}
 	if ok {
-		h.log.Warn(msg, args...)
+		h.cfg.Logger.Warn(msg, args...)
 	}
 }
 
@@ -80,79 +76,73 @@ func (h *portHost) warn(msg string, args ...any) {
 // first if this process does not hold the port yet. It returns false,
 // and a listen error if there was one, when the port is another
 // process's or the channel already has a leader in this process.
-// Called with hosts.mu held.
+// Called with hostsMu held.
 func hostChannel(cfg *Config, l *leader) (bool, error) {
-	h := hosts.m[cfg.Port]
+	h := hosts[cfg.Port]
 	if h == nil {
 		ln, err := net.Listen("tcp", loopback(cfg.Port))
 		if err != nil {
 			return false, err
 		}
-		// The channel is hosted before the first accept: a follower
-		// that dials at once must not be refused.
-		h = &portHost{port: cfg.Port, ln: ln, log: cfg.Logger, maxUnreg: cfg.MaxUnregistered,
-			regWait: cfg.RegisterTimeout, channels: map[string]*leader{l.name: l}}
-		hosts.m[cfg.Port], l.host = h, h
-		h.wg.Add(1)
-		go h.acceptLoop()
-		return true, nil
+		h = &portHost{ln: ln, cfg: cfg, channels: map[string]*leader{}}
+		hosts[cfg.Port] = h
+		// Deferred until l is hosted: a follower that dials at once
+		// must not be refused.
+		defer func() { h.wg.Add(1); go h.acceptLoop() }()
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.channels[l.name] != nil {
-		return false, nil
+	_, taken := h.channels[l.name]
+	if !taken {
+		h.channels[l.name], l.host = l, h
 	}
-	h.channels[l.name], l.host = l, h
-	return true, nil
+	return !taken, nil
 }
 
 // unhost removes l from its port; the last channel to leave closes the
-// listener and frees the port for a new election.
+// listener and the connections not yet registered, and frees the port
+// for a new election.
 func (h *portHost) unhost(l *leader) {
-	hosts.mu.Lock()
+	hostsMu.Lock()
 	h.mu.Lock()
-	if h.channels[l.name] == l {
-		delete(h.channels, l.name)
-	}
+	delete(h.channels, l.name)
 	last := len(h.channels) == 0 && !h.closed
-	unreg := h.unreg
 	if last {
-		h.closed, h.unreg = true, nil
-		delete(hosts.m, h.port)
-	}
-	h.mu.Unlock()
-	hosts.mu.Unlock()
-	if last {
+		h.closed = true
+		delete(hosts, h.cfg.Port)
 		h.ln.Close()
-		for _, nc := range unreg {
+		for _, nc := range h.unreg {
 			nc.Close()
 		}
+		h.unreg = nil // their readers find them gone and log nothing
+	}
+	h.mu.Unlock()
+	hostsMu.Unlock()
+	if last {
 		h.wg.Wait()
 	}
 }
 
 func (h *portHost) acceptLoop() {
 	defer h.wg.Done()
-	var delay time.Duration
-	for {
+	for delay := time.Duration(0); ; {
 		nc, err := h.ln.Accept()
-		if errors.Is(err, net.ErrClosed) {
+		switch {
+		case errors.Is(err, net.ErrClosed):
 			return
-		}
-		if err != nil {
+		case err != nil:
 			// Out of file descriptors or similar: back off, as
 			// net/http does, rather than spin.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			h.log.Warn("clusterclient: accept failed", "port", h.port, "err", err, "retry", delay)
+			h.cfg.Logger.Warn("clusterclient: accept failed", "port", h.cfg.Port, "err", err, "retry", delay)
 			time.Sleep(delay)
-			continue
-		}
-		delay = 0
-		if !h.track(nc) {
+		case !h.track(nc):
 			return
+		default:
+			delay = 0
+			h.wg.Add(1)
+			go h.register(nc)
 		}
-		h.wg.Add(1)
-		go h.register(nc)
 	}
 }
 
@@ -161,23 +151,22 @@ func (h *portHost) acceptLoop() {
 // the host has closed.
 func (h *portHost) track(nc net.Conn) bool {
 	h.mu.Lock()
-	if h.closed {
-		h.mu.Unlock()
-		nc.Close()
-		return false
+	closed, evict := h.closed, nc
+	if !closed {
+		h.unreg, evict = append(h.unreg, nc), nil
 	}
-	h.unreg = append(h.unreg, nc)
-	var evict net.Conn
-	if len(h.unreg) > h.maxUnreg {
+	if !closed && len(h.unreg) > h.cfg.MaxUnregistered {
 		evict, h.unreg = h.unreg[0], h.unreg[1:]
 	}
 	h.mu.Unlock()
-	if evict != nil {
+	if evict != nil && !closed {
 		h.warn("clusterclient: closing unregistered connection: too many connections have not registered",
-			"remote", evict.RemoteAddr(), "limit", h.maxUnreg)
+			"remote", evict.RemoteAddr(), "limit", h.cfg.MaxUnregistered)
+	}
+	if evict != nil {
 		evict.Close()
 	}
-	return true
+	return !closed
 }
 
 // registered takes nc off the list of unregistered connections. It
@@ -194,62 +183,49 @@ func (h *portHost) registered(nc net.Conn) bool {
 
 // register reads the first packet of a connection, which must register a
 // channel that this process leads, and hands the connection to that
-// channel's leader.
+// channel's leader; it closes or refuses any other.
 func (h *portHost) register(nc net.Conn) {
-	l, p, rc, br := h.handshake(nc)
+	nc.SetReadDeadline(time.Now().Add(h.cfg.RegisterTimeout))
+	br := bufio.NewReaderSize(nc, readBufferSize)
+	p := new(Packet)
+	rc, err := h.registerOf(NewReader(br, registerMaxPacket).ReadPacket(p), p)
+	tracked := h.registered(nc) // else evicted, or the host closed
+	// A connection closed before its first byte is no fault: a Node.js
+	// follower made to follow probes the port that way.
+	if tracked && err != nil && err != io.EOF {
+		h.warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
+	}
+	var l *leader
+	if tracked && err == nil {
+		// Registered: from here on the leader's heartbeat check bounds
+		// a silent connection.
+		nc.SetReadDeadline(time.Time{})
+		h.mu.Lock()
+		l = h.channels[rc.ChannelName]
+		h.mu.Unlock()
+		if l == nil {
+			h.warn("clusterclient: refusing register for a channel this leader does not host",
+				"remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
+			refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
+				Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.cfg.Port, rc.ChannelName)})
+		}
+	} else {
+		nc.Close()
+	}
 	h.wg.Done()
 	if l != nil {
 		l.serve(nc, br, p, rc)
 	}
 }
 
-// handshake reads and checks the first packet of nc. It returns the
-// leader of the channel named, or nil after closing or refusing nc.
-func (h *portHost) handshake(nc net.Conn) (*leader, *Packet, registerChannel, *bufio.Reader) {
-	nc.SetReadDeadline(time.Now().Add(h.regWait))
-	br := bufio.NewReaderSize(nc, readBufferSize)
-	var p Packet
-	var rc registerChannel
-	err := NewReader(br, registerMaxPacket).ReadPacket(&p)
-	if !h.registered(nc) {
-		nc.Close()
-		return nil, nil, rc, nil
-	}
-	if err == nil {
-		rc, err = registerOf(&p)
-	}
+// registerOf reads the register_channel that the first packet p of a
+// connection must be, given the error of reading it.
+func (h *portHost) registerOf(err error, p *Packet) (registerChannel, error) {
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		err = fmt.Errorf("no register_channel within Config.RegisterTimeout %v: %w", h.regWait, err)
+		return registerChannel{}, fmt.Errorf("no register_channel within Config.RegisterTimeout %v: %w", h.cfg.RegisterTimeout, err)
+	} else if err != nil {
+		return registerChannel{}, err
 	}
-	if err != nil {
-		// A connection closed before its first byte is no fault: a
-		// Node.js follower made to follow probes the port that way.
-		if err != io.EOF {
-			h.warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
-		}
-		nc.Close()
-		return nil, nil, rc, nil
-	}
-	// Registered: from here on the leader's heartbeat check bounds a
-	// silent connection.
-	nc.SetReadDeadline(time.Time{})
-	h.mu.Lock()
-	l := h.channels[rc.ChannelName]
-	h.mu.Unlock()
-	if l == nil {
-		h.warn("clusterclient: refusing register for a channel this leader does not host",
-			"remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.port)
-		data, _ := JSONCodec{}.Marshal(registerResult{Error: &registerErrorObject{Name: "ClusterChannelNotFoundError",
-			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.port, rc.ChannelName),
-			Code:    codeJSON(codeChannelNotHosted)}})
-		refuse(h, nc, &p, data)
-	}
-	return l, &p, rc, br
-}
-
-// registerOf reads the register_channel that the first packet of a
-// connection must be.
-func registerOf(p *Packet) (registerChannel, error) {
 	c, typ, err := parseConn(p.Conn)
 	rc, ok := c.(registerChannel)
 	if err == nil && (!ok || p.Response) {
@@ -262,21 +238,22 @@ func registerOf(p *Packet) (registerChannel, error) {
 // the leader does not host the channel. A follower keeps trying.
 const codeChannelNotHosted = "ERR_CLUSTER_CHANNEL_NOT_HOSTED"
 
-// refuse answers a register_channel with data, a registerResult with
-// success false (nothing if nil), then holds nc until the peer closes it
-// or RegisterTimeout passes, discarding what it sends. A Node.js
-// follower elects again as soon as its connection closes: closed at
-// once, a refused one comes back in a tight loop. A Go follower closes
-// its side on reading the refusal. Held connections count among the
-// unregistered ones, so MaxUnregistered bounds them.
-func refuse(h *portHost, nc net.Conn, req *Packet, data []byte) {
-	if data != nil {
+// refuse answers a register_channel with a registerResult that refuses
+// for re, encoded with marshal (nothing if that fails), then holds nc
+// until the peer closes it or RegisterTimeout passes, discarding what it
+// sends. A Node.js follower elects again as soon as its connection
+// closes: closed at once, a refused one comes back in a tight loop. A Go
+// follower closes its side on reading the refusal. Held connections count
+// among the unregistered ones, so MaxUnregistered bounds them.
+func refuse(h *portHost, nc net.Conn, req *Packet, marshal func(any) ([]byte, error), re *RemoteError) {
+	data, err := marshal(registerResult{Error: &registerErrorObject{Message: re.Message, Stack: re.Stack, Name: re.Name, Code: codeJSON(re.Code)}})
+	if err == nil {
 		b, _ := appendPacket(nil, true, req.ID, req.Timeout, registerChannelRes{}, data)
 		nc.SetWriteDeadline(time.Now().Add(time.Second))
 		nc.Write(b)
 	}
 	if h.track(nc) {
-		nc.SetReadDeadline(time.Now().Add(h.regWait))
+		nc.SetReadDeadline(time.Now().Add(h.cfg.RegisterTimeout))
 		io.Copy(io.Discard, nc)
 		h.registered(nc)
 		nc.Close()
