@@ -441,10 +441,10 @@ func (l *leader) publish(ctx context.Context, arg Value) error {
 	})
 }
 
-// invokeLocal runs a call of the own Client straight on the real client.
-// A oneway call runs on a goroutine of its own; invokeLocal returns at
+// routeInvoke runs a call of the own Client straight on the real client.
+// A oneway call runs on a goroutine of its own; routeInvoke returns at
 // once.
-func (l *leader) invokeLocal(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
+func (l *leader) routeInvoke(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
 	if l.enter() != nil {
 		return Value{}, ErrClosed
 	}
@@ -463,20 +463,13 @@ func (l *leader) invokeLocal(ctx context.Context, method string, args [][]byte, 
 	return Value{data: data, codec: l.cfg.Codec}, nil
 }
 
-// publishLocal publishes a registration of the own Client.
-func (l *leader) publishLocal(ctx context.Context, reg json.RawMessage) error {
-	if l.enter() != nil {
-		return ErrClosed
-	}
-	defer l.exit()
-	ctx, cancel := context.WithTimeout(ctx, l.cfg.ResponseTimeout)
-	defer cancel()
-	data, err := l.marshal(reg)
-	if err == nil {
-		err = l.publish(ctx, Value{data: data, codec: l.cfg.Codec})
-	}
-	if err != nil {
-		return toRemote(err)
+// routeSubscribe adds or removes the own Client as a listener of key; the
+// latest value, if any, goes to the Client's listeners at once.
+func (l *leader) routeSubscribe(key string, reg json.RawMessage, on bool) error {
+	if !on {
+		l.unsubscribe(nil, key)
+	} else if latest := l.subscribe(nil, key, reg); latest != nil {
+		l.deliver(key, latest)
 	}
 	return nil
 }
@@ -510,10 +503,6 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) []by
 		return nil
 	}
 	return latest
-}
-
-func (l *leader) subscribeLocal(key string, reg json.RawMessage) []byte {
-	return l.subscribe(nil, key, reg)
 }
 
 // pushValue keeps v as t's latest value and pushes it to t's listeners:
@@ -567,8 +556,6 @@ func (l *leader) unsubscribe(sc *serverConn, keys ...string) {
 		}
 	}
 }
-
-func (l *leader) unsubscribeLocal(key string) { l.unsubscribe(nil, key) }
 
 // dropConn forgets a closed follower connection and its subscriptions.
 // Its reader has ended, so it subscribes to nothing new meanwhile.
