@@ -621,7 +621,7 @@ func TestInvokeInProcess(t *testing.T) {
 	real := newTestReal()
 	real.name = "leader"
 	cfg := testConfig(t, port)
-	cfg.ResponseTimeout = 200 * time.Millisecond
+	cfg.ResponseTimeout = time.Second // short, with room for a loaded machine under -race
 	lead := newClient(t, "calls", cfg, real)
 	mustReady(t, lead)
 	fcfg := *cfg
@@ -667,7 +667,7 @@ func TestInvokeInProcess(t *testing.T) {
 			start := time.Now()
 			_, err = c.Invoke(ctx, "sleep", 5000)
 			if !errors.Is(err, ErrTimeout) {
-				t.Fatalf("sleep 5s with a 200ms response timeout: %v, want ErrTimeout", err)
+				t.Fatalf("sleep 5s with a 1s response timeout: %v, want ErrTimeout", err)
 			}
 			if d := time.Since(start); d > 3*time.Second {
 				t.Errorf("timeout took %v", d)
