@@ -102,7 +102,7 @@ type Packet struct {
 func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
 	start := len(b)
 	b = append(appendHeader(b, p.Response, p.ID, p.Timeout, 0, 0), p.Conn...)
-	return finishPacket(append(b, p.App...), start, len(p.Conn))
+	return finishPacket(append(b, p.App...), start, len(b))
 }
 
 // MarshalBinary returns the encoded packet.
@@ -350,8 +350,7 @@ func (c invoke) appendJSON(b []byte) []byte {
 }
 
 func (c invokeResult) appendJSON(b []byte) []byte {
-	b = strconv.AppendBool(append(b, `{"type":"invoke_result","success":`...), c.Success)
-	return append(b, '}')
+	return append(strconv.AppendBool(append(b, `{"type":"invoke_result","success":`...), c.Success), '}')
 }
 
 func (heartbeat) appendJSON(b []byte) []byte { return append(b, `{"type":"heartbeat"}`...) }
@@ -377,11 +376,29 @@ func appendJSONString(b []byte, s string) []byte {
 	return append(b, '"')
 }
 
-// emptyConns are the conn objects that carry nothing but their type, by
-// type.
-var emptyConns = map[string]connObject{
-	"register_channel_res": registerChannelRes{}, "subscribe_result_res": subscribeResultRes{},
-	"heartbeat": heartbeat{}, "heartbeat_res": heartbeatRes{}, "leader_closing": leaderClosing{},
+// connFields holds the keys that parseConn knows, whatever the conn
+// object's type, decoded into the typed objects that use them.
+type connFields struct {
+	typ string
+	rc  registerChannel
+	sub subscribe // key and reg, for subscribe_result and unSubscribe too
+	inv invoke
+	res invokeResult
+}
+
+// connTypes makes the typed conn object of each known type.
+var connTypes = map[string]func(f *connFields) connObject{
+	"register_channel":     func(f *connFields) connObject { return f.rc },
+	"register_channel_res": func(*connFields) connObject { return registerChannelRes{} },
+	"subscribe":            func(f *connFields) connObject { return f.sub },
+	"unSubscribe":          func(f *connFields) connObject { return unSubscribe(f.sub) },
+	"subscribe_result":     func(f *connFields) connObject { return subscribeResult{Key: f.sub.Key} },
+	"subscribe_result_res": func(*connFields) connObject { return subscribeResultRes{} },
+	"invoke":               func(f *connFields) connObject { return f.inv },
+	"invoke_result":        func(f *connFields) connObject { return f.res },
+	"heartbeat":            func(*connFields) connObject { return heartbeat{} },
+	"heartbeat_res":        func(*connFields) connObject { return heartbeatRes{} },
+	"leader_closing":       func(*connFields) connObject { return leaderClosing{} },
 }
 
 // parseConn decodes a conn object into its typed value. An unknown type
@@ -404,41 +421,26 @@ func parseConn(b []byte) (connObject, string, error) {
 	if err := json.Unmarshal(b, &m); err != nil || m == nil {
 		return nil, "", fmt.Errorf("%w: %.64q", ErrBadConn, b)
 	}
-	var f struct {
-		typ, channelName, secret, key, method string
-		argLength                             int
-		oneway, success                       bool
-	}
-	fields := [...]struct {
+	var f connFields
+	for _, k := range [...]struct {
 		key string
 		dst any
-	}{{"type", &f.typ}, {"channelName", &f.channelName}, {"secret", &f.secret}, {"key", &f.key},
-		{"method", &f.method}, {"argLength", &f.argLength}, {"oneway", &f.oneway}, {"success", &f.success}}
-	for _, k := range fields {
+	}{{"type", &f.typ}, {"channelName", &f.rc.ChannelName}, {"secret", &f.rc.Secret}, {"key", &f.sub.Key},
+		{"reg", &f.sub.Reg}, {"method", &f.inv.Method}, {"argLength", &f.inv.ArgLength}, {"oneway", &f.inv.Oneway},
+		{"success", &f.res.Success}} {
 		if raw, ok := m[k.key]; ok {
 			if err := json.Unmarshal(raw, k.dst); err != nil {
 				return nil, "", fmt.Errorf("%w: key %q: %v", ErrBadConn, k.key, err)
 			}
 		}
 	}
-	switch f.typ {
-	case "register_channel":
-		return registerChannel{ChannelName: f.channelName, Secret: f.secret}, f.typ, nil
-	case "subscribe":
-		return subscribe{Key: f.key, Reg: m["reg"]}, f.typ, nil
-	case "unSubscribe":
-		return unSubscribe{Key: f.key, Reg: m["reg"]}, f.typ, nil
-	case "subscribe_result":
-		return subscribeResult{Key: f.key}, f.typ, nil
-	case "invoke_result":
-		return invokeResult{Success: f.success}, f.typ, nil
-	case "invoke":
-		if f.argLength < 0 {
-			return nil, f.typ, fmt.Errorf("%w: argLength %d", ErrArgCount, f.argLength)
-		}
-		return invoke{Method: f.method, ArgLength: f.argLength, Oneway: f.oneway}, f.typ, nil
+	if f.typ == "invoke" && f.inv.ArgLength < 0 {
+		return nil, f.typ, fmt.Errorf("%w: argLength %d", ErrArgCount, f.inv.ArgLength)
 	}
-	return emptyConns[f.typ], f.typ, nil // nil for an unknown type
+	if build := connTypes[f.typ]; build != nil {
+		return build(&f), f.typ, nil
+	}
+	return nil, f.typ, nil // an unknown type
 }
 
 // appendPacket appends a whole packet with conn object c and app object
@@ -446,8 +448,7 @@ func parseConn(b []byte) (connObject, string, error) {
 func appendPacket(b []byte, response bool, id uint64, timeout int32, c connObject, app []byte) ([]byte, error) {
 	start := len(b)
 	b = c.appendJSON(appendHeader(b, response, id, timeout, 0, 0))
-	connLen := len(b) - start - HeaderSize
-	return finishPacket(append(b, app...), start, connLen)
+	return finishPacket(append(b, app...), start, len(b))
 }
 
 // appendInvoke appends an invoke packet whose app object frames args,
@@ -455,14 +456,14 @@ func appendPacket(b []byte, response bool, id uint64, timeout int32, c connObjec
 func appendInvoke(b []byte, id uint64, timeout int32, method string, oneway bool, args [][]byte) ([]byte, error) {
 	start := len(b)
 	b = invoke{Method: method, ArgLength: len(args), Oneway: oneway}.appendJSON(appendHeader(b, false, id, timeout, 0, 0))
-	connLen := len(b) - start - HeaderSize
-	return finishPacket(appendArgs(b, args), start, connLen)
+	return finishPacket(appendArgs(b, args), start, len(b))
 }
 
 // finishPacket writes the conn and app lengths into the header that
-// starts at b[start], undoing the append if the packet is too large.
-func finishPacket(b []byte, start, connLen int) ([]byte, error) {
-	appLen := len(b) - start - HeaderSize - connLen
+// starts at b[start], the conn object ending at b[connEnd] and the app
+// object at the end of b, undoing the append if the packet is too large.
+func finishPacket(b []byte, start, connEnd int) ([]byte, error) {
+	connLen, appLen := connEnd-start-HeaderSize, len(b)-connEnd
 	if connLen > math.MaxInt32 || appLen > math.MaxInt32 {
 		return b[:start], fmt.Errorf("%w: conn %d bytes, app %d bytes", ErrPacketTooLarge, connLen, appLen)
 	}
@@ -485,21 +486,18 @@ func appendArgs(b []byte, args [][]byte) []byte {
 // or bytes left after the last, is ErrArgCount; a length that runs past
 // the end of app is ErrArgOverrun.
 func validArgs(app []byte, argLength int) error {
-	if argLength < 0 || argLength > len(app)/4 {
-		return fmt.Errorf("%w: argLength %d, app object %d bytes", ErrArgCount, argLength, len(app))
-	}
-	rest := app
-	for i := range argLength {
-		if len(rest) < 4 {
-			return fmt.Errorf("%w: argLength %d, frame holds %d", ErrArgCount, argLength, i)
-		}
+	i, rest := 0, app
+	// Every argument takes 4 bytes at least: a larger argLength is
+	// refused before any of app is read.
+	for ; i < argLength && argLength <= len(app)/4 && len(rest) >= 4; i++ {
 		if n := binary.BigEndian.Uint32(rest); uint64(n) > uint64(len(rest)-4) {
 			return fmt.Errorf("%w: argument %d claims %d bytes, %d remain", ErrArgOverrun, i, n, len(rest)-4)
 		}
 		_, rest = nextArg(rest)
 	}
-	if len(rest) != 0 {
-		return fmt.Errorf("%w: argLength %d, %d bytes left after the last argument", ErrArgCount, argLength, len(rest))
+	if i != argLength || len(rest) != 0 {
+		return fmt.Errorf("%w: argLength %d, app object of %d bytes read up to argument %d, %d bytes left",
+			ErrArgCount, argLength, len(app), i, len(rest))
 	}
 	return nil
 }
