@@ -129,25 +129,6 @@ func (p *Packet) UnmarshalBinary(data []byte) error {
 	return nil
 }
 
-// checkHeader checks a header and returns its conn and app lengths, whose
-// sum may not exceed max.
-func checkHeader(b []byte, max int) (connLen, appLen int, err error) {
-	if b[0] != ProtocolVersion {
-		return 0, 0, fmt.Errorf("%w: %d", ErrBadVersion, b[0])
-	}
-	if b[1] != typeRequest && b[1] != typeResponse {
-		return 0, 0, fmt.Errorf("%w: %d", ErrBadType, b[1])
-	}
-	c, a := int32(binary.BigEndian.Uint32(b[16:20])), int32(binary.BigEndian.Uint32(b[20:24]))
-	if c < 0 || a < 0 {
-		return 0, 0, fmt.Errorf("%w: conn %d, app %d", ErrNegativeLength, c, a)
-	}
-	if int64(c)+int64(a) > int64(max) {
-		return 0, 0, fmt.Errorf("%w: conn %d + app %d bytes, maximum %d", ErrPacketTooLarge, c, a, max)
-	}
-	return int(c), int(a), nil
-}
-
 // truncated is the ErrTruncated for where, which ended after got of want
 // bytes.
 func truncated(where string, got, want int) error {
@@ -203,11 +184,7 @@ func (r *Reader) ReadPacket(p *Packet) error {
 	} else if err != nil {
 		return err // io.EOF at a clean end
 	}
-	connLen, appLen, err := checkHeader(h, r.max)
-	if err != nil {
-		return err
-	}
-	body, err := readBody(r.r, connLen+appLen)
+	body, connLen, err := r.readBody(h)
 	if err != nil {
 		return err
 	}
@@ -217,29 +194,45 @@ func (r *Reader) ReadPacket(p *Packet) error {
 	}
 	*p = Packet{Response: h[1] == typeResponse, ID: binary.BigEndian.Uint64(h[4:12]),
 		Timeout: int32(binary.BigEndian.Uint32(h[12:16])), Conn: conn}
-	if appLen > 0 {
+	if len(body) > connLen {
 		p.App = body[connLen:]
 	}
 	return nil
 }
 
-// readBody reads n bytes into a new slice. Up to readChunk it allocates
-// n at once; past that it starts with readChunk and doubles the buffer
-// (capped at n) only once the bytes already asked for have arrived. So
-// a body that arrives whole costs less than 3n bytes of allocation, and
-// one cut short after m bytes costs at most max(readChunk, 4m).
-func readBody(r io.Reader, n int) ([]byte, error) {
+// readBody checks the header h, whose conn length plus app length may not
+// exceed r.max, and reads the body that it announces into a new slice; it
+// returns the body and the conn length.
+//
+// Up to readChunk it allocates the body at once; past that it starts with
+// readChunk and doubles the buffer (capped at the body's length) only once
+// the bytes already asked for have arrived. So a body that arrives whole
+// costs less than 3n bytes of allocation, and one cut short after m bytes
+// costs at most max(readChunk, 4m).
+func (r *Reader) readBody(h []byte) (body []byte, connLen int, err error) {
+	c, a := int32(binary.BigEndian.Uint32(h[16:20])), int32(binary.BigEndian.Uint32(h[20:24]))
+	switch {
+	case h[0] != ProtocolVersion:
+		return nil, 0, fmt.Errorf("%w: %d", ErrBadVersion, h[0])
+	case h[1] > typeResponse: // typeRequest is 0
+		return nil, 0, fmt.Errorf("%w: %d", ErrBadType, h[1])
+	case min(c, a) < 0:
+		return nil, 0, fmt.Errorf("%w: conn %d, app %d", ErrNegativeLength, c, a)
+	case int64(c)+int64(a) > int64(r.max):
+		return nil, 0, fmt.Errorf("%w: conn %d + app %d bytes, maximum %d", ErrPacketTooLarge, c, a, r.max)
+	}
+	n := int(c) + int(a)
 	b := make([]byte, 0, min(n, readChunk))
 	for {
-		m, err := io.ReadFull(r, b[len(b):cap(b)])
+		m, err := io.ReadFull(r.r, b[len(b):cap(b)])
 		b = b[:len(b)+m]
 		if err == io.EOF || err == io.ErrUnexpectedEOF {
-			return nil, truncated("body", len(b), n)
+			return nil, 0, truncated("body", len(b), n)
 		} else if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		if len(b) == n {
-			return b, nil
+			return b, int(c), nil
 		}
 		b = append(make([]byte, 0, min(n, 2*cap(b))), b...)
 	}
