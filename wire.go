@@ -561,10 +561,7 @@ func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 		if depth == 0 {
 			return nil, fmt.Errorf("nested deeper than %d", maxRegDepth)
 		}
-		if x == '[' {
-			return appendJSArray(b, dec, depth-1)
-		}
-		return appendJSObject(b, dec, depth-1)
+		return appendJSContainer(b, dec, depth-1, x)
 	case string:
 		return appendJSONString(b, x), nil
 	case json.Number:
@@ -575,33 +572,23 @@ func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 	return append(b, "null"...), nil
 }
 
-// appendJSArray appends the rest of an array whose '[' dec has read.
-func appendJSArray(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
-	b = append(b, '[')
-	for i := 0; dec.More(); i++ {
-		if i > 0 {
-			b = append(b, ',')
-		}
-		var err error
-		if b, err = appendJSValue(b, dec, depth); err != nil {
-			return nil, err
-		}
-	}
-	_, err := dec.Token()
-	return append(b, ']'), err
-}
-
-// appendJSObject appends the rest of an object whose '{' dec has read,
-// its keys in the order a JavaScript object lists them.
-func appendJSObject(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
+// appendJSContainer appends the rest of the array or object that open,
+// which dec has read, began. An object's keys come in the order a
+// JavaScript object lists them (see jsKeyRank), a repeated key keeping its
+// first place and its last value. An array's elements are keyed by their
+// index, so the same order keeps them in place.
+func appendJSContainer(b []byte, dec *json.Decoder, depth int, open json.Delim) ([]byte, error) {
 	var keys []string
 	vals := map[string][]byte{}
-	for dec.More() {
-		tok, err := dec.Token()
-		if err != nil {
-			return nil, err
+	for i := 0; dec.More(); i++ {
+		k := strconv.Itoa(i)
+		if open == '{' {
+			tok, err := dec.Token()
+			if err != nil {
+				return nil, err
+			}
+			k, _ = tok.(string)
 		}
-		k, _ := tok.(string)
 		v, err := appendJSValue(nil, dec, depth)
 		if err != nil {
 			return nil, err
@@ -616,14 +603,17 @@ func appendJSObject(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 	}
 	// Stable: keys that are not array indexes keep their order.
 	slices.SortStableFunc(keys, func(a, b string) int { return cmp.Compare(jsKeyRank(a), jsKeyRank(b)) })
-	b = append(b, '{')
+	b = append(b, byte(open))
 	for i, k := range keys {
 		if i > 0 {
 			b = append(b, ',')
 		}
-		b = append(append(appendJSONString(b, k), ':'), vals[k]...)
+		if open == '{' {
+			b = append(appendJSONString(b, k), ':')
+		}
+		b = append(b, vals[k]...)
 	}
-	return append(b, '}'), nil
+	return append(b, byte(open)+2), nil // in ASCII, ']' is '[' + 2 and '}' is '{' + 2
 }
 
 // jsKeyRank ranks an object key as a JavaScript object orders its keys:
