@@ -114,10 +114,8 @@ func (p *Packet) MarshalBinary() ([]byte, error) {
 // does with DefaultMaxPacketSize as the bound. Conn and App are copied
 // out of data.
 func (p *Packet) UnmarshalBinary(data []byte) error {
-	r := bytes.NewReader(data)
-	var q Packet
-	err := NewReader(r, 0).ReadPacket(&q)
-	switch {
+	r, q := bytes.NewReader(data), Packet{}
+	switch err := NewReader(r, 0).ReadPacket(&q); {
 	case err == io.EOF:
 		return truncated("header", 0, HeaderSize)
 	case err != nil:
@@ -160,10 +158,7 @@ type Reader struct {
 // maxPacketSize <= 0). Wrap a network connection in a bufio.Reader first
 // to save system calls.
 func NewReader(r io.Reader, maxPacketSize int) *Reader {
-	if maxPacketSize <= 0 {
-		maxPacketSize = DefaultMaxPacketSize
-	}
-	return &Reader{r: r, max: maxPacketSize}
+	return &Reader{r: r, max: cmp.Or(max(maxPacketSize, 0), DefaultMaxPacketSize)} // 0 or less: the default
 }
 
 // ReadPacket reads the next packet into p. Conn and App share one newly
@@ -241,9 +236,7 @@ func (r *Reader) readBody(h []byte) (body []byte, connLen int, err error) {
 // connObject is one of the typed conn objects below. appendJSON writes it
 // as JSON.stringify writes the reference's object: keys in the
 // reference's order, no spaces, no trailing newline.
-type connObject interface {
-	appendJSON(b []byte) []byte
-}
+type connObject interface{ appendJSON(b []byte) []byte }
 
 // registerChannel is the first packet a follower sends on a connection.
 type registerChannel struct {
@@ -338,8 +331,7 @@ func (subscribeResultRes) appendJSON(b []byte) []byte {
 func (c invoke) appendJSON(b []byte) []byte {
 	b = appendJSONString(append(b, `{"type":"invoke","method":`...), c.Method)
 	b = strconv.AppendInt(append(b, `,"argLength":`...), int64(c.ArgLength), 10)
-	b = strconv.AppendBool(append(b, `,"oneway":`...), c.Oneway)
-	return append(b, '}')
+	return append(strconv.AppendBool(append(b, `,"oneway":`...), c.Oneway), '}')
 }
 
 func (c invokeResult) appendJSON(b []byte) []byte {
@@ -469,8 +461,7 @@ func finishPacket(b []byte, start, connEnd int) ([]byte, error) {
 // length, then its bytes.
 func appendArgs(b []byte, args [][]byte) []byte {
 	for _, a := range args {
-		b = binary.BigEndian.AppendUint32(b, uint32(len(a)))
-		b = append(b, a...)
+		b = append(binary.BigEndian.AppendUint32(b, uint32(len(a))), a...)
 	}
 	return b
 }
@@ -489,8 +480,7 @@ func validArgs(app []byte, argLength int) error {
 		_, rest = nextArg(rest)
 	}
 	if i != argLength || len(rest) != 0 {
-		return fmt.Errorf("%w: argLength %d, app object of %d bytes read up to argument %d, %d bytes left",
-			ErrArgCount, argLength, len(app), i, len(rest))
+		return fmt.Errorf("%w: argLength %d, %d bytes left after %d arguments", ErrArgCount, argLength, len(rest), i)
 	}
 	return nil
 }
