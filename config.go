@@ -145,17 +145,15 @@ type Config struct {
 // DefaultConfig returns the default configuration, with the port and
 // single mode taken from the environment where set.
 func DefaultConfig() *Config {
-	c := withDefaults(&Config{Broadcast: true, SingleMode: os.Getenv(EnvSingleMode) == "1"})
+	c := withDefaults(nil)
 	return &c
 }
 
-// withDefaults returns a copy of c (DefaultConfig when nil) whose zero
-// fields hold their defaults.
+// withDefaults returns a copy of c whose zero fields hold their defaults;
+// a nil c is DefaultConfig's, which broadcasts and reads single mode from
+// the environment.
 func withDefaults(c *Config) Config {
-	if c == nil {
-		return *DefaultConfig()
-	}
-	d := *c
+	d := *cmp.Or(c, &Config{Broadcast: true, SingleMode: os.Getenv(EnvSingleMode) == "1"})
 	envPort, _ := strconv.Atoi(os.Getenv(EnvPort))
 	d.Port = cmp.Or(d.Port, envPort, 7777)
 	d.MaxWaitTime = cmp.Or(d.MaxWaitTime, 30*time.Second)
@@ -189,7 +187,8 @@ func VerifyConfig(c *Config) error {
 	case d.MaxPacketSize < 1<<10 || d.MaxPacketSize > 1<<30:
 		return fmt.Errorf("clusterclient: Config.MaxPacketSize %d out of range 1 KiB..1 GiB", d.MaxPacketSize)
 	case d.MaxQueuedBytes < d.MaxPacketSize+HeaderSize:
-		return fmt.Errorf("clusterclient: Config.MaxQueuedBytes %d is less than MaxPacketSize + HeaderSize (%d)", d.MaxQueuedBytes, d.MaxPacketSize+HeaderSize)
+		return fmt.Errorf("clusterclient: Config.MaxQueuedBytes %d is less than MaxPacketSize + HeaderSize (%d)",
+			d.MaxQueuedBytes, d.MaxPacketSize+HeaderSize)
 	case d.MaxUnregistered < 1:
 		return fmt.Errorf("clusterclient: Config.MaxUnregistered %d is negative", d.MaxUnregistered)
 	}
@@ -310,21 +309,17 @@ type JSONCodec struct{}
 
 // Marshal encodes v as JSON.
 func (JSONCodec) Marshal(v any) ([]byte, error) {
-	switch x := v.(type) {
-	case json.RawMessage:
-		if x != nil {
-			return x, nil
-		}
-	case Value:
-		return x.MarshalJSON()
+	if raw, ok := v.(json.RawMessage); ok && raw != nil {
+		return raw, nil
+	}
+	if val, ok := v.(Value); ok {
+		return val.MarshalJSON()
 	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
 	enc.SetEscapeHTML(false)
-	if err := enc.Encode(v); err != nil {
-		return nil, err
-	}
-	return bytes.TrimSuffix(buf.Bytes(), []byte{'\n'}), nil
+	err := enc.Encode(v) // writes nothing on error, so the result is nil then
+	return bytes.TrimSuffix(buf.Bytes(), []byte{'\n'}), err
 }
 
 // Unmarshal decodes JSON data into v.
@@ -409,7 +404,8 @@ func Method[A, R any](m Methods, name string, fn func(ctx context.Context, arg A
 			err = args[0].Decode(&a)
 		}
 		if err != nil {
-			return nil, &RemoteError{Name: "TypeError", Message: name + ": bad argument: " + err.Error(), Code: "ERR_CLUSTER_BAD_ARGUMENT", err: err}
+			return nil, &RemoteError{Name: "TypeError", Message: name + ": bad argument: " + err.Error(),
+				Code: "ERR_CLUSTER_BAD_ARGUMENT", err: err}
 		}
 		return fn(ctx, a)
 	}

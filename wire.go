@@ -102,7 +102,7 @@ type Packet struct {
 func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
 	start := len(b)
 	b = append(appendHeader(b, p.Response, p.ID, p.Timeout, 0, 0), p.Conn...)
-	return finishPacket(append(b, p.App...), start, len(p.Conn))
+	return finishPacket(append(b, p.App...), start, len(b))
 }
 
 // MarshalBinary returns the encoded packet.
@@ -114,10 +114,8 @@ func (p *Packet) MarshalBinary() ([]byte, error) {
 // does with DefaultMaxPacketSize as the bound. Conn and App are copied
 // out of data.
 func (p *Packet) UnmarshalBinary(data []byte) error {
-	r := bytes.NewReader(data)
-	var q Packet
-	err := NewReader(r, 0).ReadPacket(&q)
-	switch {
+	r, q := bytes.NewReader(data), Packet{}
+	switch err := NewReader(r, 0).ReadPacket(&q); {
 	case err == io.EOF:
 		return truncated("header", 0, HeaderSize)
 	case err != nil:
@@ -127,25 +125,6 @@ func (p *Packet) UnmarshalBinary(data []byte) error {
 	}
 	*p = q
 	return nil
-}
-
-// checkHeader checks a header and returns its conn and app lengths, whose
-// sum may not exceed max.
-func checkHeader(b []byte, max int) (connLen, appLen int, err error) {
-	if b[0] != ProtocolVersion {
-		return 0, 0, fmt.Errorf("%w: %d", ErrBadVersion, b[0])
-	}
-	if b[1] != typeRequest && b[1] != typeResponse {
-		return 0, 0, fmt.Errorf("%w: %d", ErrBadType, b[1])
-	}
-	c, a := int32(binary.BigEndian.Uint32(b[16:20])), int32(binary.BigEndian.Uint32(b[20:24]))
-	if c < 0 || a < 0 {
-		return 0, 0, fmt.Errorf("%w: conn %d, app %d", ErrNegativeLength, c, a)
-	}
-	if int64(c)+int64(a) > int64(max) {
-		return 0, 0, fmt.Errorf("%w: conn %d + app %d bytes, maximum %d", ErrPacketTooLarge, c, a, max)
-	}
-	return int(c), int(a), nil
 }
 
 // truncated is the ErrTruncated for where, which ended after got of want
@@ -179,10 +158,7 @@ type Reader struct {
 // maxPacketSize <= 0). Wrap a network connection in a bufio.Reader first
 // to save system calls.
 func NewReader(r io.Reader, maxPacketSize int) *Reader {
-	if maxPacketSize <= 0 {
-		maxPacketSize = DefaultMaxPacketSize
-	}
-	return &Reader{r: r, max: maxPacketSize}
+	return &Reader{r: r, max: cmp.Or(max(maxPacketSize, 0), DefaultMaxPacketSize)} // 0 or less: the default
 }
 
 // ReadPacket reads the next packet into p. Conn and App share one newly
@@ -203,11 +179,7 @@ func (r *Reader) ReadPacket(p *Packet) error {
 	} else if err != nil {
 		return err // io.EOF at a clean end
 	}
-	connLen, appLen, err := checkHeader(h, r.max)
-	if err != nil {
-		return err
-	}
-	body, err := readBody(r.r, connLen+appLen)
+	body, connLen, err := r.readBody(h)
 	if err != nil {
 		return err
 	}
@@ -217,29 +189,45 @@ func (r *Reader) ReadPacket(p *Packet) error {
 	}
 	*p = Packet{Response: h[1] == typeResponse, ID: binary.BigEndian.Uint64(h[4:12]),
 		Timeout: int32(binary.BigEndian.Uint32(h[12:16])), Conn: conn}
-	if appLen > 0 {
+	if len(body) > connLen {
 		p.App = body[connLen:]
 	}
 	return nil
 }
 
-// readBody reads n bytes into a new slice. Up to readChunk it allocates
-// n at once; past that it starts with readChunk and doubles the buffer
-// (capped at n) only once the bytes already asked for have arrived. So
-// a body that arrives whole costs less than 3n bytes of allocation, and
-// one cut short after m bytes costs at most max(readChunk, 4m).
-func readBody(r io.Reader, n int) ([]byte, error) {
+// readBody checks the header h, whose conn length plus app length may not
+// exceed r.max, and reads the body that it announces into a new slice; it
+// returns the body and the conn length.
+//
+// Up to readChunk it allocates the body at once; past that it starts with
+// readChunk and doubles the buffer (capped at the body's length) only once
+// the bytes already asked for have arrived. So a body that arrives whole
+// costs less than 3n bytes of allocation, and one cut short after m bytes
+// costs at most max(readChunk, 4m).
+func (r *Reader) readBody(h []byte) (body []byte, connLen int, err error) {
+	c, a := int32(binary.BigEndian.Uint32(h[16:20])), int32(binary.BigEndian.Uint32(h[20:24]))
+	switch {
+	case h[0] != ProtocolVersion:
+		return nil, 0, fmt.Errorf("%w: %d", ErrBadVersion, h[0])
+	case h[1] > typeResponse: // typeRequest is 0
+		return nil, 0, fmt.Errorf("%w: %d", ErrBadType, h[1])
+	case min(c, a) < 0:
+		return nil, 0, fmt.Errorf("%w: conn %d, app %d", ErrNegativeLength, c, a)
+	case int64(c)+int64(a) > int64(r.max):
+		return nil, 0, fmt.Errorf("%w: conn %d + app %d bytes, maximum %d", ErrPacketTooLarge, c, a, r.max)
+	}
+	n := int(c) + int(a)
 	b := make([]byte, 0, min(n, readChunk))
 	for {
-		m, err := io.ReadFull(r, b[len(b):cap(b)])
+		m, err := io.ReadFull(r.r, b[len(b):cap(b)])
 		b = b[:len(b)+m]
 		if err == io.EOF || err == io.ErrUnexpectedEOF {
-			return nil, truncated("body", len(b), n)
+			return nil, 0, truncated("body", len(b), n)
 		} else if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		if len(b) == n {
-			return b, nil
+			return b, int(c), nil
 		}
 		b = append(make([]byte, 0, min(n, 2*cap(b))), b...)
 	}
@@ -248,9 +236,7 @@ func readBody(r io.Reader, n int) ([]byte, error) {
 // connObject is one of the typed conn objects below. appendJSON writes it
 // as JSON.stringify writes the reference's object: keys in the
 // reference's order, no spaces, no trailing newline.
-type connObject interface {
-	appendJSON(b []byte) []byte
-}
+type connObject interface{ appendJSON(b []byte) []byte }
 
 // registerChannel is the first packet a follower sends on a connection.
 type registerChannel struct {
@@ -345,13 +331,11 @@ func (subscribeResultRes) appendJSON(b []byte) []byte {
 func (c invoke) appendJSON(b []byte) []byte {
 	b = appendJSONString(append(b, `{"type":"invoke","method":`...), c.Method)
 	b = strconv.AppendInt(append(b, `,"argLength":`...), int64(c.ArgLength), 10)
-	b = strconv.AppendBool(append(b, `,"oneway":`...), c.Oneway)
-	return append(b, '}')
+	return append(strconv.AppendBool(append(b, `,"oneway":`...), c.Oneway), '}')
 }
 
 func (c invokeResult) appendJSON(b []byte) []byte {
-	b = strconv.AppendBool(append(b, `{"type":"invoke_result","success":`...), c.Success)
-	return append(b, '}')
+	return append(strconv.AppendBool(append(b, `{"type":"invoke_result","success":`...), c.Success), '}')
 }
 
 func (heartbeat) appendJSON(b []byte) []byte { return append(b, `{"type":"heartbeat"}`...) }
@@ -377,11 +361,29 @@ func appendJSONString(b []byte, s string) []byte {
 	return append(b, '"')
 }
 
-// emptyConns are the conn objects that carry nothing but their type, by
-// type.
-var emptyConns = map[string]connObject{
-	"register_channel_res": registerChannelRes{}, "subscribe_result_res": subscribeResultRes{},
-	"heartbeat": heartbeat{}, "heartbeat_res": heartbeatRes{}, "leader_closing": leaderClosing{},
+// connFields holds the keys that parseConn knows, whatever the conn
+// object's type, decoded into the typed objects that use them.
+type connFields struct {
+	typ string
+	rc  registerChannel
+	sub subscribe // key and reg, for subscribe_result and unSubscribe too
+	inv invoke
+	res invokeResult
+}
+
+// connTypes makes the typed conn object of each known type.
+var connTypes = map[string]func(f *connFields) connObject{
+	"register_channel":     func(f *connFields) connObject { return f.rc },
+	"register_channel_res": func(*connFields) connObject { return registerChannelRes{} },
+	"subscribe":            func(f *connFields) connObject { return f.sub },
+	"unSubscribe":          func(f *connFields) connObject { return unSubscribe(f.sub) },
+	"subscribe_result":     func(f *connFields) connObject { return subscribeResult{Key: f.sub.Key} },
+	"subscribe_result_res": func(*connFields) connObject { return subscribeResultRes{} },
+	"invoke":               func(f *connFields) connObject { return f.inv },
+	"invoke_result":        func(f *connFields) connObject { return f.res },
+	"heartbeat":            func(*connFields) connObject { return heartbeat{} },
+	"heartbeat_res":        func(*connFields) connObject { return heartbeatRes{} },
+	"leader_closing":       func(*connFields) connObject { return leaderClosing{} },
 }
 
 // parseConn decodes a conn object into its typed value. An unknown type
@@ -404,41 +406,26 @@ func parseConn(b []byte) (connObject, string, error) {
 	if err := json.Unmarshal(b, &m); err != nil || m == nil {
 		return nil, "", fmt.Errorf("%w: %.64q", ErrBadConn, b)
 	}
-	var f struct {
-		typ, channelName, secret, key, method string
-		argLength                             int
-		oneway, success                       bool
-	}
-	fields := [...]struct {
+	var f connFields
+	for _, k := range [...]struct {
 		key string
 		dst any
-	}{{"type", &f.typ}, {"channelName", &f.channelName}, {"secret", &f.secret}, {"key", &f.key},
-		{"method", &f.method}, {"argLength", &f.argLength}, {"oneway", &f.oneway}, {"success", &f.success}}
-	for _, k := range fields {
+	}{{"type", &f.typ}, {"channelName", &f.rc.ChannelName}, {"secret", &f.rc.Secret}, {"key", &f.sub.Key},
+		{"reg", &f.sub.Reg}, {"method", &f.inv.Method}, {"argLength", &f.inv.ArgLength}, {"oneway", &f.inv.Oneway},
+		{"success", &f.res.Success}} {
 		if raw, ok := m[k.key]; ok {
 			if err := json.Unmarshal(raw, k.dst); err != nil {
 				return nil, "", fmt.Errorf("%w: key %q: %v", ErrBadConn, k.key, err)
 			}
 		}
 	}
-	switch f.typ {
-	case "register_channel":
-		return registerChannel{ChannelName: f.channelName, Secret: f.secret}, f.typ, nil
-	case "subscribe":
-		return subscribe{Key: f.key, Reg: m["reg"]}, f.typ, nil
-	case "unSubscribe":
-		return unSubscribe{Key: f.key, Reg: m["reg"]}, f.typ, nil
-	case "subscribe_result":
-		return subscribeResult{Key: f.key}, f.typ, nil
-	case "invoke_result":
-		return invokeResult{Success: f.success}, f.typ, nil
-	case "invoke":
-		if f.argLength < 0 {
-			return nil, f.typ, fmt.Errorf("%w: argLength %d", ErrArgCount, f.argLength)
-		}
-		return invoke{Method: f.method, ArgLength: f.argLength, Oneway: f.oneway}, f.typ, nil
+	if f.typ == "invoke" && f.inv.ArgLength < 0 {
+		return nil, f.typ, fmt.Errorf("%w: argLength %d", ErrArgCount, f.inv.ArgLength)
 	}
-	return emptyConns[f.typ], f.typ, nil // nil for an unknown type
+	if build := connTypes[f.typ]; build != nil {
+		return build(&f), f.typ, nil
+	}
+	return nil, f.typ, nil // an unknown type
 }
 
 // appendPacket appends a whole packet with conn object c and app object
@@ -446,8 +433,7 @@ func parseConn(b []byte) (connObject, string, error) {
 func appendPacket(b []byte, response bool, id uint64, timeout int32, c connObject, app []byte) ([]byte, error) {
 	start := len(b)
 	b = c.appendJSON(appendHeader(b, response, id, timeout, 0, 0))
-	connLen := len(b) - start - HeaderSize
-	return finishPacket(append(b, app...), start, connLen)
+	return finishPacket(append(b, app...), start, len(b))
 }
 
 // appendInvoke appends an invoke packet whose app object frames args,
@@ -455,14 +441,14 @@ func appendPacket(b []byte, response bool, id uint64, timeout int32, c connObjec
 func appendInvoke(b []byte, id uint64, timeout int32, method string, oneway bool, args [][]byte) ([]byte, error) {
 	start := len(b)
 	b = invoke{Method: method, ArgLength: len(args), Oneway: oneway}.appendJSON(appendHeader(b, false, id, timeout, 0, 0))
-	connLen := len(b) - start - HeaderSize
-	return finishPacket(appendArgs(b, args), start, connLen)
+	return finishPacket(appendArgs(b, args), start, len(b))
 }
 
 // finishPacket writes the conn and app lengths into the header that
-// starts at b[start], undoing the append if the packet is too large.
-func finishPacket(b []byte, start, connLen int) ([]byte, error) {
-	appLen := len(b) - start - HeaderSize - connLen
+// starts at b[start], the conn object ending at b[connEnd] and the app
+// object at the end of b, undoing the append if the packet is too large.
+func finishPacket(b []byte, start, connEnd int) ([]byte, error) {
+	connLen, appLen := connEnd-start-HeaderSize, len(b)-connEnd
 	if connLen > math.MaxInt32 || appLen > math.MaxInt32 {
 		return b[:start], fmt.Errorf("%w: conn %d bytes, app %d bytes", ErrPacketTooLarge, connLen, appLen)
 	}
@@ -475,8 +461,7 @@ func finishPacket(b []byte, start, connLen int) ([]byte, error) {
 // length, then its bytes.
 func appendArgs(b []byte, args [][]byte) []byte {
 	for _, a := range args {
-		b = binary.BigEndian.AppendUint32(b, uint32(len(a)))
-		b = append(b, a...)
+		b = append(binary.BigEndian.AppendUint32(b, uint32(len(a))), a...)
 	}
 	return b
 }
@@ -485,21 +470,17 @@ func appendArgs(b []byte, args [][]byte) []byte {
 // or bytes left after the last, is ErrArgCount; a length that runs past
 // the end of app is ErrArgOverrun.
 func validArgs(app []byte, argLength int) error {
-	if argLength < 0 || argLength > len(app)/4 {
-		return fmt.Errorf("%w: argLength %d, app object %d bytes", ErrArgCount, argLength, len(app))
-	}
-	rest := app
-	for i := range argLength {
-		if len(rest) < 4 {
-			return fmt.Errorf("%w: argLength %d, frame holds %d", ErrArgCount, argLength, i)
-		}
+	i, rest := 0, app
+	// Every argument takes 4 bytes at least: a larger argLength is
+	// refused before any of app is read.
+	for ; i < argLength && argLength <= len(app)/4 && len(rest) >= 4; i++ {
 		if n := binary.BigEndian.Uint32(rest); uint64(n) > uint64(len(rest)-4) {
 			return fmt.Errorf("%w: argument %d claims %d bytes, %d remain", ErrArgOverrun, i, n, len(rest)-4)
 		}
 		_, rest = nextArg(rest)
 	}
-	if len(rest) != 0 {
-		return fmt.Errorf("%w: argLength %d, %d bytes left after the last argument", ErrArgCount, argLength, len(rest))
+	if i != argLength || len(rest) != 0 {
+		return fmt.Errorf("%w: argLength %d, %d bytes left after %d arguments", ErrArgCount, argLength, len(rest), i)
 	}
 	return nil
 }
@@ -570,10 +551,7 @@ func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 		if depth == 0 {
 			return nil, fmt.Errorf("nested deeper than %d", maxRegDepth)
 		}
-		if x == '[' {
-			return appendJSArray(b, dec, depth-1)
-		}
-		return appendJSObject(b, dec, depth-1)
+		return appendJSContainer(b, dec, depth-1, x)
 	case string:
 		return appendJSONString(b, x), nil
 	case json.Number:
@@ -584,33 +562,23 @@ func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 	return append(b, "null"...), nil
 }
 
-// appendJSArray appends the rest of an array whose '[' dec has read.
-func appendJSArray(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
-	b = append(b, '[')
-	for i := 0; dec.More(); i++ {
-		if i > 0 {
-			b = append(b, ',')
-		}
-		var err error
-		if b, err = appendJSValue(b, dec, depth); err != nil {
-			return nil, err
-		}
-	}
-	_, err := dec.Token()
-	return append(b, ']'), err
-}
-
-// appendJSObject appends the rest of an object whose '{' dec has read,
-// its keys in the order a JavaScript object lists them.
-func appendJSObject(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
+// appendJSContainer appends the rest of the array or object that open,
+// which dec has read, began. An object's keys come in the order a
+// JavaScript object lists them (see jsKeyRank), a repeated key keeping its
+// first place and its last value. An array's elements are keyed by their
+// index, so the same order keeps them in place.
+func appendJSContainer(b []byte, dec *json.Decoder, depth int, open json.Delim) ([]byte, error) {
 	var keys []string
 	vals := map[string][]byte{}
-	for dec.More() {
-		tok, err := dec.Token()
-		if err != nil {
-			return nil, err
+	for i := 0; dec.More(); i++ {
+		k := strconv.Itoa(i)
+		if open == '{' {
+			tok, err := dec.Token()
+			if err != nil {
+				return nil, err
+			}
+			k, _ = tok.(string)
 		}
-		k, _ := tok.(string)
 		v, err := appendJSValue(nil, dec, depth)
 		if err != nil {
 			return nil, err
@@ -625,14 +593,17 @@ func appendJSObject(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 	}
 	// Stable: keys that are not array indexes keep their order.
 	slices.SortStableFunc(keys, func(a, b string) int { return cmp.Compare(jsKeyRank(a), jsKeyRank(b)) })
-	b = append(b, '{')
+	b = append(b, byte(open))
 	for i, k := range keys {
 		if i > 0 {
 			b = append(b, ',')
 		}
-		b = append(append(appendJSONString(b, k), ':'), vals[k]...)
+		if open == '{' {
+			b = append(appendJSONString(b, k), ':')
+		}
+		b = append(b, vals[k]...)
 	}
-	return append(b, '}'), nil
+	return append(b, byte(open)+2), nil // in ASCII, ']' is '[' + 2 and '}' is '{' + 2
 }
 
 // jsKeyRank ranks an object key as a JavaScript object orders its keys:

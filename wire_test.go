@@ -1209,7 +1209,7 @@ func TestEncodeTooLarge(t *testing.T) {
 	// finishPacket is what refuses; calling it on a fake length saves
 	// allocating 2 GiB.
 	b := appendHeader([]byte("x"), false, 1, 0, 0, 0)
-	b, err := finishPacket(b, 1, math.MaxInt32+1)
+	b, err := finishPacket(b, 1, 1+HeaderSize+math.MaxInt32+1)
 	if !errors.Is(err, ErrPacketTooLarge) || string(b) != "x" {
 		t.Errorf("finishPacket: %q, %v", b, err)
 	}
