@@ -40,7 +40,6 @@ type Client struct {
 	ready     chan struct{}          // guarded by mu: closed at every change of the three above
 	closed    bool                   // guarded by mu
 	topics    map[string]*localTopic // guarded by mu: keys with local listeners
-	dirty     []string               // guarded by mu: keys with values to deliver, oldest first
 	published []json.RawMessage      // guarded by mu: registrations published, to publish again
 	wake      chan struct{}          // wakes the delivery loop; capacity 1
 }
@@ -61,7 +60,6 @@ type localTopic struct {
 	subs    []*Subscription
 	latest  []byte // the last value received
 	version uint64 // counts values received; 0 = none yet
-	dirty   bool   // queued in Client.dirty
 }
 
 // Subscription is one listener on one key. Listeners of a client run one
@@ -73,7 +71,7 @@ type Subscription struct {
 	c       *Client
 	key     string
 	fn      func(Value)
-	seen    uint64 // the version last delivered; delivery loop only
+	seen    uint64 // guarded by Client.mu: the version last handed to the listener
 	removed atomic.Bool
 }
 
@@ -475,11 +473,9 @@ func (c *Client) Subscribe(reg any, listener func(Value)) (*Subscription, error)
 		}
 	}
 	t.subs = append(t.subs, s)
-	if t.version > 0 {
-		c.markDirty(key, t)
-	}
 	r := c.current()
 	c.mu.Unlock()
+	c.wakeDelivery() // a late listener gets the latest value at once
 	if r != nil && len(t.subs) == 1 {
 		r.routeSubscribe(key, raw, true) // a lost route replays it on the next
 	}
@@ -541,70 +537,54 @@ func (c *Client) unsubscribe(key string, s *Subscription) {
 	}
 }
 
-// deliver records a value of key and queues it for the listeners.
+// deliver records a value of key and wakes the delivery loop.
 func (c *Client) deliver(key string, data []byte) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if t := c.topics[key]; t != nil && !c.closed {
-		t.latest = data
-		t.version++
-		c.markDirty(key, t)
+	if t := c.topics[key]; t != nil {
+		t.latest, t.version = data, t.version+1
 	}
+	c.mu.Unlock()
+	c.wakeDelivery()
 }
 
-// markDirty queues key for the delivery loop. Called with mu held.
-func (c *Client) markDirty(key string, t *localTopic) {
-	if !t.dirty {
-		t.dirty = true
-		c.dirty = append(c.dirty, key)
-	}
+func (c *Client) wakeDelivery() {
 	select {
 	case c.wake <- struct{}{}:
 	default:
 	}
 }
 
-// deliverLoop hands values to listeners, one at a time, each listener
-// getting a version of its key at most once.
+// deliverLoop hands values to listeners, one at a time: each listener
+// gets the latest value of its key, once.
 func (c *Client) deliverLoop() {
 	defer c.wg.Done()
+	type delivery struct {
+		s *Subscription
+		v Value
+	}
 	for {
 		select {
 		case <-c.wake:
 		case <-c.done:
 			return
 		}
-		for c.deliverNext() {
+		var todo []delivery
+		c.mu.Lock()
+		for _, t := range c.topics {
+			for _, s := range t.subs {
+				if s.seen < t.version {
+					s.seen = t.version
+					todo = append(todo, delivery{s, Value{data: t.latest, codec: c.cfg.Codec}})
+				}
+			}
+		}
+		c.mu.Unlock()
+		for _, d := range todo {
+			if !d.s.removed.Load() {
+				c.listen(d.s, d.v)
+			}
 		}
 	}
-}
-
-// deliverNext hands the value of the oldest dirty key to its listeners.
-// It reports false when no key is dirty.
-func (c *Client) deliverNext() bool {
-	c.mu.Lock()
-	if len(c.dirty) == 0 || c.closed {
-		c.dirty = nil
-		c.mu.Unlock()
-		return false
-	}
-	key := c.dirty[0]
-	c.dirty = c.dirty[1:]
-	t := c.topics[key]
-	if t == nil {
-		c.mu.Unlock()
-		return true
-	}
-	t.dirty = false
-	v, version, subs := Value{data: t.latest, codec: c.cfg.Codec}, t.version, slices.Clone(t.subs)
-	c.mu.Unlock()
-	for _, s := range subs {
-		if s.seen < version && !s.removed.Load() {
-			s.seen = version
-			c.listen(s, v)
-		}
-	}
-	return true
 }
 
 // listen calls a listener. A panic in it is logged, and the other
