@@ -408,22 +408,15 @@ func (c *Client) Publish(ctx context.Context, reg any) error {
 	if err != nil {
 		return err
 	}
-	// Under subMu, so that a registration is either recorded before a new
-	// route replays the record, or sent on that route: never both.
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
-	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		return ErrClosed
-	}
-	if !slices.ContainsFunc(c.published, func(r json.RawMessage) bool { return bytes.Equal(r, raw) }) {
-		c.published = append(c.published, raw)
-	}
-	r := c.current()
-	c.mu.Unlock()
+	r, err := c.record(func() {
+		if !slices.ContainsFunc(c.published, func(r json.RawMessage) bool { return bytes.Equal(r, raw) }) {
+			c.published = append(c.published, raw)
+		}
+	})
 	if r == nil {
-		return nil // no leader yet: it gets the record when it is ready
+		return err // closed, or no leader yet: it gets the record when it is ready
 	}
 	if err := c.publishOn(ctx, r, raw); errors.Is(err, errDraining) || errors.Is(err, errGone) {
 		c.unroute(r) // the next leader gets it with the rest of the record
@@ -459,27 +452,41 @@ func (c *Client) Subscribe(reg any, listener func(Value)) (*Subscription, error)
 	s := &Subscription{c: c, key: key, fn: listener}
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
-	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		return nil, ErrClosed
-	}
-	t := c.topics[key]
-	if t == nil {
-		t = &localTopic{reg: raw}
-		c.topics[key] = t
-		if d := c.cfg.SubscribeTimeout; d > 0 {
-			time.AfterFunc(d, func() { c.subscribeTimedOut(key, t, d) })
+	var first bool
+	r, err := c.record(func() {
+		t := c.topics[key]
+		if first = t == nil; first {
+			t = &localTopic{reg: raw}
+			c.topics[key] = t
+			if d := c.cfg.SubscribeTimeout; d > 0 {
+				time.AfterFunc(d, func() { c.subscribeTimedOut(key, t, d) })
+			}
 		}
+		t.subs = append(t.subs, s)
+	})
+	if err != nil {
+		return nil, err
 	}
-	t.subs = append(t.subs, s)
-	r := c.current()
-	c.mu.Unlock()
 	c.wakeDelivery() // a late listener gets the latest value at once
-	if r != nil && len(t.subs) == 1 {
+	if r != nil && first {
 		r.routeSubscribe(key, raw, true) // a lost route replays it on the next
 	}
 	return s, nil
+}
+
+// record makes a change to the client's subscriptions or publications
+// with mu held, unless the client is closed, and returns the route to
+// send it on, nil if none. The caller holds subMu until it has sent it,
+// so that a change is either recorded before a new route replays the
+// record, or sent on that route: never both.
+func (c *Client) record(change func()) (route, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, ErrClosed
+	}
+	change()
+	return c.current(), nil
 }
 
 func (c *Client) subscribeTimedOut(key string, t *localTopic, d time.Duration) {
@@ -513,27 +520,24 @@ func (c *Client) Unsubscribe(reg any) error {
 func (c *Client) unsubscribe(key string, s *Subscription) {
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
-	c.mu.Lock()
-	t := c.topics[key]
-	if t == nil {
-		c.mu.Unlock()
-		return
-	}
-	t.subs = slices.DeleteFunc(t.subs, func(x *Subscription) bool {
-		gone := s == nil || x == s
-		if gone {
-			x.removed.Store(true)
+	var last *localTopic
+	r, _ := c.record(func() {
+		if t := c.topics[key]; t != nil {
+			t.subs = slices.DeleteFunc(t.subs, func(x *Subscription) bool {
+				if s == nil || x == s {
+					x.removed.Store(true)
+					return true
+				}
+				return false
+			})
+			if len(t.subs) == 0 {
+				delete(c.topics, key)
+				last = t
+			}
 		}
-		return gone
 	})
-	last := len(t.subs) == 0
-	if last {
-		delete(c.topics, key)
-	}
-	r := c.current()
-	c.mu.Unlock()
-	if last && r != nil {
-		r.routeSubscribe(key, t.reg, false)
+	if last != nil && r != nil {
+		r.routeSubscribe(key, last.reg, false)
 	}
 }
 
