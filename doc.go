@@ -24,11 +24,21 @@
 // a type) runs a method of the real client with the given arguments:
 // directly in the leader's process, over loopback elsewhere. Arguments and
 // results are encoded with the [Codec], JSON by default; the real client
-// receives each argument as a [Value]. An error it returns reaches the
-// caller as a [*RemoteError] with the error's name, message and code (an
-// error with an ErrorCode() string method gives the code). [Client.InvokeOneway]
+// receives each argument as a [Value], and [Methods] builds a real client
+// from typed functions. An error it returns reaches the caller as a
+// [*RemoteError] with the error's name, message and code (an error with an
+// ErrorName() or ErrorCode() string method gives them). [Client.InvokeOneway]
 // waits for no result. Each call is bounded by its context and
 // [Config.ResponseTimeout].
+//
+// On the leader, one goroutine reads each follower connection and every
+// invoke runs on a goroutine of its own, so a slow method holds up only
+// its own caller; its context ends at the caller's deadline or when the
+// caller's connection closes. A follower's one reader goroutine hands each
+// answer to its call and each pushed value to the listeners as it
+// arrives. A panic in the real client, the BuildFunc or the Codec is
+// recovered on the leader and reaches the caller as a *RemoteError with
+// code ERR_CLUSTER_PANIC; a panicking listener is logged in its process.
 //
 // # Subscriptions
 //
