@@ -2,12 +2,13 @@ package clusterclient
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -66,81 +67,74 @@ func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key 
 		closing: make(chan struct{}), pending: make(map[uint64]chan answer)}
 	f.w = newSender(nc, cfg.MaxQueuedBytes, cfg.ResponseTimeout, func(err error) { f.fail(err) })
 	r := NewReader(bufio.NewReaderSize(nc, followerReadBuffer), cfg.MaxPacketSize)
-	id, timeout := nextID(), int32(cfg.ResponseTimeout/time.Millisecond)
-	err = f.w.send(true, func(b []byte) ([]byte, error) {
-		return appendPacket(b, false, id, timeout, registerChannel{ChannelName: name, Secret: cfg.Secret}, nil)
-	})
-	if err == nil {
-		// Like the reference, wait one response timeout for the answer,
-		// then try again: a leader still building its real client
-		// answers a later attempt.
-		nc.SetReadDeadline(time.Now().Add(cfg.ResponseTimeout))
-		err = f.readRegistered(r, id)
-	}
+	err = f.register(r)
 	stop() // should ctx have ended, the client closes f at once
 	if err != nil {
 		nc.Close()
 		return nil, err
 	}
-	nc.SetReadDeadline(time.Time{})
 	f.lastRecv.Store(time.Now().UnixNano())
 	go f.readLoop(r)
 	go f.heartbeat()
 	return f, nil
 }
 
-// errNotLeader says that what answers on the port does not speak the
-// protocol.
-type errNotLeader struct {
-	addr string
-	err  error
-}
+// errNotLeader: what answers on the port does not speak the protocol, or
+// did not answer register_channel in time.
+type errNotLeader struct{ error }
 
-func (e *errNotLeader) Error() string {
-	return "what answers on " + e.addr + " is not a cluster-client leader: " + e.err.Error()
-}
+func (e *errNotLeader) Unwrap() error { return e.error }
 
-func (e *errNotLeader) Unwrap() error { return e.err }
-
-// readRegistered reads the answer to register_channel.
-func (f *follower) readRegistered(r *Reader, id uint64) error {
-	addr := loopback(f.cfg.Port)
+// register sends register_channel and reads the answer. Like the
+// reference, it waits one response timeout for it: a leader still
+// building its real client answers a later attempt. A connection that
+// ends first is no errNotLeader: a leader that is closing has a successor.
+func (f *follower) register(r *Reader) error {
+	id, addr := nextID(), loopback(f.cfg.Port)
+	err := f.w.send(true, func(b []byte) ([]byte, error) {
+		return appendPacket(b, false, id, f.timeoutMS(), registerChannel{ChannelName: f.name, Secret: f.cfg.Secret}, nil)
+	})
+	f.nc.SetReadDeadline(time.Now().Add(f.cfg.ResponseTimeout))
+	defer f.nc.SetReadDeadline(time.Time{})
 	var p Packet
-	if err := r.ReadPacket(&p); err != nil {
-		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
-			return fmt.Errorf("%w: %s accepted the connection but did not answer register_channel within %v: "+
-				"the leader is stopped or overloaded, its real client is still being built, or it is not a cluster-client leader",
-				ErrTimeout, addr, f.cfg.ResponseTimeout)
-		}
-		if isProtocolError(err) {
-			return &errNotLeader{addr, err}
-		}
-		return fmt.Errorf("connection to %s closed before the leader answered: %w", addr, err)
+	var ne net.Error
+	if err == nil {
+		err = r.ReadPacket(&p)
 	}
+	switch {
+	case errors.As(err, &ne) && ne.Timeout():
+		err = fmt.Errorf("%w: no answer to register_channel within %v", ErrTimeout, f.cfg.ResponseTimeout)
+	case ne != nil || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+		return fmt.Errorf("clusterclient: connection to %s closed before the leader answered: %w", addr, err)
+	case err == nil:
+		err = registerAnswer(&p, id, f.cfg.Codec)
+	}
+	if _, refused := err.(*RemoteError); err == nil || refused {
+		return err
+	}
+	return &errNotLeader{fmt.Errorf("clusterclient: what answers on %s does not speak the cluster-client protocol or did not "+
+		"answer, so it is not a cluster-client leader, or not yet one; if another program holds the port, choose another "+
+		"Config.Port or %s: %w", addr, EnvPort, err)}
+}
+
+// registerAnswer checks that p answers the register_channel request id,
+// and returns the leader's refusal if it refused.
+func registerAnswer(p *Packet, id uint64, codec Codec) error {
 	c, typ, err := parseConn(p.Conn)
-	if err != nil {
-		return &errNotLeader{addr, err}
-	}
-	if _, ok := c.(registerChannelRes); !ok || !p.Response || p.ID != id {
-		return &errNotLeader{addr, fmt.Errorf("answered register_channel with %q", typ)}
-	}
+	_, ok := c.(registerChannelRes)
 	var res registerResult
-	if err := f.cfg.Codec.Unmarshal(p.App, &res); err != nil {
-		return &errNotLeader{addr, fmt.Errorf("register_channel_res app object: %w", err)}
-	}
-	if e := res.Error; !res.Success && e != nil {
-		return &RemoteError{Name: e.Name, Message: e.Message, Code: codeText(e.Code), Stack: e.Stack}
-	} else if !res.Success {
-		return &RemoteError{Name: "Error", Message: "register refused"}
+	switch {
+	case err != nil:
+		return err
+	case !ok || !p.Response || p.ID != id:
+		return fmt.Errorf("answered register_channel with %q", typ)
+	case codec.Unmarshal(p.App, &res) != nil:
+		return fmt.Errorf("register_channel_res app object %.64q does not decode", p.App)
+	case !res.Success:
+		e := cmp.Or(res.Error, &registerErrorObject{Name: "Error", Message: "register refused"})
+		return &RemoteError{Name: e.Name, Message: e.Message, Code: string(e.Code), Stack: e.Stack}
 	}
 	return nil
-}
-
-// isProtocolError reports a packet that breaks the protocol, as opposed
-// to a connection that ended.
-func isProtocolError(err error) bool {
-	return slices.ContainsFunc([]error{ErrBadVersion, ErrBadType, ErrNegativeLength, ErrPacketTooLarge, ErrBadConn, ErrArgCount, ErrArgOverrun},
-		func(e error) bool { return errors.Is(err, e) })
 }
 
 // readLoop reads packets until the connection ends, then fails the
@@ -169,9 +163,6 @@ func (f *follower) handle(p *Packet) error {
 		return nil
 	}
 	c, _, err := parseConn(p.Conn)
-	if err != nil {
-		return err
-	}
 	switch c := c.(type) {
 	case subscribeResult:
 		// The reference follower writes timeout 0 here: its decoded
@@ -186,13 +177,10 @@ func (f *follower) handle(p *Packet) error {
 			close(f.closing)
 		}
 		f.draining = true
-		leave := len(f.pending) == 0
 		f.mu.Unlock()
-		if leave {
-			return errDraining
-		}
+		f.take(0) // no call has id 0: this leaves now if no call is pending
 	}
-	return nil
+	return err
 }
 
 // take removes the pending call id and returns its channel, nil if it
@@ -233,29 +221,20 @@ func (f *follower) fail(cause error) error {
 }
 
 // routeInvoke sends an invoke of method and, unless oneway, waits for
-// its answer, bounded by Config.ResponseTimeout and ctx. An invoke larger
-// than Config.MaxPacketSize is refused here, as the leader would refuse
-// it.
+// its answer, bounded by Config.ResponseTimeout and ctx.
 func (f *follower) routeInvoke(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
 	timeout := f.cfg.ResponseTimeout
 	if dl, ok := ctx.Deadline(); ok {
-		if timeout = min(timeout, time.Until(dl)); timeout <= 0 {
-			return Value{}, context.DeadlineExceeded
-		}
+		timeout = min(timeout, time.Until(dl))
+	}
+	if timeout <= 0 {
+		return Value{}, context.DeadlineExceeded
 	}
 	id, ms, ch := nextID(), max(int32(timeout/time.Millisecond), 1), make(chan answer, 1)
 	if oneway {
 		ms, ch = f.timeoutMS(), nil
 	}
-	err := f.send(id, ch, func(b []byte) ([]byte, error) {
-		n := len(b)
-		b, err := appendInvoke(b, id, ms, method, oneway, args)
-		if size := len(b) - n - HeaderSize; err == nil && size > f.cfg.MaxPacketSize {
-			return b[:n], fmt.Errorf("%w: invoke %.64s has %d bytes, Config.MaxPacketSize is %d",
-				ErrPacketTooLarge, method, size, f.cfg.MaxPacketSize)
-		}
-		return b, err
-	})
+	err := f.send(id, ch, func(b []byte) ([]byte, error) { return appendInvoke(b, id, ms, method, oneway, args) })
 	if err != nil || oneway {
 		return Value{}, err
 	}
@@ -280,6 +259,7 @@ func (f *follower) result(a answer) (Value, error) {
 	}
 	c, typ, err := parseConn(a.p.Conn)
 	res, ok := c.(invokeResult)
+	var e invokeErrorObject
 	switch {
 	case err != nil:
 		return Value{}, err
@@ -287,20 +267,22 @@ func (f *follower) result(a answer) (Value, error) {
 		return Value{}, fmt.Errorf("%w: answer to invoke has type %.64q", ErrBadConn, typ)
 	case res.Success:
 		return Value{data: a.p.App, codec: f.cfg.Codec}, nil
+	case f.cfg.Codec.Unmarshal(a.p.App, &e) != nil:
+		return Value{}, fmt.Errorf("clusterclient: remote error %.64q does not decode", a.p.App)
 	}
-	var e invokeErrorObject
-	if err := f.cfg.Codec.Unmarshal(a.p.App, &e); err != nil {
-		return Value{}, fmt.Errorf("clusterclient: decode remote error: %w", err)
-	}
-	return Value{}, &RemoteError{Name: e.Name, Message: e.Message, Code: codeText(e.Code), Stack: e.Stack}
+	return Value{}, &RemoteError{Name: e.Name, Message: e.Message, Code: string(e.Code), Stack: e.Stack}
 }
 
 // routeSubscribe sends subscribe, or unSubscribe when on is false.
 func (f *follower) routeSubscribe(key string, reg json.RawMessage, on bool) error {
-	var c connObject = subscribe{Key: key, Reg: reg}
-	if !on {
-		c = unSubscribe{Key: key, Reg: reg}
+	if on {
+		return f.post(subscribe{Key: key, Reg: reg})
 	}
+	return f.post(unSubscribe{Key: key, Reg: reg})
+}
+
+// post sends a request that waits for no answer.
+func (f *follower) post(c connObject) error {
 	return f.send(0, nil, func(b []byte) ([]byte, error) { return appendPacket(b, false, nextID(), f.timeoutMS(), c, nil) })
 }
 
@@ -309,8 +291,9 @@ func (f *follower) timeoutMS() int32 { return int32(f.cfg.ResponseTimeout / time
 
 // send writes a request, registered first as pending under id if ch is
 // not nil. errDraining and errGone say that it was not sent, and waits for
-// the next leader. A write that failed fails the connection: the request
-// may have reached the leader.
+// the next leader. A request larger than Config.MaxPacketSize is refused
+// here, as the leader would refuse it. A write that failed fails the
+// connection: the request may have reached the leader.
 func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte, error)) error {
 	f.mu.Lock()
 	err := errGone
@@ -326,10 +309,17 @@ func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte
 	if err != nil {
 		return err
 	}
-	switch err = f.w.send(true, encode); {
-	case errors.Is(err, ErrPacketTooLarge):
+	err = f.w.send(true, func(b []byte) ([]byte, error) {
+		n := len(b)
+		b, err := encode(b)
+		if size := len(b) - n - HeaderSize; err == nil && size > f.cfg.MaxPacketSize {
+			return b[:n], fmt.Errorf("%w: %d bytes, Config.MaxPacketSize is %d", ErrPacketTooLarge, size, f.cfg.MaxPacketSize)
+		}
+		return b, err
+	})
+	if errors.Is(err, ErrPacketTooLarge) {
 		f.take(id) // refused before anything was written
-	case err != nil:
+	} else if err != nil {
 		err = f.fail(err)
 	}
 	return err
@@ -350,16 +340,13 @@ func (f *follower) heartbeat() {
 		case <-t.C:
 		}
 		now, last := time.Now().UnixNano(), f.lastRecv.Load()
-		switch {
-		case sent != 0 && last < sent && !f.cfg.DisableHeartbeatCheck:
-			f.cfg.Logger.Warn("clusterclient: leader did not answer a heartbeat; leaving it",
-				"channel", f.name, "port", f.cfg.Port, "silent", time.Duration(now-last))
+		if sent > last && !f.cfg.DisableHeartbeatCheck {
+			f.cfg.Logger.Warn("clusterclient: leader did not answer a heartbeat; leaving it", "channel", f.name, "port", f.cfg.Port)
 			f.fail(fmt.Errorf("leader on port %d silent for %v after a heartbeat", f.cfg.Port, time.Duration(now-sent)))
 			return
-		case time.Duration(now-last) >= f.cfg.HeartbeatInterval*9/10:
-			f.w.send(true, func(b []byte) ([]byte, error) {
-				return appendPacket(b, false, nextID(), int32(f.cfg.ResponseTimeout/time.Millisecond), heartbeat{}, nil)
-			})
+		}
+		if time.Duration(now-last) >= f.cfg.HeartbeatInterval*9/10 {
+			f.post(heartbeat{})
 			sent = now
 		}
 	}
