@@ -167,9 +167,7 @@ func (f *follower) handle(p *Packet) error {
 	case subscribeResult:
 		// The reference follower writes timeout 0 here: its decoded
 		// request has no timeout to repeat.
-		f.w.send(false, func(b []byte) ([]byte, error) {
-			return appendPacket(b, true, p.ID, 0, subscribeResultRes{}, nil)
-		})
+		f.w.send(false, func(b []byte) ([]byte, error) { return appendPacket(b, true, p.ID, 0, subscribeResultRes{}, nil) })
 		f.deliver(c.Key, p.App)
 	case leaderClosing:
 		f.mu.Lock()
@@ -221,7 +219,9 @@ func (f *follower) fail(cause error) error {
 }
 
 // routeInvoke sends an invoke of method and, unless oneway, waits for
-// its answer, bounded by Config.ResponseTimeout and ctx.
+// its answer, bounded by Config.ResponseTimeout and ctx. An invoke larger
+// than Config.MaxPacketSize is refused here, as the leader would refuse
+// it.
 func (f *follower) routeInvoke(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
 	timeout := f.cfg.ResponseTimeout
 	if dl, ok := ctx.Deadline(); ok {
@@ -234,7 +234,9 @@ func (f *follower) routeInvoke(ctx context.Context, method string, args [][]byte
 	if oneway {
 		ms, ch = f.timeoutMS(), nil
 	}
-	err := f.send(id, ch, func(b []byte) ([]byte, error) { return appendInvoke(b, id, ms, method, oneway, args) })
+	err := f.send(id, ch, func(b []byte) ([]byte, error) {
+		return appendInvoke(b, id, ms, method, oneway, args, f.cfg.MaxPacketSize)
+	})
 	if err != nil || oneway {
 		return Value{}, err
 	}
@@ -291,9 +293,8 @@ func (f *follower) timeoutMS() int32 { return int32(f.cfg.ResponseTimeout / time
 
 // send writes a request, registered first as pending under id if ch is
 // not nil. errDraining and errGone say that it was not sent, and waits for
-// the next leader. A request larger than Config.MaxPacketSize is refused
-// here, as the leader would refuse it. A write that failed fails the
-// connection: the request may have reached the leader.
+// the next leader. A write that failed fails the connection: the request
+// may have reached the leader.
 func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte, error)) error {
 	f.mu.Lock()
 	err := errGone
@@ -309,15 +310,7 @@ func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte
 	if err != nil {
 		return err
 	}
-	err = f.w.send(true, func(b []byte) ([]byte, error) {
-		n := len(b)
-		b, err := encode(b)
-		if size := len(b) - n - HeaderSize; err == nil && size > f.cfg.MaxPacketSize {
-			return b[:n], fmt.Errorf("%w: %d bytes, Config.MaxPacketSize is %d", ErrPacketTooLarge, size, f.cfg.MaxPacketSize)
-		}
-		return b, err
-	})
-	if errors.Is(err, ErrPacketTooLarge) {
+	if err = f.w.send(true, encode); errors.Is(err, ErrPacketTooLarge) {
 		f.take(id) // refused before anything was written
 	} else if err != nil {
 		err = f.fail(err)
