@@ -303,11 +303,9 @@ type JSONCodec struct{}
 
 // Marshal encodes v as JSON.
 func (JSONCodec) Marshal(v any) ([]byte, error) {
-	if raw, ok := v.(json.RawMessage); ok && raw != nil {
-		return raw, nil
-	}
-	if val, ok := v.(Value); ok {
-		return val.MarshalJSON()
+	switch v.(type) {
+	case json.RawMessage, Value: // written as they are; a nil one as null
+		return v.(json.Marshaler).MarshalJSON()
 	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)

@@ -248,9 +248,7 @@ func (f *follower) routeInvoke(ctx context.Context, method string, args [][]byte
 	case <-ctx.Done():
 		err = ctx.Err()
 	}
-	if f.take(id) == nil {
-		return f.result(<-ch) // answered meanwhile
-	}
+	f.take(id) // an answer that comes now is dropped
 	return Value{}, err
 }
 
@@ -321,7 +319,8 @@ func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte
 // heartbeat runs until the reader stops. Every interval, a follower that
 // has heard nothing from its leader for about an interval sends a
 // heartbeat; if nothing at all arrives by the next tick, it leaves the
-// leader.
+// leader. A leader that is closing gets none: the calls still pending on
+// it are bounded by their own timeouts.
 func (f *follower) heartbeat() {
 	t := time.NewTicker(f.cfg.HeartbeatInterval)
 	defer t.Stop()
@@ -332,14 +331,13 @@ func (f *follower) heartbeat() {
 			return
 		case <-t.C:
 		}
-		now, last := time.Now().UnixNano(), f.lastRecv.Load()
-		if sent > last && !f.cfg.DisableHeartbeatCheck {
+		now := time.Now().UnixNano()
+		if sent > f.lastRecv.Load() && !f.cfg.DisableHeartbeatCheck {
 			f.cfg.Logger.Warn("clusterclient: leader did not answer a heartbeat; leaving it", "channel", f.name, "port", f.cfg.Port)
 			f.fail(fmt.Errorf("leader on port %d silent for %v after a heartbeat", f.cfg.Port, time.Duration(now-sent)))
 			return
 		}
-		if time.Duration(now-last) >= f.cfg.HeartbeatInterval*9/10 {
-			f.post(heartbeat{})
+		if now-f.lastRecv.Load() >= int64(f.cfg.HeartbeatInterval*9/10) && f.post(heartbeat{}) == nil {
 			sent = now
 		}
 	}

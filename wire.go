@@ -238,12 +238,8 @@ func (r *Reader) readBody(h []byte) (body []byte, connLen int, err error) {
 type connObject interface{ appendJSON(b []byte) []byte }
 
 // registerChannel is the first packet a follower sends on a connection.
-type registerChannel struct {
-	ChannelName string
-	// Secret is this package's addition, sent only when Config.Secret is
-	// set.
-	Secret string
-}
+// Secret is this package's addition, sent only when Config.Secret is set.
+type registerChannel struct{ ChannelName, Secret string }
 
 // registerChannelRes answers registerChannel; its app object says
 // whether the leader's real client is ready.
@@ -295,9 +291,7 @@ func (c registerChannel) appendJSON(b []byte) []byte {
 	return append(b, '}')
 }
 
-func (registerChannelRes) appendJSON(b []byte) []byte {
-	return append(b, `{"type":"register_channel_res"}`...)
-}
+func (registerChannelRes) appendJSON(b []byte) []byte { return typeOnly(b, "register_channel_res") }
 
 func (c subscribe) appendJSON(b []byte) []byte { return appendKeyReg(b, "subscribe", c.Key, c.Reg) }
 
@@ -319,9 +313,7 @@ func appendKeyReg(b []byte, typ, key string, reg json.RawMessage) []byte {
 	return append(b, '}')
 }
 
-func (subscribeResultRes) appendJSON(b []byte) []byte {
-	return append(b, `{"type":"subscribe_result_res"}`...)
-}
+func (subscribeResultRes) appendJSON(b []byte) []byte { return typeOnly(b, "subscribe_result_res") }
 
 func (c invoke) appendJSON(b []byte) []byte {
 	b = appendJSONString(append(b, `{"type":"invoke","method":`...), c.Method)
@@ -333,11 +325,16 @@ func (c invokeResult) appendJSON(b []byte) []byte {
 	return append(strconv.AppendBool(append(b, `{"type":"invoke_result","success":`...), c.Success), '}')
 }
 
-func (heartbeat) appendJSON(b []byte) []byte { return append(b, `{"type":"heartbeat"}`...) }
+func (heartbeat) appendJSON(b []byte) []byte { return typeOnly(b, "heartbeat") }
 
-func (heartbeatRes) appendJSON(b []byte) []byte { return append(b, `{"type":"heartbeat_res"}`...) }
+func (heartbeatRes) appendJSON(b []byte) []byte { return typeOnly(b, "heartbeat_res") }
 
-func (leaderClosing) appendJSON(b []byte) []byte { return append(b, `{"type":"leader_closing"}`...) }
+func (leaderClosing) appendJSON(b []byte) []byte { return typeOnly(b, "leader_closing") }
+
+// typeOnly writes a conn object that has no key but its type.
+func typeOnly(b []byte, typ string) []byte {
+	return append(append(append(b, `{"type":"`...), typ...), `"}`...)
+}
 
 // appendJSONString writes s as JSON.stringify writes a string: only '"',
 // '\\' and control characters are escaped; '<', '>', '&', U+2028, U+2029
@@ -408,10 +405,8 @@ func parseConn(b []byte) (connObject, string, error) {
 	}{{"type", &f.typ}, {"channelName", &f.rc.ChannelName}, {"secret", &f.rc.Secret}, {"key", &f.sub.Key},
 		{"reg", &f.sub.Reg}, {"method", &f.inv.Method}, {"argLength", &f.inv.ArgLength}, {"oneway", &f.inv.Oneway},
 		{"success", &f.res.Success}} {
-		if raw, ok := m[k.key]; ok {
-			if err := json.Unmarshal(raw, k.dst); err != nil {
-				return nil, "", fmt.Errorf("%w: key %q: %v", ErrBadConn, k.key, err)
-			}
+		if raw, ok := m[k.key]; ok && json.Unmarshal(raw, k.dst) != nil {
+			return nil, "", fmt.Errorf("%w: key %q has a value of the wrong type: %.64s", ErrBadConn, k.key, raw)
 		}
 	}
 	if f.typ == "invoke" && f.inv.ArgLength < 0 {
@@ -503,12 +498,9 @@ func subscriptionKey(reg []byte) string {
 func marshalReg(reg any) (json.RawMessage, error) {
 	b, err := JSONCodec{}.Marshal(reg)
 	if err == nil {
-		b, err = stringifyJSON(b)
+		return stringifyJSON(b)
 	}
-	if err != nil {
-		return nil, fmt.Errorf("clusterclient: encode registration: %w", err)
-	}
-	return b, nil
+	return nil, fmt.Errorf("clusterclient: encode registration: %w", err)
 }
 
 // maxRegDepth bounds the nesting of arrays and objects in a registration.
@@ -529,9 +521,12 @@ func stringifyJSON(b []byte) ([]byte, error) {
 	dec.UseNumber()
 	out, err := appendJSValue(nil, dec, maxRegDepth)
 	if _, end := dec.Token(); err == nil && end != io.EOF {
-		return nil, errors.New("trailing data after the JSON value")
+		err = errors.New("trailing data after the JSON value")
 	}
-	return out, err
+	if err != nil {
+		return nil, fmt.Errorf("clusterclient: encode registration: %w", err)
+	}
+	return out, nil
 }
 
 // appendJSValue reads the next value from dec and appends it as
