@@ -112,8 +112,8 @@ func (f *follower) register(r *Reader) error {
 	if _, refused := err.(*RemoteError); err == nil || refused {
 		return err
 	}
-	return &errNotLeader{fmt.Errorf("clusterclient: what answers on %s does not speak the cluster-client protocol or did not "+
-		"answer, so it is not a cluster-client leader, or not yet one; if another program holds the port, choose another "+
+	return &errNotLeader{fmt.Errorf("clusterclient: %s is not a cluster-client leader, or not yet: what answers there "+
+		"does not speak the protocol or did not answer; if another program holds the port, choose another "+
 		"Config.Port or %s: %w", addr, EnvPort, err)}
 }
 
@@ -282,7 +282,8 @@ func (f *follower) routeSubscribe(key string, reg json.RawMessage, on bool) erro
 
 // post sends a request that waits for no answer.
 func (f *follower) post(c connObject) error {
-	return f.send(0, nil, func(b []byte) ([]byte, error) { return appendPacket(b, false, nextID(), f.timeoutMS(), c, nil) })
+	encode := func(b []byte) ([]byte, error) { return appendPacket(b, false, nextID(), f.timeoutMS(), c, nil) }
+	return f.send(0, nil, encode)
 }
 
 // timeoutMS is the timeout carried by requests that wait for no answer.
@@ -294,20 +295,18 @@ func (f *follower) timeoutMS() int32 { return int32(f.cfg.ResponseTimeout / time
 // may have reached the leader.
 func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte, error)) error {
 	f.mu.Lock()
-	err := errGone
-	if f.draining {
-		err = errDraining
-	} else if f.err == nil {
-		err = nil
-		if ch != nil {
-			f.pending[id] = ch
-		}
+	gone, draining := f.err != nil, f.draining
+	if !gone && !draining && ch != nil {
+		f.pending[id] = ch
 	}
 	f.mu.Unlock()
-	if err != nil {
-		return err
+	if draining {
+		return errDraining
+	} else if gone {
+		return errGone
 	}
-	if err = f.w.send(true, encode); errors.Is(err, ErrPacketTooLarge) {
+	err := f.w.send(true, encode)
+	if errors.Is(err, ErrPacketTooLarge) {
 		f.take(id) // refused before anything was written
 	} else if err != nil {
 		err = f.fail(err)
@@ -332,8 +331,9 @@ func (f *follower) heartbeat() {
 		}
 		now := time.Now().UnixNano()
 		if sent > f.lastRecv.Load() && !f.cfg.DisableHeartbeatCheck {
-			f.cfg.Logger.Warn("clusterclient: leader did not answer a heartbeat; leaving it", "channel", f.name, "port", f.cfg.Port)
-			f.fail(fmt.Errorf("leader on port %d silent for %v after a heartbeat", f.cfg.Port, time.Duration(now-sent)))
+			err := fmt.Errorf("leader on port %d silent for %v after a heartbeat", f.cfg.Port, time.Duration(now-sent))
+			f.cfg.Logger.Warn("clusterclient: leaving the leader", "channel", f.name, "err", err)
+			f.fail(err)
 			return
 		}
 		if now-f.lastRecv.Load() >= int64(f.cfg.HeartbeatInterval*9/10) && f.post(heartbeat{}) == nil {

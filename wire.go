@@ -534,9 +534,6 @@ func stringifyJSON(b []byte) ([]byte, error) {
 // objects may open.
 func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 	tok, err := dec.Token()
-	if err != nil {
-		return nil, err
-	}
 	switch x := tok.(type) {
 	case json.Delim:
 		if depth == 0 {
@@ -550,7 +547,7 @@ func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 	case bool:
 		return strconv.AppendBool(b, x), nil
 	}
-	return append(b, "null"...), nil
+	return append(b, "null"...), err // tok is nil for null, and after an error
 }
 
 // appendJSContainer appends the rest of the array or object that open,
