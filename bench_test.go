@@ -52,7 +52,7 @@ func benchArg(n int) json.RawMessage {
 // rawRequest returns the invoke packet that Client.Invoke(ctx, "echo",
 // arg) sends, built with the real encoder, for the raw baselines.
 func rawRequest(arg []byte, timeout time.Duration) []byte {
-	b, err := appendInvoke(nil, 1, int32(timeout/time.Millisecond), "echo", false, [][]byte{arg})
+	b, err := appendInvoke(nil, 1, int32(timeout/time.Millisecond), "echo", false, [][]byte{arg}, DefaultMaxPacketSize)
 	if err != nil {
 		panic(err)
 	}

@@ -257,19 +257,19 @@ func toRemote(err error) *RemoteError {
 // invokeErrorObject is an error as invoke_result carries it, in the
 // reference's key order.
 type invokeErrorObject struct {
-	Stack   string          `json:"stack,omitempty"`
-	Name    string          `json:"name"`
-	Message string          `json:"message"`
-	Code    json.RawMessage `json:"code,omitempty"`
+	Stack   string    `json:"stack,omitempty"`
+	Name    string    `json:"name"`
+	Message string    `json:"message"`
+	Code    errorCode `json:"code,omitempty"`
 }
 
 // registerErrorObject is an error as register_channel_res carries it, in
 // the reference's key order.
 type registerErrorObject struct {
-	Message string          `json:"message"`
-	Stack   string          `json:"stack,omitempty"`
-	Name    string          `json:"name"`
-	Code    json.RawMessage `json:"code,omitempty"`
+	Message string    `json:"message"`
+	Stack   string    `json:"stack,omitempty"`
+	Name    string    `json:"name"`
+	Code    errorCode `json:"code,omitempty"`
 }
 
 type registerResult struct {
@@ -277,21 +277,15 @@ type registerResult struct {
 	Error   *registerErrorObject `json:"error,omitempty"`
 }
 
-func codeJSON(code string) json.RawMessage {
-	if code == "" {
-		return nil
-	}
-	return appendJSONString(nil, code)
-}
+// errorCode is an error's code. It is written as a string; a Node.js peer
+// may send a number, or any JSON value, which is kept as its JSON text.
+type errorCode string
 
-// codeText reads an error code, which a Node.js peer may send as a string
-// or a number.
-func codeText(raw json.RawMessage) string {
-	var s string
-	if json.Unmarshal(raw, &s) != nil {
-		s = string(raw)
+func (c *errorCode) UnmarshalJSON(b []byte) error {
+	if json.Unmarshal(b, (*string)(c)) != nil {
+		*c = errorCode(b)
 	}
-	return s
+	return nil
 }
 
 // Codec encodes and decodes app objects. It must be safe for concurrent
@@ -309,11 +303,9 @@ type JSONCodec struct{}
 
 // Marshal encodes v as JSON.
 func (JSONCodec) Marshal(v any) ([]byte, error) {
-	if raw, ok := v.(json.RawMessage); ok && raw != nil {
-		return raw, nil
-	}
-	if val, ok := v.(Value); ok {
-		return val.MarshalJSON()
+	switch v.(type) {
+	case json.RawMessage, Value: // written as they are; a nil one as null
+		return v.(json.Marshaler).MarshalJSON()
 	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)

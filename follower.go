@@ -2,12 +2,13 @@ package clusterclient
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -66,81 +67,74 @@ func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key 
 		closing: make(chan struct{}), pending: make(map[uint64]chan answer)}
 	f.w = newSender(nc, cfg.MaxQueuedBytes, cfg.ResponseTimeout, func(err error) { f.fail(err) })
 	r := NewReader(bufio.NewReaderSize(nc, followerReadBuffer), cfg.MaxPacketSize)
-	id, timeout := nextID(), int32(cfg.ResponseTimeout/time.Millisecond)
-	err = f.w.send(true, func(b []byte) ([]byte, error) {
-		return appendPacket(b, false, id, timeout, registerChannel{ChannelName: name, Secret: cfg.Secret}, nil)
-	})
-	if err == nil {
-		// Like the reference, wait one response timeout for the answer,
-		// then try again: a leader still building its real client
-		// answers a later attempt.
-		nc.SetReadDeadline(time.Now().Add(cfg.ResponseTimeout))
-		err = f.readRegistered(r, id)
-	}
+	err = f.register(r)
 	stop() // should ctx have ended, the client closes f at once
 	if err != nil {
 		nc.Close()
 		return nil, err
 	}
-	nc.SetReadDeadline(time.Time{})
 	f.lastRecv.Store(time.Now().UnixNano())
 	go f.readLoop(r)
 	go f.heartbeat()
 	return f, nil
 }
 
-// errNotLeader says that what answers on the port does not speak the
-// protocol.
-type errNotLeader struct {
-	addr string
-	err  error
-}
+// errNotLeader: what answers on the port does not speak the protocol, or
+// did not answer register_channel in time.
+type errNotLeader struct{ error }
 
-func (e *errNotLeader) Error() string {
-	return "what answers on " + e.addr + " is not a cluster-client leader: " + e.err.Error()
-}
+func (e *errNotLeader) Unwrap() error { return e.error }
 
-func (e *errNotLeader) Unwrap() error { return e.err }
-
-// readRegistered reads the answer to register_channel.
-func (f *follower) readRegistered(r *Reader, id uint64) error {
-	addr := loopback(f.cfg.Port)
+// register sends register_channel and reads the answer. Like the
+// reference, it waits one response timeout for it: a leader still
+// building its real client answers a later attempt. A connection that
+// ends first is no errNotLeader: a leader that is closing has a successor.
+func (f *follower) register(r *Reader) error {
+	id, addr := nextID(), loopback(f.cfg.Port)
+	err := f.w.send(true, func(b []byte) ([]byte, error) {
+		return appendPacket(b, false, id, f.timeoutMS(), registerChannel{ChannelName: f.name, Secret: f.cfg.Secret}, nil)
+	})
+	f.nc.SetReadDeadline(time.Now().Add(f.cfg.ResponseTimeout))
+	defer f.nc.SetReadDeadline(time.Time{})
 	var p Packet
-	if err := r.ReadPacket(&p); err != nil {
-		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
-			return fmt.Errorf("%w: %s accepted the connection but did not answer register_channel within %v: "+
-				"the leader is stopped or overloaded, its real client is still being built, or it is not a cluster-client leader",
-				ErrTimeout, addr, f.cfg.ResponseTimeout)
-		}
-		if isProtocolError(err) {
-			return &errNotLeader{addr, err}
-		}
-		return fmt.Errorf("connection to %s closed before the leader answered: %w", addr, err)
+	var ne net.Error
+	if err == nil {
+		err = r.ReadPacket(&p)
 	}
+	switch {
+	case errors.As(err, &ne) && ne.Timeout():
+		err = fmt.Errorf("%w: no answer to register_channel within %v", ErrTimeout, f.cfg.ResponseTimeout)
+	case ne != nil || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+		return fmt.Errorf("clusterclient: connection to %s closed before the leader answered: %w", addr, err)
+	case err == nil:
+		err = registerAnswer(&p, id, f.cfg.Codec)
+	}
+	if _, refused := err.(*RemoteError); err == nil || refused {
+		return err
+	}
+	return &errNotLeader{fmt.Errorf("clusterclient: %s is not a cluster-client leader, or not yet: what answers there "+
+		"does not speak the protocol or did not answer; if another program holds the port, choose another "+
+		"Config.Port or %s: %w", addr, EnvPort, err)}
+}
+
+// registerAnswer checks that p answers the register_channel request id,
+// and returns the leader's refusal if it refused.
+func registerAnswer(p *Packet, id uint64, codec Codec) error {
 	c, typ, err := parseConn(p.Conn)
-	if err != nil {
-		return &errNotLeader{addr, err}
-	}
-	if _, ok := c.(registerChannelRes); !ok || !p.Response || p.ID != id {
-		return &errNotLeader{addr, fmt.Errorf("answered register_channel with %q", typ)}
-	}
+	_, ok := c.(registerChannelRes)
 	var res registerResult
-	if err := f.cfg.Codec.Unmarshal(p.App, &res); err != nil {
-		return &errNotLeader{addr, fmt.Errorf("register_channel_res app object: %w", err)}
-	}
-	if e := res.Error; !res.Success && e != nil {
-		return &RemoteError{Name: e.Name, Message: e.Message, Code: codeText(e.Code), Stack: e.Stack}
-	} else if !res.Success {
-		return &RemoteError{Name: "Error", Message: "register refused"}
+	switch {
+	case err != nil:
+		return err
+	case !ok || !p.Response || p.ID != id:
+		return fmt.Errorf("answered register_channel with %q", typ)
+	case codec.Unmarshal(p.App, &res) != nil:
+		return fmt.Errorf("register_channel_res app object %.64q does not decode", p.App)
+	case !res.Success:
+		e := cmp.Or(res.Error, &registerErrorObject{Name: "Error", Message: "register refused"})
+		return &RemoteError{Name: e.Name, Message: e.Message, Code: string(e.Code), Stack: e.Stack}
 	}
 	return nil
-}
-
-// isProtocolError reports a packet that breaks the protocol, as opposed
-// to a connection that ended.
-func isProtocolError(err error) bool {
-	return slices.ContainsFunc([]error{ErrBadVersion, ErrBadType, ErrNegativeLength, ErrPacketTooLarge, ErrBadConn, ErrArgCount, ErrArgOverrun},
-		func(e error) bool { return errors.Is(err, e) })
 }
 
 // readLoop reads packets until the connection ends, then fails the
@@ -169,16 +163,11 @@ func (f *follower) handle(p *Packet) error {
 		return nil
 	}
 	c, _, err := parseConn(p.Conn)
-	if err != nil {
-		return err
-	}
 	switch c := c.(type) {
 	case subscribeResult:
 		// The reference follower writes timeout 0 here: its decoded
 		// request has no timeout to repeat.
-		f.w.send(false, func(b []byte) ([]byte, error) {
-			return appendPacket(b, true, p.ID, 0, subscribeResultRes{}, nil)
-		})
+		f.w.send(false, func(b []byte) ([]byte, error) { return appendPacket(b, true, p.ID, 0, subscribeResultRes{}, nil) })
 		f.deliver(c.Key, p.App)
 	case leaderClosing:
 		f.mu.Lock()
@@ -186,13 +175,10 @@ func (f *follower) handle(p *Packet) error {
 			close(f.closing)
 		}
 		f.draining = true
-		leave := len(f.pending) == 0
 		f.mu.Unlock()
-		if leave {
-			return errDraining
-		}
+		f.take(0) // no call has id 0: this leaves now if no call is pending
 	}
-	return nil
+	return err
 }
 
 // take removes the pending call id and returns its channel, nil if it
@@ -239,22 +225,17 @@ func (f *follower) fail(cause error) error {
 func (f *follower) routeInvoke(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
 	timeout := f.cfg.ResponseTimeout
 	if dl, ok := ctx.Deadline(); ok {
-		if timeout = min(timeout, time.Until(dl)); timeout <= 0 {
-			return Value{}, context.DeadlineExceeded
-		}
+		timeout = min(timeout, time.Until(dl))
+	}
+	if timeout <= 0 {
+		return Value{}, context.DeadlineExceeded
 	}
 	id, ms, ch := nextID(), max(int32(timeout/time.Millisecond), 1), make(chan answer, 1)
 	if oneway {
 		ms, ch = f.timeoutMS(), nil
 	}
 	err := f.send(id, ch, func(b []byte) ([]byte, error) {
-		n := len(b)
-		b, err := appendInvoke(b, id, ms, method, oneway, args)
-		if size := len(b) - n - HeaderSize; err == nil && size > f.cfg.MaxPacketSize {
-			return b[:n], fmt.Errorf("%w: invoke %.64s has %d bytes, Config.MaxPacketSize is %d",
-				ErrPacketTooLarge, method, size, f.cfg.MaxPacketSize)
-		}
-		return b, err
+		return appendInvoke(b, id, ms, method, oneway, args, f.cfg.MaxPacketSize)
 	})
 	if err != nil || oneway {
 		return Value{}, err
@@ -267,41 +248,42 @@ func (f *follower) routeInvoke(ctx context.Context, method string, args [][]byte
 	case <-ctx.Done():
 		err = ctx.Err()
 	}
-	if f.take(id) == nil {
-		return f.result(<-ch) // answered meanwhile
-	}
+	f.take(id) // an answer that comes now is dropped
 	return Value{}, err
 }
 
 // result reads the answer to an invoke.
 func (f *follower) result(a answer) (Value, error) {
-	if a.err != nil {
-		return Value{}, a.err
-	}
 	c, typ, err := parseConn(a.p.Conn)
 	res, ok := c.(invokeResult)
+	var e invokeErrorObject
 	switch {
+	case a.err != nil:
+		return Value{}, a.err
 	case err != nil:
 		return Value{}, err
 	case !ok:
 		return Value{}, fmt.Errorf("%w: answer to invoke has type %.64q", ErrBadConn, typ)
 	case res.Success:
 		return Value{data: a.p.App, codec: f.cfg.Codec}, nil
+	case f.cfg.Codec.Unmarshal(a.p.App, &e) != nil:
+		return Value{}, fmt.Errorf("clusterclient: remote error %.64q does not decode", a.p.App)
 	}
-	var e invokeErrorObject
-	if err := f.cfg.Codec.Unmarshal(a.p.App, &e); err != nil {
-		return Value{}, fmt.Errorf("clusterclient: decode remote error: %w", err)
-	}
-	return Value{}, &RemoteError{Name: e.Name, Message: e.Message, Code: codeText(e.Code), Stack: e.Stack}
+	return Value{}, &RemoteError{Name: e.Name, Message: e.Message, Code: string(e.Code), Stack: e.Stack}
 }
 
 // routeSubscribe sends subscribe, or unSubscribe when on is false.
 func (f *follower) routeSubscribe(key string, reg json.RawMessage, on bool) error {
-	var c connObject = subscribe{Key: key, Reg: reg}
-	if !on {
-		c = unSubscribe{Key: key, Reg: reg}
+	if on {
+		return f.post(subscribe{Key: key, Reg: reg})
 	}
-	return f.send(0, nil, func(b []byte) ([]byte, error) { return appendPacket(b, false, nextID(), f.timeoutMS(), c, nil) })
+	return f.post(unSubscribe{Key: key, Reg: reg})
+}
+
+// post sends a request that waits for no answer.
+func (f *follower) post(c connObject) error {
+	encode := func(b []byte) ([]byte, error) { return appendPacket(b, false, nextID(), f.timeoutMS(), c, nil) }
+	return f.send(0, nil, encode)
 }
 
 // timeoutMS is the timeout carried by requests that wait for no answer.
@@ -313,23 +295,20 @@ func (f *follower) timeoutMS() int32 { return int32(f.cfg.ResponseTimeout / time
 // may have reached the leader.
 func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte, error)) error {
 	f.mu.Lock()
-	err := errGone
-	if f.draining {
-		err = errDraining
-	} else if f.err == nil {
-		err = nil
-		if ch != nil {
-			f.pending[id] = ch
-		}
+	gone, draining := f.err != nil, f.draining
+	if !gone && !draining && ch != nil {
+		f.pending[id] = ch
 	}
 	f.mu.Unlock()
-	if err != nil {
-		return err
+	if draining {
+		return errDraining
+	} else if gone {
+		return errGone
 	}
-	switch err = f.w.send(true, encode); {
-	case errors.Is(err, ErrPacketTooLarge):
+	err := f.w.send(true, encode)
+	if errors.Is(err, ErrPacketTooLarge) {
 		f.take(id) // refused before anything was written
-	case err != nil:
+	} else if err != nil {
 		err = f.fail(err)
 	}
 	return err
@@ -338,7 +317,8 @@ func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte
 // heartbeat runs until the reader stops. Every interval, a follower that
 // has heard nothing from its leader for about an interval sends a
 // heartbeat; if nothing at all arrives by the next tick, it leaves the
-// leader.
+// leader. A leader that is closing gets none: the calls still pending on
+// it are bounded by their own timeouts.
 func (f *follower) heartbeat() {
 	t := time.NewTicker(f.cfg.HeartbeatInterval)
 	defer t.Stop()
@@ -349,17 +329,14 @@ func (f *follower) heartbeat() {
 			return
 		case <-t.C:
 		}
-		now, last := time.Now().UnixNano(), f.lastRecv.Load()
-		switch {
-		case sent != 0 && last < sent && !f.cfg.DisableHeartbeatCheck:
-			f.cfg.Logger.Warn("clusterclient: leader did not answer a heartbeat; leaving it",
-				"channel", f.name, "port", f.cfg.Port, "silent", time.Duration(now-last))
-			f.fail(fmt.Errorf("leader on port %d silent for %v after a heartbeat", f.cfg.Port, time.Duration(now-sent)))
+		now := time.Now().UnixNano()
+		if sent > f.lastRecv.Load() && !f.cfg.DisableHeartbeatCheck {
+			err := fmt.Errorf("leader on port %d silent for %v after a heartbeat", f.cfg.Port, time.Duration(now-sent))
+			f.cfg.Logger.Warn("clusterclient: leaving the leader", "channel", f.name, "err", err)
+			f.fail(err)
 			return
-		case time.Duration(now-last) >= f.cfg.HeartbeatInterval*9/10:
-			f.w.send(true, func(b []byte) ([]byte, error) {
-				return appendPacket(b, false, nextID(), int32(f.cfg.ResponseTimeout/time.Millisecond), heartbeat{}, nil)
-			})
+		}
+		if now-f.lastRecv.Load() >= int64(f.cfg.HeartbeatInterval*9/10) && f.post(heartbeat{}) == nil {
 			sent = now
 		}
 	}
@@ -369,4 +346,100 @@ func (f *follower) heartbeat() {
 func (f *follower) close() {
 	f.fail(ErrClosed)
 	<-f.dead
+}
+
+// The sender below writes the packets of every connection, a leader's as
+// well as a follower's.
+
+// keepBuffer is the largest write buffer a sender keeps between writes; a
+// larger one, left by a large packet, goes back to the garbage collector.
+const keepBuffer = 64 << 10
+
+// errQueueFull: a peer is not reading fast enough to keep its queue under
+// Config.MaxQueuedBytes.
+var errQueueFull = errors.New("clusterclient: peer is not reading: write queue over Config.MaxQueuedBytes")
+
+// lastID hands out request ids for the whole process, as the reference
+// does.
+var lastID atomic.Uint64
+
+func nextID() uint64 { return lastID.Add(1) }
+
+// sender writes packets to one connection. Packets are encoded into buf
+// under mu; the goroutine that finds no write under way becomes the
+// writer and writes everything queued, releasing mu around each write, so
+// the packets that others queue meanwhile go out together in the next
+// write. Two buffers take turns: one is written while the other takes
+// new packets.
+type sender struct {
+	nc       net.Conn
+	maxQueue int           // bound on len(buf), Config.MaxQueuedBytes
+	timeout  time.Duration // a write that takes longer fails
+	onFail   func(error)   // run once, on its own goroutine, when a write fails or the queue overflows
+
+	mu         sync.Mutex
+	buf, spare []byte // guarded by mu: encoded packets not yet written; the other buffer, empty
+	writing    bool   // guarded by mu: a goroutine is writing
+	err        error  // guarded by mu: why the connection takes no more packets
+}
+
+func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(error)) *sender {
+	return &sender{nc: nc, maxQueue: maxQueue, timeout: timeout, onFail: onFail}
+}
+
+// send encodes a packet with encode and queues it. If no write is under
+// way, the caller writes the queue itself (inline), or a new goroutine
+// does, so that the caller never waits on the socket.
+func (s *sender) send(inline bool, encode func(b []byte) ([]byte, error)) error {
+	s.mu.Lock()
+	b, err := encode(s.buf)
+	err = cmp.Or(s.err, err) // a stopped sender drops the packet
+	if err == nil && len(b) > s.maxQueue && len(s.buf) > 0 {
+		s.err, err = errQueueFull, errQueueFull
+		go s.onFail(err)
+	}
+	start := err == nil && !s.writing
+	if err == nil {
+		s.buf, s.writing = b, true
+	}
+	s.mu.Unlock()
+	if start && !inline {
+		go s.write()
+	} else if start {
+		return s.write()
+	}
+	return err
+}
+
+// write writes until the queue is empty; run by the one goroutine that
+// set writing. It returns the error of a write that failed here.
+func (s *sender) write() (failed error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for len(s.buf) > 0 && s.err == nil {
+		b := s.buf
+		s.buf, s.spare = s.spare[:0], nil
+		s.mu.Unlock()
+		s.nc.SetWriteDeadline(time.Now().Add(s.timeout))
+		_, err := s.nc.Write(b)
+		s.mu.Lock()
+		if cap(b) <= keepBuffer {
+			s.spare = b[:0]
+		}
+		if err != nil && s.err == nil {
+			s.err = fmt.Errorf("clusterclient: write to %s failed or made no progress within %v: %w", s.nc.RemoteAddr(), s.timeout, err)
+			failed = s.err
+			go s.onFail(failed)
+		}
+	}
+	s.writing = false
+	return failed
+}
+
+// fail stops the sender: later sends return err, or the error that
+// stopped it first.
+func (s *sender) fail(err error) {
+	s.mu.Lock()
+	s.err = cmp.Or(s.err, err)
+	s.mu.Unlock()
 }

@@ -632,7 +632,7 @@ func TestHostileUnknownChannel(t *testing.T) {
 	if err := json.Unmarshal(p.App, &res); err != nil {
 		t.Fatal(err)
 	}
-	if res.Success || res.Error == nil || codeText(res.Error.Code) != codeChannelNotHosted ||
+	if res.Success || res.Error == nil || string(res.Error.Code) != codeChannelNotHosted ||
 		!strings.Contains(res.Error.Message, `"NoSuchChannel"`) || !strings.Contains(res.Error.Message, "does not host") {
 		t.Fatalf("answer %s", p.App)
 	}
@@ -719,7 +719,7 @@ func TestHostileInvalidJSONArgs(t *testing.T) {
 	for i, bad := range [][]byte{[]byte(`{"a":`), {0xff, 0xfe}, {}, []byte(`1 2`), []byte(`"\ud800`)} {
 		ok, e := invokeRaw(t, nc, rd, uint64(10+i), invoke{Method: "echo", ArgLength: 2},
 			appendArgs(nil, [][]byte{[]byte(`1`), bad}))
-		if ok || e.Name != "SyntaxError" || codeText(e.Code) != codeBadArgument ||
+		if ok || e.Name != "SyntaxError" || string(e.Code) != codeBadArgument ||
 			!strings.Contains(e.Message, `argument 1 of "echo" is not valid JSON`) {
 			t.Fatalf("argument %q: answer %v %+v", bad, ok, e)
 		}

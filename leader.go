@@ -364,7 +364,7 @@ func (l *leader) answer(sc *serverConn, p *Packet, data []byte, err error) {
 	ok := err == nil
 	if !ok {
 		re := toRemote(err)
-		if data, err = l.marshal(invokeErrorObject{Stack: re.Stack, Name: re.Name, Message: re.Message, Code: codeJSON(re.Code)}); err != nil {
+		if data, err = l.marshal(invokeErrorObject{Stack: re.Stack, Name: re.Name, Message: re.Message, Code: errorCode(re.Code)}); err != nil {
 			data, _ = JSONCodec{}.Marshal(invokeErrorObject{Name: "Error", Message: err.Error()})
 		}
 	}

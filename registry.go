@@ -246,7 +246,7 @@ const codeChannelNotHosted = "ERR_CLUSTER_CHANNEL_NOT_HOSTED"
 // follower closes its side on reading the refusal. Held connections count
 // among the unregistered ones, so MaxUnregistered bounds them.
 func refuse(h *portHost, nc net.Conn, req *Packet, marshal func(any) ([]byte, error), re *RemoteError) {
-	data, err := marshal(registerResult{Error: &registerErrorObject{Message: re.Message, Stack: re.Stack, Name: re.Name, Code: codeJSON(re.Code)}})
+	data, err := marshal(registerResult{Error: &registerErrorObject{Message: re.Message, Stack: re.Stack, Name: re.Name, Code: errorCode(re.Code)}})
 	if err == nil {
 		b, _ := appendPacket(nil, true, req.ID, req.Timeout, registerChannelRes{}, data)
 		nc.SetWriteDeadline(time.Now().Add(time.Second))

@@ -102,7 +102,7 @@ type Packet struct {
 func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
 	start := len(b)
 	b = append(appendHeader(b, p.Response, p.ID, p.Timeout, 0, 0), p.Conn...)
-	return finishPacket(append(b, p.App...), start, len(b))
+	return finishPacket(append(b, p.App...), start, len(b), math.MaxInt32)
 }
 
 // MarshalBinary returns the encoded packet.
@@ -115,16 +115,15 @@ func (p *Packet) MarshalBinary() ([]byte, error) {
 // out of data.
 func (p *Packet) UnmarshalBinary(data []byte) error {
 	r, q := bytes.NewReader(data), Packet{}
-	switch err := NewReader(r, 0).ReadPacket(&q); {
-	case err == io.EOF:
-		return truncated("header", 0, HeaderSize)
-	case err != nil:
-		return err
-	case r.Len() > 0:
-		return fmt.Errorf("%w: %d bytes", ErrTrailingBytes, r.Len())
+	err := NewReader(r, 0).ReadPacket(&q)
+	if err == io.EOF {
+		err = truncated("header", 0, HeaderSize)
+	} else if err == nil && r.Len() > 0 {
+		err = fmt.Errorf("%w: %d bytes", ErrTrailingBytes, r.Len())
+	} else if err == nil {
+		*p = q
 	}
-	*p = q
-	return nil
+	return err
 }
 
 // truncated is the ErrTruncated for where, which ended after got of want
@@ -239,12 +238,8 @@ func (r *Reader) readBody(h []byte) (body []byte, connLen int, err error) {
 type connObject interface{ appendJSON(b []byte) []byte }
 
 // registerChannel is the first packet a follower sends on a connection.
-type registerChannel struct {
-	ChannelName string
-	// Secret is this package's addition, sent only when Config.Secret is
-	// set.
-	Secret string
-}
+// Secret is this package's addition, sent only when Config.Secret is set.
+type registerChannel struct{ ChannelName, Secret string }
 
 // registerChannelRes answers registerChannel; its app object says
 // whether the leader's real client is ready.
@@ -296,37 +291,29 @@ func (c registerChannel) appendJSON(b []byte) []byte {
 	return append(b, '}')
 }
 
-func (registerChannelRes) appendJSON(b []byte) []byte {
-	return append(b, `{"type":"register_channel_res"}`...)
+func (registerChannelRes) appendJSON(b []byte) []byte { return typeOnly(b, "register_channel_res") }
+
+func (c subscribe) appendJSON(b []byte) []byte { return appendKeyReg(b, "subscribe", c.Key, c.Reg) }
+
+func (c unSubscribe) appendJSON(b []byte) []byte { return appendKeyReg(b, "unSubscribe", c.Key, c.Reg) }
+
+func (c subscribeResult) appendJSON(b []byte) []byte {
+	return appendKeyReg(b, "subscribe_result", c.Key, nil)
 }
 
-func (c subscribe) appendJSON(b []byte) []byte {
-	return appendKeyReg(b, `{"type":"subscribe","key":`, c.Key, c.Reg)
-}
-
-func (c unSubscribe) appendJSON(b []byte) []byte {
-	return appendKeyReg(b, `{"type":"unSubscribe","key":`, c.Key, c.Reg)
-}
-
-// appendKeyReg writes a conn object with a key and maybe a reg. An empty
-// reg is left out, as JSON.stringify leaves out a key whose value is
-// undefined, so that parseConn gives back a nil Reg; reg is written as
-// it is and must be valid JSON.
-func appendKeyReg(b []byte, prefix, key string, reg json.RawMessage) []byte {
-	b = appendJSONString(append(b, prefix...), key)
+// appendKeyReg writes a conn object of type typ with a key and maybe a
+// reg. An empty reg is left out, as JSON.stringify leaves out a key whose
+// value is undefined, so that parseConn gives back a nil Reg; reg is
+// written as it is and must be valid JSON.
+func appendKeyReg(b []byte, typ, key string, reg json.RawMessage) []byte {
+	b = appendJSONString(append(append(append(b, `{"type":"`...), typ...), `","key":`...), key)
 	if len(reg) > 0 {
 		b = append(append(b, `,"reg":`...), reg...)
 	}
 	return append(b, '}')
 }
 
-func (c subscribeResult) appendJSON(b []byte) []byte {
-	return appendKeyReg(b, `{"type":"subscribe_result","key":`, c.Key, nil)
-}
-
-func (subscribeResultRes) appendJSON(b []byte) []byte {
-	return append(b, `{"type":"subscribe_result_res"}`...)
-}
+func (subscribeResultRes) appendJSON(b []byte) []byte { return typeOnly(b, "subscribe_result_res") }
 
 func (c invoke) appendJSON(b []byte) []byte {
 	b = appendJSONString(append(b, `{"type":"invoke","method":`...), c.Method)
@@ -338,11 +325,16 @@ func (c invokeResult) appendJSON(b []byte) []byte {
 	return append(strconv.AppendBool(append(b, `{"type":"invoke_result","success":`...), c.Success), '}')
 }
 
-func (heartbeat) appendJSON(b []byte) []byte { return append(b, `{"type":"heartbeat"}`...) }
+func (heartbeat) appendJSON(b []byte) []byte { return typeOnly(b, "heartbeat") }
 
-func (heartbeatRes) appendJSON(b []byte) []byte { return append(b, `{"type":"heartbeat_res"}`...) }
+func (heartbeatRes) appendJSON(b []byte) []byte { return typeOnly(b, "heartbeat_res") }
 
-func (leaderClosing) appendJSON(b []byte) []byte { return append(b, `{"type":"leader_closing"}`...) }
+func (leaderClosing) appendJSON(b []byte) []byte { return typeOnly(b, "leader_closing") }
+
+// typeOnly writes a conn object that has no key but its type.
+func typeOnly(b []byte, typ string) []byte {
+	return append(append(append(b, `{"type":"`...), typ...), `"}`...)
+}
 
 // appendJSONString writes s as JSON.stringify writes a string: only '"',
 // '\\' and control characters are escaped; '<', '>', '&', U+2028, U+2029
@@ -413,10 +405,8 @@ func parseConn(b []byte) (connObject, string, error) {
 	}{{"type", &f.typ}, {"channelName", &f.rc.ChannelName}, {"secret", &f.rc.Secret}, {"key", &f.sub.Key},
 		{"reg", &f.sub.Reg}, {"method", &f.inv.Method}, {"argLength", &f.inv.ArgLength}, {"oneway", &f.inv.Oneway},
 		{"success", &f.res.Success}} {
-		if raw, ok := m[k.key]; ok {
-			if err := json.Unmarshal(raw, k.dst); err != nil {
-				return nil, "", fmt.Errorf("%w: key %q: %v", ErrBadConn, k.key, err)
-			}
+		if raw, ok := m[k.key]; ok && json.Unmarshal(raw, k.dst) != nil {
+			return nil, "", fmt.Errorf("%w: key %q has a value of the wrong type: %.64s", ErrBadConn, k.key, raw)
 		}
 	}
 	if f.typ == "invoke" && f.inv.ArgLength < 0 {
@@ -433,27 +423,28 @@ func parseConn(b []byte) (connObject, string, error) {
 func appendPacket(b []byte, response bool, id uint64, timeout int32, c connObject, app []byte) ([]byte, error) {
 	start := len(b)
 	b = c.appendJSON(appendHeader(b, response, id, timeout, 0, 0))
-	return finishPacket(append(b, app...), start, len(b))
+	return finishPacket(append(b, app...), start, len(b), math.MaxInt32)
 }
 
 // appendInvoke appends an invoke packet whose app object frames args,
-// without building the app object separately.
-func appendInvoke(b []byte, id uint64, timeout int32, method string, oneway bool, args [][]byte) ([]byte, error) {
+// without building the app object separately. A packet whose conn length
+// plus app length exceed maxSize is refused.
+func appendInvoke(b []byte, id uint64, timeout int32, method string, oneway bool, args [][]byte, maxSize int) ([]byte, error) {
 	start := len(b)
 	b = invoke{Method: method, ArgLength: len(args), Oneway: oneway}.appendJSON(appendHeader(b, false, id, timeout, 0, 0))
-	return finishPacket(appendArgs(b, args), start, len(b))
+	return finishPacket(appendArgs(b, args), start, len(b), maxSize)
 }
 
 // finishPacket writes the conn and app lengths into the header that
 // starts at b[start], the conn object ending at b[connEnd] and the app
-// object at the end of b, undoing the append if the packet is too large.
-func finishPacket(b []byte, start, connEnd int) ([]byte, error) {
-	connLen, appLen := connEnd-start-HeaderSize, len(b)-connEnd
-	if connLen > math.MaxInt32 || appLen > math.MaxInt32 {
-		return b[:start], fmt.Errorf("%w: conn %d bytes, app %d bytes", ErrPacketTooLarge, connLen, appLen)
+// object at the end of b. If conn length plus app length exceed maxSize
+// (at most math.MaxInt32), it undoes the append.
+func finishPacket(b []byte, start, connEnd, maxSize int) ([]byte, error) {
+	if size := len(b) - start - HeaderSize; size > maxSize {
+		return b[:start], fmt.Errorf("%w: %d bytes, maximum %d", ErrPacketTooLarge, size, maxSize)
 	}
-	binary.BigEndian.PutUint32(b[start+16:], uint32(connLen))
-	binary.BigEndian.PutUint32(b[start+20:], uint32(appLen))
+	binary.BigEndian.PutUint32(b[start+16:], uint32(connEnd-start-HeaderSize))
+	binary.BigEndian.PutUint32(b[start+20:], uint32(len(b)-connEnd))
 	return b, nil
 }
 
@@ -507,12 +498,9 @@ func subscriptionKey(reg []byte) string {
 func marshalReg(reg any) (json.RawMessage, error) {
 	b, err := JSONCodec{}.Marshal(reg)
 	if err == nil {
-		b, err = stringifyJSON(b)
+		return stringifyJSON(b)
 	}
-	if err != nil {
-		return nil, fmt.Errorf("clusterclient: encode registration: %w", err)
-	}
-	return b, nil
+	return nil, fmt.Errorf("clusterclient: encode registration: %w", err)
 }
 
 // maxRegDepth bounds the nesting of arrays and objects in a registration.
@@ -533,9 +521,12 @@ func stringifyJSON(b []byte) ([]byte, error) {
 	dec.UseNumber()
 	out, err := appendJSValue(nil, dec, maxRegDepth)
 	if _, end := dec.Token(); err == nil && end != io.EOF {
-		return nil, errors.New("trailing data after the JSON value")
+		err = errors.New("trailing data after the JSON value")
 	}
-	return out, err
+	if err != nil {
+		return nil, fmt.Errorf("clusterclient: encode registration: %w", err)
+	}
+	return out, nil
 }
 
 // appendJSValue reads the next value from dec and appends it as
@@ -543,9 +534,6 @@ func stringifyJSON(b []byte) ([]byte, error) {
 // objects may open.
 func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 	tok, err := dec.Token()
-	if err != nil {
-		return nil, err
-	}
 	switch x := tok.(type) {
 	case json.Delim:
 		if depth == 0 {
@@ -559,7 +547,7 @@ func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 	case bool:
 		return strconv.AppendBool(b, x), nil
 	}
-	return append(b, "null"...), nil
+	return append(b, "null"...), err // tok is nil for null, and after an error
 }
 
 // appendJSContainer appends the rest of the array or object that open,

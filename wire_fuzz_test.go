@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"math"
 	"math/rand/v2"
 	"reflect"
 	"testing"
@@ -87,7 +88,7 @@ func checkDecoded(t *testing.T, raw []byte, p *Packet) {
 		}
 		return
 	}
-	enc, err = appendInvoke(nil, p.ID, p.Timeout, inv.Method, inv.Oneway, args)
+	enc, err = appendInvoke(nil, p.ID, p.Timeout, inv.Method, inv.Oneway, args, math.MaxInt32)
 	if err != nil || q.UnmarshalBinary(enc) != nil || !bytes.Equal(q.App, p.App) || q.ID != p.ID || q.Timeout != p.Timeout || q.Response {
 		t.Fatalf("appendInvoke of %#v, %q: %x, %v", inv, args, enc, err)
 	}

@@ -261,7 +261,7 @@ func TestGoldenInvoke(t *testing.T) {
 		if got := appendArgs(nil, args); !bytes.Equal(got, p.App) {
 			t.Errorf("%s: appendArgs = %x, want %x", v.Name, got, p.App)
 		}
-		got, err := appendInvoke([]byte("x"), p.ID, p.Timeout, inv.Method, inv.Oneway, args)
+		got, err := appendInvoke([]byte("x"), p.ID, p.Timeout, inv.Method, inv.Oneway, args, math.MaxInt32)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -1202,16 +1202,22 @@ func TestBodyIsFresh(t *testing.T) {
 	}
 }
 
+// TestEncodeTooLarge: an invoke whose conn length plus app length exceed
+// the bound is refused, and what it appended is undone; one exactly at
+// the bound is written.
 func TestEncodeTooLarge(t *testing.T) {
-	if math.MaxInt == math.MaxInt32 {
-		t.Skip("32-bit")
+	args := [][]byte{bytes.Repeat([]byte("a"), 1000)}
+	b, err := appendInvoke([]byte("x"), 1, 0, "m", false, args, math.MaxInt32)
+	if err != nil {
+		t.Fatal(err)
 	}
-	// finishPacket is what refuses; calling it on a fake length saves
-	// allocating 2 GiB.
-	b := appendHeader([]byte("x"), false, 1, 0, 0, 0)
-	b, err := finishPacket(b, 1, 1+HeaderSize+math.MaxInt32+1)
+	size := len(b) - 1 - HeaderSize
+	if b, err := appendInvoke([]byte("x"), 1, 0, "m", false, args, size); err != nil || len(b) != 1+HeaderSize+size {
+		t.Errorf("at the bound: %d bytes, %v", len(b), err)
+	}
+	b, err = appendInvoke([]byte("x"), 1, 0, "m", false, args, size-1)
 	if !errors.Is(err, ErrPacketTooLarge) || string(b) != "x" {
-		t.Errorf("finishPacket: %q, %v", b, err)
+		t.Errorf("over the bound: %q, %v", b, err)
 	}
 }
 
@@ -1237,11 +1243,11 @@ func BenchmarkEncodeInvoke(b *testing.B) {
 	for _, size := range []int{32, 4 << 10} {
 		b.Run(fmt.Sprintf("arg=%dB", size), func(b *testing.B) {
 			args := benchArgs(size)
-			buf, _ := appendInvoke(nil, 1, 3000, "getData", false, args)
+			buf, _ := appendInvoke(nil, 1, 3000, "getData", false, args, math.MaxInt32)
 			b.SetBytes(int64(len(buf)))
 			b.ReportAllocs()
 			for b.Loop() {
-				buf, _ = appendInvoke(buf[:0], 1, 3000, "getData", false, args)
+				buf, _ = appendInvoke(buf[:0], 1, 3000, "getData", false, args, math.MaxInt32)
 			}
 		})
 	}
@@ -1260,7 +1266,7 @@ func BenchmarkEncodeApp64KiB(b *testing.B) {
 func BenchmarkDecodeInvoke(b *testing.B) {
 	for _, size := range []int{32, 4 << 10} {
 		b.Run(fmt.Sprintf("arg=%dB", size), func(b *testing.B) {
-			raw, _ := appendInvoke(nil, 1, 3000, "getData", false, benchArgs(size))
+			raw, _ := appendInvoke(nil, 1, 3000, "getData", false, benchArgs(size), math.MaxInt32)
 			r := NewReader(&repeatReader{data: raw}, 0)
 			var p Packet
 			b.SetBytes(int64(len(raw)))
