@@ -31,6 +31,15 @@ const publishMethod = "publish"
 // memory: its socket pushes back.
 const maxConnInvokes = 1024
 
+// Error codes that the leader sends.
+const (
+	codePanic       = "ERR_CLUSTER_PANIC"        // user code panicked
+	codeBadArgument = "ERR_CLUSTER_BAD_ARGUMENT" // under JSONCodec, an argument that is not JSON
+	// A register refused because the leader does not host the channel,
+	// or is closing: a follower keeps trying.
+	codeChannelNotHosted = "ERR_CLUSTER_CHANNEL_NOT_HOSTED"
+)
+
 // leader holds the real client of one channel in the process that won the
 // port. It serves the follower connections of that channel, each with one
 // goroutine that reads it and one goroutine per invoke, and the calls of
@@ -47,9 +56,10 @@ type leader struct {
 	real  RealClient    // set before ready is closed
 	err   error         // build's error, set before ready is closed
 
-	ctx    context.Context // ends when the leader has closed
+	ctx    context.Context // set by start; ends when the leader has closed
 	cancel context.CancelFunc
-	wg     sync.WaitGroup // the build, the connections' readers and invokes, the calls
+	wg     sync.WaitGroup // the connections' readers, from admit until they end
+	calls  sync.WaitGroup // the calls running, remote and local, from enter until answered
 
 	// realMu is held from the decision to subscribe or release a key
 	// until the real client's Subscribe or Unsubscribe has returned, so
@@ -57,12 +67,11 @@ type leader struct {
 	// again while its release is under way ends up subscribed.
 	realMu sync.Mutex
 
-	mu      sync.Mutex
-	changed sync.Cond                // on mu: broadcast when conns or calls shrink, or the drain ends
-	conns   map[*serverConn]struct{} // guarded by mu
-	topics  map[string]*topic        // guarded by mu
-	calls   int                      // guarded by mu: calls running, remote and local
-	// guarded by mu: close has begun; the drain is over and no call may start
+	mu     sync.Mutex
+	conns  map[*serverConn]struct{} // guarded by mu
+	topics map[string]*topic        // guarded by mu
+	// guarded by mu: close has begun, so no connection is admitted; the
+	// followers have left or the wait ran out, so no call starts
 	closing, stopped bool
 }
 
@@ -86,21 +95,15 @@ type serverConn struct {
 	once    sync.Once
 
 	gate  sync.Mutex
-	ended sync.Cond // on gate: signalled when an invoke ends or the connection closes
+	ended sync.Cond // on gate: signalled when an invoke ends, broadcast when the connection closes
 	// guarded by gate: invokes running, and the bytes of their app objects
 	running, held int
 }
 
 func newLeader(name string, cfg *Config, deliver func(key string, data []byte)) *leader {
-	l := &leader{name: name, cfg: cfg, deliver: deliver, ready: make(chan struct{}),
+	return &leader{name: name, cfg: cfg, deliver: deliver, ready: make(chan struct{}),
 		conns: make(map[*serverConn]struct{}), topics: make(map[string]*topic)}
-	l.ctx, l.cancel = context.WithCancel(context.Background())
-	l.changed.L = &l.mu
-	return l
 }
-
-// codePanic is the error code of a call whose user code panicked.
-const codePanic = "ERR_CLUSTER_PANIC"
 
 // safely runs f, which calls user code (the build, the real client, the
 // codec), and turns a panic in it into an error: the stack goes to the
@@ -125,17 +128,27 @@ func (l *leader) call(ctx context.Context, method string, args []Value) (result 
 	return result, err
 }
 
+// warn logs a warning about the channel.
+func (l *leader) warn(msg string, args ...any) {
+	l.cfg.Logger.Warn("clusterclient: "+msg, append([]any{"channel", l.name}, args...)...)
+}
+
 // start builds the real client in the background.
 func (l *leader) start(build BuildFunc) {
-	l.wg.Add(1)
+	l.ctx, l.cancel = context.WithCancel(context.Background())
 	go func() {
-		defer l.wg.Done()
 		defer close(l.ready)
 		l.err = l.safely("BuildFunc", func() (err error) { l.real, err = build(l.ctx); return err })
 		if l.err == nil && l.real == nil {
 			l.err = errors.New("clusterclient: BuildFunc returned a nil RealClient")
 		}
 	}()
+}
+
+// closingError is the error of a register or a call that comes while the
+// leader closes.
+func (l *leader) closingError(name, code string) *RemoteError {
+	return &RemoteError{Name: name, Message: "the leader of channel " + l.name + " is closing", Code: code}
 }
 
 // serve runs one follower connection, from its register_channel packet
@@ -147,12 +160,12 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerCh
 	var re *RemoteError
 	switch {
 	case l.cfg.Secret != "" && !secretsEqual(l.cfg.Secret, rc.Secret):
-		l.cfg.Logger.Warn("clusterclient: refusing follower with a wrong secret", "channel", l.name, "remote", nc.RemoteAddr())
+		l.warn("refusing follower with a wrong secret", "remote", nc.RemoteAddr())
 		re = &RemoteError{Name: "ClusterAuthError", Message: "wrong secret", Code: "ERR_CLUSTER_AUTH"}
 	case l.err != nil:
 		re = toRemote(l.err)
 	case !l.admit(sc):
-		re = &RemoteError{Name: "ClusterChannelNotFoundError", Message: "the leader of channel " + l.name + " is closing", Code: codeChannelNotHosted}
+		re = l.closingError("ClusterChannelNotFoundError", codeChannelNotHosted)
 	}
 	if re != nil {
 		refuse(l.host, nc, reg, l.marshal, re)
@@ -173,9 +186,7 @@ func (l *leader) admit(sc *serverConn) bool {
 	}
 	sc.ctx, sc.cancel = context.WithCancel(l.ctx)
 	sc.ended.L = &sc.gate
-	// Taking gate orders the broadcast after the check of sc.ctx that
-	// the reader made before it waits.
-	context.AfterFunc(sc.ctx, func() { sc.gate.Lock(); sc.gate.Unlock(); sc.ended.Broadcast() })
+	context.AfterFunc(sc.ctx, func() { sc.gate.Lock(); sc.ended.Broadcast(); sc.gate.Unlock() })
 	sc.w = newSender(sc.nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close)
 	l.conns[sc] = struct{}{}
 	l.wg.Add(1)
@@ -219,8 +230,7 @@ func (sc *serverConn) close(err error) {
 		sc.w.fail(net.ErrClosed)
 		sc.nc.Close()
 		if err != nil && err != io.EOF && !errors.Is(err, net.ErrClosed) && !errors.Is(err, ErrClosed) {
-			sc.l.cfg.Logger.Warn("clusterclient: closing follower connection",
-				"channel", sc.l.name, "remote", sc.nc.RemoteAddr(), "err", err)
+			sc.l.warn("closing follower connection", "remote", sc.nc.RemoteAddr(), "err", err)
 		}
 	})
 }
@@ -262,28 +272,29 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 		ok, _ := l.marshal(registerResult{Success: true})
 		sc.reply(p, registerChannelRes{}, ok)
 	default:
-		sc.ignore(typ)
+		if !sc.oddType { // once per connection: a peer cannot flood the log
+			sc.oddType = true
+			l.warn("ignoring requests of unknown type on this connection", "remote", sc.nc.RemoteAddr(), "type", clip(typ))
+		}
 	}
 	return nil
-}
-
-// ignore logs a request of unknown type, once per connection: a peer
-// cannot flood the log.
-func (sc *serverConn) ignore(typ string) {
-	if !sc.oddType {
-		sc.oddType = true
-		sc.l.cfg.Logger.Warn("clusterclient: ignoring requests of unknown type on this connection",
-			"channel", sc.l.name, "remote", sc.nc.RemoteAddr(), "type", clip(typ))
-	}
 }
 
 // invoke starts an invoke from a follower on a goroutine of its own, once
 // the connection's bounds let it: at most maxConnInvokes running, their
 // app objects within Config.MaxQueuedBytes (one is always let through).
-// Until then the reader waits, so the peer's socket pushes back.
+// Until then the reader waits, so the peer's socket pushes back. A
+// Node.js follower does not heed leader_closing and may call after the
+// drain: it is told so, as the reference would by closing the connection.
 func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	if err := validArgs(p.App, c.ArgLength); err != nil {
 		return err
+	}
+	if err := l.enter(); err != nil {
+		if !c.Oneway {
+			l.answer(sc, p, nil, err)
+		}
+		return nil
 	}
 	sc.gate.Lock()
 	defer sc.gate.Unlock()
@@ -291,57 +302,39 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 		sc.ended.Wait()
 	}
 	if sc.ctx.Err() != nil {
+		l.calls.Done()
 		return net.ErrClosed
 	}
 	sc.running, sc.held = sc.running+1, sc.held+len(p.App)
-	l.wg.Add(1) // the reader holds the count up: close is not waiting on zero
 	go l.runInvoke(sc, p, c)
 	return nil
 }
 
-// enter counts a call in flight, in calls and in wg, unless the leader
-// has stopped taking calls: then it returns the error that a follower
-// gets.
+// enter counts a call in calls, unless the leader has stopped taking
+// calls: then it returns the error that a follower gets.
 func (l *leader) enter() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.stopped {
-		return &RemoteError{Name: "ClusterLeaderClosingError", Message: "the leader of channel " + l.name + " is closing", Code: "ERR_CLUSTER_LEADER_CLOSING"}
+		return l.closingError("ClusterLeaderClosingError", "ERR_CLUSTER_LEADER_CLOSING")
 	}
-	l.calls++
-	l.wg.Add(1)
+	l.calls.Add(1)
 	return nil
-}
-
-// exit ends a call that enter counted.
-func (l *leader) exit() {
-	l.mu.Lock()
-	l.calls--
-	l.mu.Unlock()
-	l.changed.Broadcast()
-	l.wg.Done()
 }
 
 // runInvoke runs one invoke from a follower and answers it, unless it is
 // oneway or its timeout passed (the follower gave up; the reference also
 // stays silent then). The packet's timeout is the method's deadline; a
 // request without one (the reference never sends that) gets the leader's
-// ResponseTimeout, so no follower can hold the real client forever. A
-// Node.js follower does not heed leader_closing and may call after the
-// drain: it is told so, as the reference would by closing the connection.
+// ResponseTimeout, so no follower can hold the real client forever.
 func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
-	defer l.wg.Done()
+	defer l.calls.Done()
 	limit := cmp.Or(time.Duration(max(p.Timeout, 0))*time.Millisecond, l.cfg.ResponseTimeout)
 	args, rest := make([][]byte, c.ArgLength), p.App
 	for i := range args {
 		args[i], rest = nextArg(rest)
 	}
-	var data []byte
-	late, err := false, l.enter()
-	if err == nil {
-		data, late, err = l.run(sc.ctx, limit, c, args)
-		l.exit()
-	}
+	data, late, err := l.run(sc.ctx, limit, c, args)
 	sc.gate.Lock()
 	sc.running, sc.held = sc.running-1, sc.held-len(p.App)
 	sc.gate.Unlock()
@@ -349,8 +342,7 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
 	switch {
 	case c.Oneway:
 	case late && p.Timeout > 0:
-		l.cfg.Logger.Warn("clusterclient: invoke outlasted its timeout; no answer sent",
-			"channel", l.name, "method", clip(c.Method), "timeout", limit, "err", err)
+		l.warn("invoke outlasted its timeout; no answer sent", "method", clip(c.Method), "timeout", limit, "err", err)
 	default:
 		l.answer(sc, p, data, err)
 	}
@@ -389,7 +381,7 @@ func (l *leader) run(ctx context.Context, limit time.Duration, c invoke, raw [][
 		result, err = l.call(ctx, c.Method, args)
 	}
 	if late = ctx.Err() == context.DeadlineExceeded; c.Oneway && err != nil {
-		l.cfg.Logger.Warn("clusterclient: oneway invoke failed", "channel", l.name, "method", clip(c.Method), "err", err)
+		l.warn("oneway invoke failed", "method", clip(c.Method), "err", err)
 	}
 	if err == nil && !c.Oneway {
 		data, err = l.marshal(result)
@@ -400,10 +392,6 @@ func (l *leader) run(ctx context.Context, limit time.Duration, c invoke, raw [][
 // clip cuts a name that a peer sent (method, type, channel) to 64
 // characters for a log line: a packet may carry megabytes of it.
 func clip(s string) string { return fmt.Sprintf("%.64s", s) }
-
-// codeBadArgument is the error code of an invoke refused because an
-// argument is not valid JSON.
-const codeBadArgument = "ERR_CLUSTER_BAD_ARGUMENT"
 
 // values wraps the arguments of a call. When the codec is JSONCodec it
 // refuses arguments that are not valid JSON: the caller gets a clear
@@ -450,10 +438,10 @@ func (l *leader) routeInvoke(ctx context.Context, method string, args [][]byte, 
 	}
 	c := invoke{Method: method, ArgLength: len(args), Oneway: oneway}
 	if oneway {
-		go func() { defer l.exit(); l.run(l.ctx, l.cfg.ResponseTimeout, c, args) }()
+		go func() { defer l.calls.Done(); l.run(l.ctx, l.cfg.ResponseTimeout, c, args) }()
 		return Value{}, nil
 	}
-	defer l.exit()
+	defer l.calls.Done()
 	data, late, err := l.run(ctx, l.cfg.ResponseTimeout, c, args)
 	if late && errors.Is(err, context.DeadlineExceeded) {
 		return Value{}, fmt.Errorf("%w: %s did not return within %v", ErrTimeout, method, l.cfg.ResponseTimeout)
@@ -494,10 +482,10 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) []by
 	if s, ok := l.real.(Subscriber); created && ok {
 		push := func(v any) { l.safely("the push callback", func() error { l.pushValue(t, v); return nil }) }
 		if err := l.safely("Subscriber.Subscribe", func() error { return s.Subscribe(reg, push) }); err != nil {
-			l.cfg.Logger.Warn("clusterclient: real client subscribe failed", "channel", l.name, "key", key, "err", err)
+			l.warn("real client subscribe failed", "key", key, "err", err)
 		}
 	} else if created {
-		l.cfg.Logger.Warn("clusterclient: the real client cannot subscribe", "channel", l.name, "key", key)
+		l.warn("the real client cannot subscribe", "key", key)
 	}
 	if !l.cfg.Broadcast || (dup && sc != nil) {
 		return nil
@@ -510,7 +498,7 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) []by
 func (l *leader) pushValue(t *topic, v any) {
 	data, err := l.marshal(v)
 	if err != nil {
-		l.cfg.Logger.Warn("clusterclient: encode pushed value", "channel", l.name, "key", t.key, "err", err)
+		l.warn("encode pushed value", "key", t.key, "err", err)
 		return
 	}
 	l.mu.Lock()
@@ -552,7 +540,7 @@ func (l *leader) unsubscribe(sc *serverConn, keys ...string) {
 	l.mu.Unlock()
 	for _, t := range gone {
 		if err := l.safely("Unsubscriber.Unsubscribe", func() error { return u.Unsubscribe(t.reg) }); err != nil {
-			l.cfg.Logger.Warn("clusterclient: real client unsubscribe failed", "channel", l.name, "key", t.key, "err", err)
+			l.warn("real client unsubscribe failed", "key", t.key, "err", err)
 		}
 	}
 }
@@ -564,40 +552,29 @@ func (l *leader) dropConn(sc *serverConn) {
 	delete(l.conns, sc)
 	keys := slices.Collect(maps.Keys(l.topics))
 	l.mu.Unlock()
-	l.changed.Broadcast()
 	l.unsubscribe(sc, keys...)
 }
 
-// drain waits until the followers have left, then stops taking calls and
-// waits until those in flight have ended, all within Config.DrainTimeout.
-// It returns the connections left.
-func (l *leader) drain() []*serverConn {
-	ctx, stop := context.WithTimeout(context.Background(), l.cfg.DrainTimeout)
-	defer stop()
-	// Taking mu orders the broadcast after the check of ctx.Err that a
-	// waiter made before it waits.
-	context.AfterFunc(ctx, func() { l.mu.Lock(); l.mu.Unlock(); l.changed.Broadcast() })
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for len(l.conns) > 0 && ctx.Err() == nil {
-		l.changed.Wait()
+// waitFor waits until wg is done or ctx ends.
+func waitFor(ctx context.Context, wg *sync.WaitGroup) {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
 	}
-	l.stopped = true // from here on no call starts
-	for l.calls > 0 && ctx.Err() == nil {
-		l.changed.Wait()
-	}
-	return slices.Collect(maps.Keys(l.conns))
 }
 
 // close stops the leader on purpose: it frees the port (if no other
-// channel of this process uses it), tells every follower that it is
-// closing, lets Go followers leave and calls in flight finish, bounded by
-// Config.DrainTimeout, then closes what is left, waits for the calls that
+// channel of this process uses it) and tells every follower that it is
+// closing. Within Config.DrainTimeout, it waits until the followers have
+// left, then stops taking calls and waits until those in flight have
+// ended. Then it closes the connections left, waits for the calls that
 // outlasted the drain, and closes the real client.
 func (l *leader) close() {
 	l.mu.Lock()
 	closing, conns := l.closing, slices.Collect(maps.Keys(l.conns))
-	l.closing = true
+	l.closing = true // from here on no connection is admitted
 	l.mu.Unlock()
 	if closing {
 		return // closed already
@@ -608,14 +585,23 @@ func (l *leader) close() {
 	for _, sc := range conns {
 		sc.notify(leaderClosing{}, nil)
 	}
-	for _, sc := range l.drain() {
+	ctx, stop := context.WithTimeout(context.Background(), l.cfg.DrainTimeout)
+	defer stop()
+	waitFor(ctx, &l.wg)
+	l.mu.Lock()
+	l.stopped, conns = true, slices.Collect(maps.Keys(l.conns)) // from here on no call starts
+	l.mu.Unlock()
+	waitFor(ctx, &l.calls)
+	for _, sc := range conns {
 		sc.close(ErrClosed)
 	}
 	l.cancel()
-	l.wg.Wait() // the build, the readers and every call
+	<-l.ready
+	l.wg.Wait()
+	l.calls.Wait()
 	if c, ok := l.real.(io.Closer); ok {
 		if err := l.safely("io.Closer.Close", c.Close); err != nil {
-			l.cfg.Logger.Warn("clusterclient: closing the real client", "channel", l.name, "err", err)
+			l.warn("closing the real client", "err", err)
 		}
 	}
 }

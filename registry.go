@@ -72,17 +72,49 @@ func (h *portHost) warn(msg string, args ...any) {
 	}
 }
 
+// claim tries to make c the leader of its channel: in single mode always;
+// otherwise on this process's listener for the port if it holds one, else
+// by listening on 127.0.0.1:port. The winner's real client starts
+// building at once. It returns nil when c must follow, and an error only
+// for a forced leader that cannot lead.
+func claim(c *Client) (*leader, error) {
+	cfg := &c.cfg
+	if cfg.Role == RoleFollower && !cfg.SingleMode {
+		return nil, nil
+	}
+	l := newLeader(c.name, cfg, c.deliver)
+	if !cfg.SingleMode {
+		if err := hostChannel(cfg, l); err != nil {
+			if cfg.Role == RoleLeader {
+				return nil, err
+			}
+			return nil, nil
+		}
+	}
+	l.start(c.build)
+	return l, nil
+}
+
+// retryable reports whether a failed attempt to follow may succeed by
+// itself later without the wait running out first: anything but a leader
+// that answered with its real client's error.
+func retryable(err error) bool {
+	var re *RemoteError
+	return !errors.As(err, &re) || re.Code == codeChannelNotHosted
+}
+
 // hostChannel makes l the leader of its channel on the port, listening
-// first if this process does not hold the port yet. It returns false,
-// and a listen error if there was one, when the port is another
-// process's or the channel already has a leader in this process.
-// Called with hostsMu held.
-func hostChannel(cfg *Config, l *leader) (bool, error) {
+// first if this process does not hold the port yet. It fails when the
+// port is another process's or the channel already has a leader in this
+// process.
+func hostChannel(cfg *Config, l *leader) error {
+	hostsMu.Lock()
+	defer hostsMu.Unlock()
 	h := hosts[cfg.Port]
 	if h == nil {
 		ln, err := net.Listen("tcp", loopback(cfg.Port))
 		if err != nil {
-			return false, err
+			return fmt.Errorf("clusterclient: cannot lead channel %q: port %d is taken: %w", l.name, cfg.Port, err)
 		}
 		h = &portHost{ln: ln, cfg: cfg, channels: map[string]*leader{}}
 		hosts[cfg.Port] = h
@@ -92,11 +124,11 @@ func hostChannel(cfg *Config, l *leader) (bool, error) {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	_, taken := h.channels[l.name]
-	if !taken {
-		h.channels[l.name], l.host = l, h
+	if h.channels[l.name] != nil {
+		return fmt.Errorf("clusterclient: cannot lead channel %q on port %d: another client of this process leads it", l.name, cfg.Port)
 	}
-	return !taken, nil
+	h.channels[l.name], l.host = l, h
+	return nil
 }
 
 // unhost removes l from its port; the last channel to leave closes the
@@ -106,7 +138,7 @@ func (h *portHost) unhost(l *leader) {
 	hostsMu.Lock()
 	h.mu.Lock()
 	delete(h.channels, l.name)
-	last := len(h.channels) == 0 && !h.closed
+	last := len(h.channels) == 0 // once: a closed host is no longer in hosts
 	if last {
 		h.closed = true
 		delete(hosts, h.cfg.Port)
@@ -233,10 +265,6 @@ func (h *portHost) registerOf(err error, p *Packet) (registerChannel, error) {
 	}
 	return rc, err
 }
-
-// codeChannelNotHosted is the error code of a register refused because
-// the leader does not host the channel. A follower keeps trying.
-const codeChannelNotHosted = "ERR_CLUSTER_CHANNEL_NOT_HOSTED"
 
 // refuse answers a register_channel with a registerResult that refuses
 // for re, encoded with marshal (nothing if that fails), then holds nc
