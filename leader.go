@@ -123,9 +123,21 @@ func (l *leader) marshal(v any) (data []byte, err error) {
 	return data, err
 }
 
-func (l *leader) call(ctx context.Context, method string, args []Value) (result any, err error) {
-	err = l.safely("RealClient.Invoke", func() (err error) { result, err = l.real.Invoke(ctx, method, args); return err })
-	return result, err
+// call hands a call to the real client: a oneway publish with one
+// argument to Publish if it has one, anything else to Invoke.
+func (l *leader) call(ctx context.Context, c invoke, args []Value) (result any, err error) {
+	p, ok := l.real.(Publisher)
+	if !ok || c.Method != publishMethod || !c.Oneway || len(args) != 1 {
+		err = l.safely("RealClient.Invoke", func() (err error) { result, err = l.real.Invoke(ctx, c.Method, args); return err })
+		return result, err
+	}
+	return nil, l.safely("Publisher.Publish", func() error {
+		var reg json.RawMessage
+		if err := args[0].Decode(&reg); err != nil {
+			return fmt.Errorf("clusterclient: publish registration: %w", err)
+		}
+		return p.Publish(ctx, reg)
+	})
 }
 
 // warn logs a warning about the channel.
@@ -145,12 +157,6 @@ func (l *leader) start(build BuildFunc) {
 	}()
 }
 
-// closingError is the error of a register or a call that comes while the
-// leader closes.
-func (l *leader) closingError(name, code string) *RemoteError {
-	return &RemoteError{Name: name, Message: "the leader of channel " + l.name + " is closing", Code: code}
-}
-
 // serve runs one follower connection, from its register_channel packet
 // until it closes, or refuses it. br, the connection's read buffer of
 // readBufferSize bytes, serves it for its whole life.
@@ -165,7 +171,8 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerCh
 	case l.err != nil:
 		re = toRemote(l.err)
 	case !l.admit(sc):
-		re = l.closingError("ClusterChannelNotFoundError", codeChannelNotHosted)
+		re = &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
+			Message: "the leader of channel " + l.name + " is closing"}
 	}
 	if re != nil {
 		refuse(l.host, nc, reg, l.marshal, re)
@@ -173,7 +180,13 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerCh
 	}
 	defer l.wg.Done()
 	sc.close(l.readLoop(sc, br, reg))
-	l.dropConn(sc)
+	// Forget the connection and its subscriptions. Its reader has ended,
+	// so it subscribes to nothing new meanwhile.
+	l.mu.Lock()
+	delete(l.conns, sc)
+	keys := slices.Collect(maps.Keys(l.topics))
+	l.mu.Unlock()
+	l.unsubscribe(sc, keys...)
 }
 
 // admit adds sc to the leader's connections, unless the leader is
@@ -262,10 +275,7 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 	case heartbeat:
 		sc.reply(p, heartbeatRes{}, nil)
 	case subscribe:
-		key := subscriptionKey(c.Reg)
-		if latest := l.subscribe(sc, key, c.Reg); latest != nil {
-			sc.notify(subscribeResult{Key: key}, latest)
-		}
+		l.subscribe(sc, subscriptionKey(c.Reg), c.Reg)
 	case unSubscribe:
 		l.unsubscribe(sc, subscriptionKey(c.Reg))
 	case registerChannel: // the first, or again: answer again
@@ -316,7 +326,8 @@ func (l *leader) enter() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.stopped {
-		return l.closingError("ClusterLeaderClosingError", "ERR_CLUSTER_LEADER_CLOSING")
+		return &RemoteError{Name: "ClusterLeaderClosingError", Code: "ERR_CLUSTER_LEADER_CLOSING",
+			Message: "the leader of channel " + l.name + " is closing"}
 	}
 	l.calls.Add(1)
 	return nil
@@ -364,8 +375,7 @@ func (l *leader) answer(sc *serverConn, p *Packet, data []byte, err error) {
 }
 
 // run runs one call, from a follower or the own Client, with the deadline
-// limit from now: a oneway publish with one argument goes to publish,
-// anything else to the real client. It returns the result encoded (none
+// limit from now. It returns the result encoded (none
 // for a oneway call), logs the errors of oneway calls, and reports whether
 // the deadline passed.
 func (l *leader) run(ctx context.Context, limit time.Duration, c invoke, raw [][]byte) (data []byte, late bool, err error) {
@@ -373,12 +383,8 @@ func (l *leader) run(ctx context.Context, limit time.Duration, c invoke, raw [][
 	defer cancel()
 	var result any
 	args, err := l.values(c.Method, raw)
-	switch {
-	case err != nil: // refused before the real client sees it
-	case c.Method == publishMethod && c.Oneway && len(args) == 1:
-		err = l.publish(ctx, args[0])
-	default:
-		result, err = l.call(ctx, c.Method, args)
+	if err == nil { // else refused before the real client sees it
+		result, err = l.call(ctx, c, args)
 	}
 	if late = ctx.Err() == context.DeadlineExceeded; c.Oneway && err != nil {
 		l.warn("oneway invoke failed", "method", clip(c.Method), "err", err)
@@ -412,23 +418,6 @@ func (l *leader) values(method string, raw [][]byte) ([]Value, error) {
 	return args, nil
 }
 
-// publish hands a registration to the real client: to Publish if it has
-// one, else to Invoke as the method "publish".
-func (l *leader) publish(ctx context.Context, arg Value) error {
-	p, ok := l.real.(Publisher)
-	if !ok {
-		_, err := l.call(ctx, publishMethod, []Value{arg})
-		return err
-	}
-	return l.safely("Publisher.Publish", func() error {
-		var reg json.RawMessage
-		if err := arg.Decode(&reg); err != nil {
-			return fmt.Errorf("clusterclient: publish registration: %w", err)
-		}
-		return p.Publish(ctx, reg)
-	})
-}
-
 // routeInvoke runs a call of the own Client straight on the real client.
 // A oneway call runs on a goroutine of its own; routeInvoke returns at
 // once.
@@ -451,21 +440,20 @@ func (l *leader) routeInvoke(ctx context.Context, method string, args [][]byte, 
 	return Value{data: data, codec: l.cfg.Codec}, nil
 }
 
-// routeSubscribe adds or removes the own Client as a listener of key; the
-// latest value, if any, goes to the Client's listeners at once.
+// routeSubscribe adds or removes the own Client as a listener of key.
 func (l *leader) routeSubscribe(key string, reg json.RawMessage, on bool) error {
-	if !on {
+	if on {
+		l.subscribe(nil, key, reg)
+	} else {
 		l.unsubscribe(nil, key)
-	} else if latest := l.subscribe(nil, key, reg); latest != nil {
-		l.deliver(key, latest)
 	}
 	return nil
 }
 
 // subscribe adds sc (nil: the own Client) to the listeners of key and
-// subscribes the real client to it, once per key. It returns the latest
-// value to replay, when broadcasting and sc was not subscribed yet.
-func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) []byte {
+// subscribes the real client to it, once per key. When broadcasting, a
+// listener new to the key gets its latest value, if any, at once.
+func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 	l.realMu.Lock()
 	defer l.realMu.Unlock()
 	l.mu.Lock()
@@ -487,10 +475,9 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) []by
 	} else if created {
 		l.warn("the real client cannot subscribe", "key", key)
 	}
-	if !l.cfg.Broadcast || (dup && sc != nil) {
-		return nil
+	if l.cfg.Broadcast && latest != nil && (!dup || sc == nil) {
+		l.push(sc, key, latest)
 	}
-	return latest
 }
 
 // pushValue keeps v as t's latest value and pushes it to t's listeners:
@@ -511,11 +498,17 @@ func (l *leader) pushValue(t *topic, v any) {
 		targets = targets[rand.IntN(len(targets)):][:1]
 	}
 	for _, sc := range targets {
-		if sc == nil {
-			l.deliver(t.key, data)
-		} else {
-			sc.notify(subscribeResult{Key: t.key}, data)
-		}
+		l.push(sc, t.key, data)
+	}
+}
+
+// push sends a value of key to sc, or to the own Client's listeners if sc
+// is nil.
+func (l *leader) push(sc *serverConn, key string, data []byte) {
+	if sc == nil {
+		l.deliver(key, data)
+	} else {
+		sc.notify(subscribeResult{Key: key}, data)
 	}
 }
 
@@ -543,16 +536,6 @@ func (l *leader) unsubscribe(sc *serverConn, keys ...string) {
 			l.warn("real client unsubscribe failed", "key", t.key, "err", err)
 		}
 	}
-}
-
-// dropConn forgets a closed follower connection and its subscriptions.
-// Its reader has ended, so it subscribes to nothing new meanwhile.
-func (l *leader) dropConn(sc *serverConn) {
-	l.mu.Lock()
-	delete(l.conns, sc)
-	keys := slices.Collect(maps.Keys(l.topics))
-	l.mu.Unlock()
-	l.unsubscribe(sc, keys...)
 }
 
 // waitFor waits until wg is done or ctx ends.

@@ -22,7 +22,7 @@ const readBufferSize = 4 << 10
 
 // hosts holds the ports this process listens on: one listener per port,
 // shared by every channel that the process leads on it. Lock order:
-// hostsMu, then a portHost's mu.
+// hostsMu, then a portHost's mu, then its logMu.
 var (
 	hostsMu sync.Mutex
 	hosts   = map[int]*portHost{} // guarded by hostsMu
@@ -40,10 +40,10 @@ type portHost struct {
 	channels map[string]*leader // guarded by mu
 	unreg    []net.Conn         // guarded by mu: not yet registered, or refused; oldest first
 	closed   bool               // guarded by mu
-	logStart time.Time          // guarded by mu: start of the current second of warn
-	// guarded by mu: lines warn logged since logStart, and left out since
-	// it last logged
-	logged, dropped int
+
+	logMu    sync.Mutex
+	logStart time.Time // guarded by logMu: start of the current second of warn
+	logged   int       // guarded by logMu: lines warn was asked for since logStart
 }
 
 // warnPerSecond bounds the lines that warn logs per second and port, so
@@ -54,20 +54,15 @@ const warnPerSecond = 10
 // refused, at most warnPerSecond lines a second; the next line logged
 // counts those left out as "suppressed".
 func (h *portHost) warn(msg string, args ...any) {
-	h.mu.Lock()
+	h.logMu.Lock()
+	defer h.logMu.Unlock()
 	if now := time.Now(); now.Sub(h.logStart) >= time.Second {
+		if h.logged > warnPerSecond {
+			args = append(args, "suppressed", h.logged-warnPerSecond)
+		}
 		h.logStart, h.logged = now, 0
 	}
-	h.logged++
-	ok, dropped := h.logged <= warnPerSecond, h.dropped
-	if h.dropped++; ok {
-		h.dropped = 0
-	}
-	h.mu.Unlock()
-	if dropped > 0 {
-		args = append(args, "suppressed", dropped)
-	}
-	if ok {
+	if h.logged++; h.logged <= warnPerSecond {
 		h.cfg.Logger.Warn(msg, args...)
 	}
 }
@@ -183,34 +178,31 @@ func (h *portHost) acceptLoop() {
 // the host has closed.
 func (h *portHost) track(nc net.Conn) bool {
 	h.mu.Lock()
-	closed, evict := h.closed, nc
-	if !closed {
-		h.unreg, evict = append(h.unreg, nc), nil
+	defer h.mu.Unlock()
+	if h.closed {
+		nc.Close()
+		return false
 	}
-	if !closed && len(h.unreg) > h.cfg.MaxUnregistered {
-		evict, h.unreg = h.unreg[0], h.unreg[1:]
-	}
-	h.mu.Unlock()
-	if evict != nil && !closed {
+	if h.unreg = append(h.unreg, nc); len(h.unreg) > h.cfg.MaxUnregistered {
 		h.warn("clusterclient: closing unregistered connection: too many connections have not registered",
-			"remote", evict.RemoteAddr(), "limit", h.cfg.MaxUnregistered)
+			"remote", h.unreg[0].RemoteAddr(), "limit", h.cfg.MaxUnregistered)
+		h.unreg[0].Close()
+		h.unreg = h.unreg[1:]
 	}
-	if evict != nil {
-		evict.Close()
-	}
-	return !closed
+	return true
 }
 
-// registered takes nc off the list of unregistered connections. It
-// returns false if nc was evicted or the host closed meanwhile.
-func (h *portHost) registered(nc net.Conn) bool {
+// registered takes nc off the list of unregistered connections, and
+// returns the leader of channel, if any. It returns false if nc was
+// evicted or the host closed meanwhile.
+func (h *portHost) registered(nc net.Conn, channel string) (*leader, bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	i := slices.Index(h.unreg, nc)
 	if i >= 0 {
 		h.unreg = slices.Delete(h.unreg, i, i+1)
 	}
-	return i >= 0
+	return h.channels[channel], i >= 0
 }
 
 // register reads the first packet of a connection, which must register a
@@ -221,28 +213,23 @@ func (h *portHost) register(nc net.Conn) {
 	br := bufio.NewReaderSize(nc, readBufferSize)
 	p := new(Packet)
 	rc, err := h.registerOf(NewReader(br, registerMaxPacket).ReadPacket(p), p)
-	tracked := h.registered(nc) // else evicted, or the host closed
-	// A connection closed before its first byte is no fault: a Node.js
-	// follower made to follow probes the port that way.
-	if tracked && err != nil && err != io.EOF {
-		h.warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
-	}
-	var l *leader
-	if tracked && err == nil {
-		// Registered: from here on the leader's heartbeat check bounds
-		// a silent connection.
-		nc.SetReadDeadline(time.Time{})
-		h.mu.Lock()
-		l = h.channels[rc.ChannelName]
-		h.mu.Unlock()
-		if l == nil {
-			h.warn("clusterclient: refusing register for a channel this leader does not host",
-				"remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
-			refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
-				Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.cfg.Port, rc.ChannelName)})
+	l, tracked := h.registered(nc, rc.ChannelName)
+	switch {
+	case !tracked || err != nil: // an untracked one was evicted, or the host closed
+		// A connection closed before its first byte is no fault: a
+		// Node.js follower made to follow probes the port that way.
+		if tracked && err != io.EOF {
+			h.warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
 		}
-	} else {
+		l = nil
 		nc.Close()
+	case l == nil:
+		h.warn("clusterclient: refusing register for a channel this leader does not host",
+			"remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
+		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
+			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.cfg.Port, rc.ChannelName)})
+	default: // registered: from here on the leader's heartbeat check bounds a silent connection
+		nc.SetReadDeadline(time.Time{})
 	}
 	h.wg.Done()
 	if l != nil {
@@ -283,7 +270,7 @@ func refuse(h *portHost, nc net.Conn, req *Packet, marshal func(any) ([]byte, er
 	if h.track(nc) {
 		nc.SetReadDeadline(time.Now().Add(h.cfg.RegisterTimeout))
 		io.Copy(io.Discard, nc)
-		h.registered(nc)
+		h.registered(nc, "")
 		nc.Close()
 	}
 }
