@@ -31,14 +31,17 @@ const publishMethod = "publish"
 // memory: its socket pushes back.
 const maxConnInvokes = 1024
 
-// Error codes that the leader sends.
-const (
-	codePanic       = "ERR_CLUSTER_PANIC"        // user code panicked
-	codeBadArgument = "ERR_CLUSTER_BAD_ARGUMENT" // under JSONCodec, an argument that is not JSON
-	// A register refused because the leader does not host the channel,
-	// or is closing: a follower keeps trying.
-	codeChannelNotHosted = "ERR_CLUSTER_CHANNEL_NOT_HOSTED"
-)
+// codePanic is the error code of a call whose user code panicked.
+const codePanic = "ERR_CLUSTER_PANIC"
+
+// codeBadArgument is the error code of an invoke refused because an
+// argument is not valid JSON, under JSONCodec.
+const codeBadArgument = "ERR_CLUSTER_BAD_ARGUMENT"
+
+// codeChannelNotHosted is the error code of a register refused because
+// the leader does not host the channel, or is closing: a follower keeps
+// trying.
+const codeChannelNotHosted = "ERR_CLUSTER_CHANNEL_NOT_HOSTED"
 
 // leader holds the real client of one channel in the process that won the
 // port. It serves the follower connections of that channel, each with one
@@ -91,7 +94,7 @@ type serverConn struct {
 	w       *sender
 	ctx     context.Context // ends when the connection closes; its invokes' contexts derive from it
 	cancel  context.CancelFunc
-	oddType bool // reader only: a request of unknown type was logged
+	oddType sync.Once // logs the first request of unknown type
 	once    sync.Once
 
 	gate  sync.Mutex
@@ -124,8 +127,22 @@ func (l *leader) marshal(v any) (data []byte, err error) {
 }
 
 // call hands a call to the real client: a oneway publish with one
-// argument to Publish if it has one, anything else to Invoke.
-func (l *leader) call(ctx context.Context, c invoke, args []Value) (result any, err error) {
+// argument to Publish if it has one, anything else to Invoke. When the
+// codec is JSONCodec it first refuses arguments that are not valid JSON:
+// the caller gets a clear error and the connection stays, since the
+// packet itself was well framed. Another codec decodes its own arguments
+// and reports its own errors.
+func (l *leader) call(ctx context.Context, c invoke, raw [][]byte) (result any, err error) {
+	_, plain := l.cfg.Codec.(JSONCodec)
+	_, ptr := l.cfg.Codec.(*JSONCodec)
+	args := make([]Value, len(raw))
+	for i, a := range raw {
+		if (plain || ptr) && !json.Valid(a) {
+			return nil, &RemoteError{Name: "SyntaxError", Code: codeBadArgument,
+				Message: fmt.Sprintf("argument %d of %.64q is not valid JSON", i, c.Method)}
+		}
+		args[i] = Value{data: a, codec: l.cfg.Codec}
+	}
 	p, ok := l.real.(Publisher)
 	if !ok || c.Method != publishMethod || !c.Oneway || len(args) != 1 {
 		err = l.safely("RealClient.Invoke", func() (err error) { result, err = l.real.Invoke(ctx, c.Method, args); return err })
@@ -219,6 +236,7 @@ func secretsEqual(want, got string) bool {
 func (l *leader) readLoop(sc *serverConn, br *bufio.Reader, reg *Packet) error {
 	r := NewReader(br, l.cfg.MaxPacketSize)
 	idle := 3 * l.cfg.HeartbeatInterval
+	sc.nc.SetReadDeadline(time.Time{}) // RegisterTimeout's, until the heartbeat check's
 	for p := reg; ; {
 		if err := l.handle(sc, p); err != nil {
 			return err
@@ -282,10 +300,9 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 		ok, _ := l.marshal(registerResult{Success: true})
 		sc.reply(p, registerChannelRes{}, ok)
 	default:
-		if !sc.oddType { // once per connection: a peer cannot flood the log
-			sc.oddType = true
+		sc.oddType.Do(func() { // once per connection: a peer cannot flood the log
 			l.warn("ignoring requests of unknown type on this connection", "remote", sc.nc.RemoteAddr(), "type", clip(typ))
-		}
+		})
 	}
 	return nil
 }
@@ -350,11 +367,9 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
 	sc.running, sc.held = sc.running-1, sc.held-len(p.App)
 	sc.gate.Unlock()
 	sc.ended.Signal()
-	switch {
-	case c.Oneway:
-	case late && p.Timeout > 0:
+	if late && p.Timeout > 0 && !c.Oneway {
 		l.warn("invoke outlasted its timeout; no answer sent", "method", clip(c.Method), "timeout", limit, "err", err)
-	default:
+	} else if !c.Oneway {
 		l.answer(sc, p, data, err)
 	}
 }
@@ -381,11 +396,7 @@ func (l *leader) answer(sc *serverConn, p *Packet, data []byte, err error) {
 func (l *leader) run(ctx context.Context, limit time.Duration, c invoke, raw [][]byte) (data []byte, late bool, err error) {
 	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
-	var result any
-	args, err := l.values(c.Method, raw)
-	if err == nil { // else refused before the real client sees it
-		result, err = l.call(ctx, c, args)
-	}
+	result, err := l.call(ctx, c, raw)
 	if late = ctx.Err() == context.DeadlineExceeded; c.Oneway && err != nil {
 		l.warn("oneway invoke failed", "method", clip(c.Method), "err", err)
 	}
@@ -398,25 +409,6 @@ func (l *leader) run(ctx context.Context, limit time.Duration, c invoke, raw [][
 // clip cuts a name that a peer sent (method, type, channel) to 64
 // characters for a log line: a packet may carry megabytes of it.
 func clip(s string) string { return fmt.Sprintf("%.64s", s) }
-
-// values wraps the arguments of a call. When the codec is JSONCodec it
-// refuses arguments that are not valid JSON: the caller gets a clear
-// error and the connection stays, since the packet itself was well
-// framed. Another codec decodes its own arguments and reports its own
-// errors.
-func (l *leader) values(method string, raw [][]byte) ([]Value, error) {
-	_, plain := l.cfg.Codec.(JSONCodec)
-	_, ptr := l.cfg.Codec.(*JSONCodec)
-	args := make([]Value, len(raw))
-	for i, a := range raw {
-		if (plain || ptr) && !json.Valid(a) {
-			return nil, &RemoteError{Name: "SyntaxError", Code: codeBadArgument,
-				Message: fmt.Sprintf("argument %d of %.64q is not valid JSON", i, method)}
-		}
-		args[i] = Value{data: a, codec: l.cfg.Codec}
-	}
-	return args, nil
-}
 
 // routeInvoke runs a call of the own Client straight on the real client.
 // A oneway call runs on a goroutine of its own; routeInvoke returns at
@@ -588,3 +580,260 @@ func (l *leader) close() {
 		}
 	}
 }
+
+// registerMaxPacket bounds the first packet of a connection, which must
+// be a register_channel: a channel name and a secret fit easily.
+const registerMaxPacket = 64 << 10
+
+// readBufferSize is the read buffer of a follower connection on the
+// leader, for the connection's whole life.
+const readBufferSize = 4 << 10
+
+// hosts holds the ports this process listens on: one listener per port,
+// shared by every channel that the process leads on it. Lock order:
+// hostsMu, then a portHost's mu, then its logMu.
+var hostsMu sync.Mutex
+var hosts = map[int]*portHost{} // guarded by hostsMu
+
+// portHost is a listener on 127.0.0.1:port and the channels that this
+// process leads on it. It reads the first packet of each new connection
+// and hands the connection to the leader of the channel it names.
+type portHost struct {
+	ln  net.Listener
+	cfg *Config        // the first channel's: Port, Logger, MaxUnregistered, RegisterTimeout
+	wg  sync.WaitGroup // the accept loop and the connections it has not handed to a leader
+
+	mu       sync.Mutex
+	channels map[string]*leader // guarded by mu; nil once the host has closed
+	unreg    []net.Conn         // guarded by mu: not yet registered, or refused; oldest first
+
+	logMu    sync.Mutex
+	logStart time.Time // guarded by logMu: start of the current second of warn
+	logged   int       // guarded by logMu: lines warn was asked for since logStart
+}
+
+// warnPerSecond bounds the lines that warn logs per second and port, so
+// that a flood of bad connections cannot flood the log.
+const warnPerSecond = 10
+
+// warn logs why a connection that had not registered was closed or
+// refused, at most warnPerSecond lines a second; the next line logged
+// counts those left out as "suppressed".
+func (h *portHost) warn(msg string, args ...any) {
+	h.logMu.Lock()
+	defer h.logMu.Unlock()
+	if now := time.Now(); now.Sub(h.logStart) >= time.Second {
+		if h.logged > warnPerSecond {
+			args = append(args, "suppressed", h.logged-warnPerSecond)
+		}
+		h.logStart, h.logged = now, 0
+	}
+	if h.logged++; h.logged <= warnPerSecond {
+		h.cfg.Logger.Warn(msg, args...)
+	}
+}
+
+// claim tries to make c the leader of its channel: in single mode always;
+// otherwise on this process's listener for the port if it holds one, else
+// by listening on 127.0.0.1:port. The winner's real client starts
+// building at once. It returns nil when c must follow, and an error only
+// for a forced leader that cannot lead.
+func claim(c *Client) (*leader, error) {
+	if c.cfg.Role == RoleFollower && !c.cfg.SingleMode {
+		return nil, nil
+	}
+	l := newLeader(c.name, &c.cfg, c.deliver)
+	if !c.cfg.SingleMode {
+		if err := hostChannel(&c.cfg, l); err != nil {
+			if c.cfg.Role == RoleLeader {
+				return nil, err
+			}
+			return nil, nil
+		}
+	}
+	l.start(c.build)
+	return l, nil
+}
+
+// retryable reports whether a failed attempt to follow may succeed by
+// itself later without the wait running out first: anything but a leader
+// that answered with its real client's error.
+func retryable(err error) bool {
+	var re *RemoteError
+	return !errors.As(err, &re) || re.Code == codeChannelNotHosted
+}
+
+// hostChannel makes l the leader of its channel on the port, listening
+// first if this process does not hold the port yet. It fails when the
+// port is another process's or the channel already has a leader in this
+// process.
+func hostChannel(cfg *Config, l *leader) error {
+	hostsMu.Lock()
+	defer hostsMu.Unlock()
+	h := hosts[cfg.Port]
+	if h == nil {
+		ln, err := net.Listen("tcp", loopback(cfg.Port))
+		if err != nil {
+			return fmt.Errorf("clusterclient: cannot lead channel %q: port %d is taken: %w", l.name, cfg.Port, err)
+		}
+		h = &portHost{ln: ln, cfg: cfg, channels: map[string]*leader{}}
+		hosts[cfg.Port] = h
+		// Deferred until l is hosted: a follower that dials at once
+		// must not be refused.
+		defer func() { h.wg.Add(1); go h.acceptLoop() }()
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.channels[l.name] != nil {
+		return fmt.Errorf("clusterclient: cannot lead channel %q on port %d: this process leads it already", l.name, cfg.Port)
+	}
+	h.channels[l.name], l.host = l, h
+	return nil
+}
+
+// unhost removes l from its port; the last channel to leave closes the
+// listener and the connections not yet registered, and frees the port
+// for a new election.
+func (h *portHost) unhost(l *leader) {
+	hostsMu.Lock()
+	h.mu.Lock()
+	delete(h.channels, l.name)
+	last := len(h.channels) == 0 // once: a closed host is no longer in hosts
+	if last {
+		h.channels = nil
+		delete(hosts, h.cfg.Port)
+		h.ln.Close()
+		for _, nc := range h.unreg {
+			nc.Close()
+		}
+		h.unreg = nil // their readers find them gone and log nothing
+	}
+	h.mu.Unlock()
+	hostsMu.Unlock()
+	if last {
+		h.wg.Wait()
+	}
+}
+
+func (h *portHost) acceptLoop() {
+	defer h.wg.Done()
+	for delay := time.Duration(0); ; {
+		nc, err := h.ln.Accept()
+		switch {
+		case errors.Is(err, net.ErrClosed):
+			return
+		case err != nil:
+			// Out of file descriptors or similar: back off, as
+			// net/http does, rather than spin.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			h.cfg.Logger.Warn("clusterclient: accept failed", "port", h.cfg.Port, "err", err, "retry", delay)
+			time.Sleep(delay)
+		case h.track(nc): // else the host has closed, and so has its listener
+			delay = 0
+			h.wg.Add(1)
+			go h.register(nc)
+		}
+	}
+}
+
+// track adds nc to the connections that have not registered, closing the
+// oldest past MaxUnregistered. It returns false, after closing nc, once
+// the host has closed.
+func (h *portHost) track(nc net.Conn) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.channels == nil {
+		nc.Close()
+		return false
+	}
+	if h.unreg = append(h.unreg, nc); len(h.unreg) > h.cfg.MaxUnregistered {
+		h.warn("clusterclient: closing unregistered connection: too many connections have not registered",
+			"remote", h.unreg[0].RemoteAddr(), "limit", h.cfg.MaxUnregistered)
+		h.unreg[0].Close()
+		h.unreg = h.unreg[1:]
+	}
+	return true
+}
+
+// registered takes nc off the list of unregistered connections, and
+// returns the leader of channel, if any. It returns false if nc was
+// evicted or the host closed meanwhile.
+func (h *portHost) registered(nc net.Conn, channel string) (*leader, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	i := slices.Index(h.unreg, nc)
+	if i >= 0 {
+		h.unreg = slices.Delete(h.unreg, i, i+1)
+	}
+	return h.channels[channel], i >= 0
+}
+
+// register reads the first packet of a connection, which must register a
+// channel that this process leads, and hands the connection to that
+// channel's leader; it closes or refuses any other.
+func (h *portHost) register(nc net.Conn) {
+	nc.SetReadDeadline(time.Now().Add(h.cfg.RegisterTimeout))
+	br := bufio.NewReaderSize(nc, readBufferSize)
+	p := new(Packet)
+	rc, err := h.registerOf(NewReader(br, registerMaxPacket).ReadPacket(p), p)
+	l, tracked := h.registered(nc, rc.ChannelName)
+	switch {
+	case !tracked || err != nil: // an untracked one was evicted, or the host closed
+		// A connection closed before its first byte is no fault: a
+		// Node.js follower made to follow probes the port that way.
+		if tracked && err != io.EOF {
+			h.warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
+		}
+		l = nil
+		nc.Close()
+	case l == nil:
+		h.warn("clusterclient: refusing register for a channel this leader does not host",
+			"remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
+		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
+			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.cfg.Port, rc.ChannelName)})
+	}
+	h.wg.Done()
+	if l != nil {
+		l.serve(nc, br, p, rc)
+	}
+}
+
+// registerOf reads the register_channel that the first packet p of a
+// connection must be, given the error of reading it.
+func (h *portHost) registerOf(err error, p *Packet) (registerChannel, error) {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return registerChannel{}, fmt.Errorf("no register_channel within Config.RegisterTimeout %v: %w", h.cfg.RegisterTimeout, err)
+	} else if err != nil {
+		return registerChannel{}, err
+	}
+	c, typ, err := parseConn(p.Conn)
+	rc, ok := c.(registerChannel)
+	if err == nil && (!ok || p.Response) {
+		err = fmt.Errorf("first packet is %q, not a register_channel request", typ)
+	}
+	return rc, err
+}
+
+// refuse answers a register_channel with a registerResult that refuses
+// for re, encoded with marshal (nothing if that fails), then holds nc
+// until the peer closes it or RegisterTimeout passes, discarding what it
+// sends. A Node.js follower elects again as soon as its connection
+// closes: closed at once, a refused one comes back in a tight loop. A Go
+// follower closes its side on reading the refusal. Held connections count
+// among the unregistered ones, so MaxUnregistered bounds them.
+func refuse(h *portHost, nc net.Conn, req *Packet, marshal func(any) ([]byte, error), re *RemoteError) {
+	data, err := marshal(registerResult{Error: &registerErrorObject{Message: re.Message, Stack: re.Stack, Name: re.Name, Code: codeJSON(re.Code)}})
+	if err == nil {
+		b, _ := appendPacket(nil, true, req.ID, req.Timeout, registerChannelRes{}, data)
+		nc.SetWriteDeadline(time.Now().Add(time.Second))
+		nc.Write(b)
+	}
+	if h.track(nc) {
+		nc.SetReadDeadline(time.Now().Add(h.cfg.RegisterTimeout))
+		io.Copy(io.Discard, nc)
+		h.registered(nc, "")
+		nc.Close()
+	}
+}
+
+func loopback(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
