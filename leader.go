@@ -188,8 +188,7 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerCh
 	case l.err != nil:
 		re = toRemote(l.err)
 	case !l.admit(sc):
-		re = &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
-			Message: "the leader of channel " + l.name + " is closing"}
+		re = &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted, Message: "the leader is closing"}
 	}
 	if re != nil {
 		refuse(l.host, nc, reg, l.marshal, re)
@@ -343,8 +342,7 @@ func (l *leader) enter() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.stopped {
-		return &RemoteError{Name: "ClusterLeaderClosingError", Code: "ERR_CLUSTER_LEADER_CLOSING",
-			Message: "the leader of channel " + l.name + " is closing"}
+		return &RemoteError{Name: "ClusterLeaderClosingError", Code: "ERR_CLUSTER_LEADER_CLOSING", Message: "leader closing"}
 	}
 	l.calls.Add(1)
 	return nil
@@ -545,15 +543,13 @@ func waitFor(ctx context.Context, wg *sync.WaitGroup) {
 // closing. Within Config.DrainTimeout, it waits until the followers have
 // left, then stops taking calls and waits until those in flight have
 // ended. Then it closes the connections left, waits for the calls that
-// outlasted the drain, and closes the real client.
+// outlasted the drain, and closes the real client. The Client calls it
+// once, as its run loop ends.
 func (l *leader) close() {
 	l.mu.Lock()
-	closing, conns := l.closing, slices.Collect(maps.Keys(l.conns))
 	l.closing = true // from here on no connection is admitted
+	conns := slices.Collect(maps.Keys(l.conns))
 	l.mu.Unlock()
-	if closing {
-		return // closed already
-	}
 	if l.host != nil {
 		l.host.unhost(l)
 	}
@@ -761,11 +757,9 @@ func (h *portHost) track(nc net.Conn) bool {
 func (h *portHost) registered(nc net.Conn, channel string) (*leader, bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	i := slices.Index(h.unreg, nc)
-	if i >= 0 {
-		h.unreg = slices.Delete(h.unreg, i, i+1)
-	}
-	return h.channels[channel], i >= 0
+	n := len(h.unreg)
+	h.unreg = slices.DeleteFunc(h.unreg, func(c net.Conn) bool { return c == nc })
+	return h.channels[channel], len(h.unreg) < n
 }
 
 // register reads the first packet of a connection, which must register a
