@@ -930,19 +930,6 @@ func TestSecretsEqual(t *testing.T) {
 	}
 }
 
-// connOf returns the leader's connection from the peer at addr.
-func connOf(c *Client, addr string) *serverConn {
-	l := c.lead
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for sc := range l.conns {
-		if sc.nc.RemoteAddr().String() == addr {
-			return sc
-		}
-	}
-	return nil
-}
-
 // TestHostileInvokeFlood: a follower sends far more slow invokes than
 // the leader runs at once for one connection. The leader runs
 // maxConnInvokes of them, stops reading that connection until some end,
@@ -959,16 +946,15 @@ func TestHostileInvokeFlood(t *testing.T) {
 		b = append(b, packetBytes(t, false, uint64(100+i), invoke{Method: "sleep", ArgLength: 1}, arg)...)
 	}
 	mustWrite(t, nc, b)
-	addr := nc.LocalAddr().String()
-	var sc *serverConn
-	waitUntil(t, 10*time.Second, "the invokes running", func() bool {
-		if sc = connOf(r.lead, addr); sc == nil {
-			return false
-		}
-		sc.gate.Lock()
-		defer sc.gate.Unlock()
-		return sc.running == maxConnInvokes
-	})
+	sleeping := func() int {
+		r.real.mu.Lock()
+		defer r.real.mu.Unlock()
+		return r.real.sleeping
+	}
+	waitUntil(t, 10*time.Second, "the invokes running", func() bool { return sleeping() >= maxConnInvokes })
+	if n := sleeping(); n != maxConnInvokes {
+		t.Errorf("%d invokes running, want %d", n, maxConnInvokes)
+	}
 	if g := runtime.NumGoroutine(); g > base.goroutines+maxConnInvokes+20 {
 		t.Errorf("%d goroutines with %d invokes sent, base %d", g, n, base.goroutines)
 	}

@@ -31,6 +31,18 @@ const publishMethod = "publish"
 // memory: its socket pushes back.
 const maxConnInvokes = 1024
 
+// codePanic is the error code of a call whose user code panicked.
+const codePanic = "ERR_CLUSTER_PANIC"
+
+// codeBadArgument is the error code of an invoke refused because an
+// argument is not valid JSON, under JSONCodec.
+const codeBadArgument = "ERR_CLUSTER_BAD_ARGUMENT"
+
+// codeChannelNotHosted is the error code of a register refused because
+// the leader does not host the channel, or is closing: a follower keeps
+// trying.
+const codeChannelNotHosted = "ERR_CLUSTER_CHANNEL_NOT_HOSTED"
+
 // leader holds the real client of one channel in the process that won the
 // port. It serves the follower connections of that channel, each with one
 // goroutine that reads it and one goroutine per invoke, and the calls of
@@ -47,9 +59,10 @@ type leader struct {
 	real  RealClient    // set before ready is closed
 	err   error         // build's error, set before ready is closed
 
-	ctx    context.Context // ends when the leader has closed
+	ctx    context.Context // set by start; ends when the leader has closed
 	cancel context.CancelFunc
-	wg     sync.WaitGroup // the build, the connections' readers and invokes, the calls
+	wg     sync.WaitGroup // the connections' readers, from admit until they end
+	calls  sync.WaitGroup // the calls running, remote and local, from enter until answered
 
 	// realMu is held from the decision to subscribe or release a key
 	// until the real client's Subscribe or Unsubscribe has returned, so
@@ -57,12 +70,11 @@ type leader struct {
 	// again while its release is under way ends up subscribed.
 	realMu sync.Mutex
 
-	mu      sync.Mutex
-	changed sync.Cond                // on mu: broadcast when conns or calls shrink, or the drain ends
-	conns   map[*serverConn]struct{} // guarded by mu
-	topics  map[string]*topic        // guarded by mu
-	calls   int                      // guarded by mu: calls running, remote and local
-	// guarded by mu: close has begun; the drain is over and no call may start
+	mu     sync.Mutex
+	conns  map[*serverConn]struct{} // guarded by mu
+	topics map[string]*topic        // guarded by mu
+	// guarded by mu: close has begun, so no connection is admitted; the
+	// followers have left or the wait ran out, so no call starts
 	closing, stopped bool
 }
 
@@ -82,25 +94,19 @@ type serverConn struct {
 	w       *sender
 	ctx     context.Context // ends when the connection closes; its invokes' contexts derive from it
 	cancel  context.CancelFunc
-	oddType bool // reader only: a request of unknown type was logged
+	oddType sync.Once // logs the first request of unknown type
 	once    sync.Once
 
 	gate  sync.Mutex
-	ended sync.Cond // on gate: signalled when an invoke ends or the connection closes
+	ended sync.Cond // on gate: signalled when an invoke ends, broadcast when the connection closes
 	// guarded by gate: invokes running, and the bytes of their app objects
 	running, held int
 }
 
 func newLeader(name string, cfg *Config, deliver func(key string, data []byte)) *leader {
-	l := &leader{name: name, cfg: cfg, deliver: deliver, ready: make(chan struct{}),
+	return &leader{name: name, cfg: cfg, deliver: deliver, ready: make(chan struct{}),
 		conns: make(map[*serverConn]struct{}), topics: make(map[string]*topic)}
-	l.ctx, l.cancel = context.WithCancel(context.Background())
-	l.changed.L = &l.mu
-	return l
 }
-
-// codePanic is the error code of a call whose user code panicked.
-const codePanic = "ERR_CLUSTER_PANIC"
 
 // safely runs f, which calls user code (the build, the real client, the
 // codec), and turns a panic in it into an error: the stack goes to the
@@ -120,16 +126,46 @@ func (l *leader) marshal(v any) (data []byte, err error) {
 	return data, err
 }
 
-func (l *leader) call(ctx context.Context, method string, args []Value) (result any, err error) {
-	err = l.safely("RealClient.Invoke", func() (err error) { result, err = l.real.Invoke(ctx, method, args); return err })
-	return result, err
+// call hands a call to the real client: a oneway publish with one
+// argument to Publish if it has one, anything else to Invoke. When the
+// codec is JSONCodec it first refuses arguments that are not valid JSON:
+// the caller gets a clear error and the connection stays, since the
+// packet itself was well framed. Another codec decodes its own arguments
+// and reports its own errors.
+func (l *leader) call(ctx context.Context, c invoke, raw [][]byte) (result any, err error) {
+	_, plain := l.cfg.Codec.(JSONCodec)
+	_, ptr := l.cfg.Codec.(*JSONCodec)
+	args := make([]Value, len(raw))
+	for i, a := range raw {
+		if (plain || ptr) && !json.Valid(a) {
+			return nil, &RemoteError{Name: "SyntaxError", Code: codeBadArgument,
+				Message: fmt.Sprintf("argument %d of %.64q is not valid JSON", i, c.Method)}
+		}
+		args[i] = Value{data: a, codec: l.cfg.Codec}
+	}
+	p, ok := l.real.(Publisher)
+	if !ok || c.Method != publishMethod || !c.Oneway || len(args) != 1 {
+		err = l.safely("RealClient.Invoke", func() (err error) { result, err = l.real.Invoke(ctx, c.Method, args); return err })
+		return result, err
+	}
+	return nil, l.safely("Publisher.Publish", func() error {
+		var reg json.RawMessage
+		if err := args[0].Decode(&reg); err != nil {
+			return fmt.Errorf("clusterclient: publish registration: %w", err)
+		}
+		return p.Publish(ctx, reg)
+	})
+}
+
+// warn logs a warning about the channel.
+func (l *leader) warn(msg string, args ...any) {
+	l.cfg.Logger.Warn("clusterclient: "+msg, append([]any{"channel", l.name}, args...)...)
 }
 
 // start builds the real client in the background.
 func (l *leader) start(build BuildFunc) {
-	l.wg.Add(1)
+	l.ctx, l.cancel = context.WithCancel(context.Background())
 	go func() {
-		defer l.wg.Done()
 		defer close(l.ready)
 		l.err = l.safely("BuildFunc", func() (err error) { l.real, err = build(l.ctx); return err })
 		if l.err == nil && l.real == nil {
@@ -147,12 +183,12 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerCh
 	var re *RemoteError
 	switch {
 	case l.cfg.Secret != "" && !secretsEqual(l.cfg.Secret, rc.Secret):
-		l.cfg.Logger.Warn("clusterclient: refusing follower with a wrong secret", "channel", l.name, "remote", nc.RemoteAddr())
+		l.warn("refusing follower with a wrong secret", "remote", nc.RemoteAddr())
 		re = &RemoteError{Name: "ClusterAuthError", Message: "wrong secret", Code: "ERR_CLUSTER_AUTH"}
 	case l.err != nil:
 		re = toRemote(l.err)
 	case !l.admit(sc):
-		re = &RemoteError{Name: "ClusterChannelNotFoundError", Message: "the leader of channel " + l.name + " is closing", Code: codeChannelNotHosted}
+		re = &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted, Message: "the leader is closing"}
 	}
 	if re != nil {
 		refuse(l.host, nc, reg, l.marshal, re)
@@ -160,7 +196,13 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerCh
 	}
 	defer l.wg.Done()
 	sc.close(l.readLoop(sc, br, reg))
-	l.dropConn(sc)
+	// Forget the connection and its subscriptions. Its reader has ended,
+	// so it subscribes to nothing new meanwhile.
+	l.mu.Lock()
+	delete(l.conns, sc)
+	keys := slices.Collect(maps.Keys(l.topics))
+	l.mu.Unlock()
+	l.unsubscribe(sc, keys...)
 }
 
 // admit adds sc to the leader's connections, unless the leader is
@@ -173,9 +215,7 @@ func (l *leader) admit(sc *serverConn) bool {
 	}
 	sc.ctx, sc.cancel = context.WithCancel(l.ctx)
 	sc.ended.L = &sc.gate
-	// Taking gate orders the broadcast after the check of sc.ctx that
-	// the reader made before it waits.
-	context.AfterFunc(sc.ctx, func() { sc.gate.Lock(); sc.gate.Unlock(); sc.ended.Broadcast() })
+	context.AfterFunc(sc.ctx, func() { sc.gate.Lock(); sc.ended.Broadcast(); sc.gate.Unlock() })
 	sc.w = newSender(sc.nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close)
 	l.conns[sc] = struct{}{}
 	l.wg.Add(1)
@@ -195,6 +235,7 @@ func secretsEqual(want, got string) bool {
 func (l *leader) readLoop(sc *serverConn, br *bufio.Reader, reg *Packet) error {
 	r := NewReader(br, l.cfg.MaxPacketSize)
 	idle := 3 * l.cfg.HeartbeatInterval
+	sc.nc.SetReadDeadline(time.Time{}) // RegisterTimeout's, until the heartbeat check's
 	for p := reg; ; {
 		if err := l.handle(sc, p); err != nil {
 			return err
@@ -219,8 +260,7 @@ func (sc *serverConn) close(err error) {
 		sc.w.fail(net.ErrClosed)
 		sc.nc.Close()
 		if err != nil && err != io.EOF && !errors.Is(err, net.ErrClosed) && !errors.Is(err, ErrClosed) {
-			sc.l.cfg.Logger.Warn("clusterclient: closing follower connection",
-				"channel", sc.l.name, "remote", sc.nc.RemoteAddr(), "err", err)
+			sc.l.warn("closing follower connection", "remote", sc.nc.RemoteAddr(), "err", err)
 		}
 	})
 }
@@ -252,38 +292,35 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 	case heartbeat:
 		sc.reply(p, heartbeatRes{}, nil)
 	case subscribe:
-		key := subscriptionKey(c.Reg)
-		if latest := l.subscribe(sc, key, c.Reg); latest != nil {
-			sc.notify(subscribeResult{Key: key}, latest)
-		}
+		l.subscribe(sc, subscriptionKey(c.Reg), c.Reg)
 	case unSubscribe:
 		l.unsubscribe(sc, subscriptionKey(c.Reg))
 	case registerChannel: // the first, or again: answer again
 		ok, _ := l.marshal(registerResult{Success: true})
 		sc.reply(p, registerChannelRes{}, ok)
 	default:
-		sc.ignore(typ)
+		sc.oddType.Do(func() { // once per connection: a peer cannot flood the log
+			l.warn("ignoring requests of unknown type on this connection", "remote", sc.nc.RemoteAddr(), "type", clip(typ))
+		})
 	}
 	return nil
-}
-
-// ignore logs a request of unknown type, once per connection: a peer
-// cannot flood the log.
-func (sc *serverConn) ignore(typ string) {
-	if !sc.oddType {
-		sc.oddType = true
-		sc.l.cfg.Logger.Warn("clusterclient: ignoring requests of unknown type on this connection",
-			"channel", sc.l.name, "remote", sc.nc.RemoteAddr(), "type", clip(typ))
-	}
 }
 
 // invoke starts an invoke from a follower on a goroutine of its own, once
 // the connection's bounds let it: at most maxConnInvokes running, their
 // app objects within Config.MaxQueuedBytes (one is always let through).
-// Until then the reader waits, so the peer's socket pushes back.
+// Until then the reader waits, so the peer's socket pushes back. A
+// Node.js follower does not heed leader_closing and may call after the
+// drain: it is told so, as the reference would by closing the connection.
 func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	if err := validArgs(p.App, c.ArgLength); err != nil {
 		return err
+	}
+	if err := l.enter(); err != nil {
+		if !c.Oneway {
+			l.answer(sc, p, nil, err)
+		}
+		return nil
 	}
 	sc.gate.Lock()
 	defer sc.gate.Unlock()
@@ -291,67 +328,46 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 		sc.ended.Wait()
 	}
 	if sc.ctx.Err() != nil {
+		l.calls.Done()
 		return net.ErrClosed
 	}
 	sc.running, sc.held = sc.running+1, sc.held+len(p.App)
-	l.wg.Add(1) // the reader holds the count up: close is not waiting on zero
 	go l.runInvoke(sc, p, c)
 	return nil
 }
 
-// enter counts a call in flight, in calls and in wg, unless the leader
-// has stopped taking calls: then it returns the error that a follower
-// gets.
+// enter counts a call in calls, unless the leader has stopped taking
+// calls: then it returns the error that a follower gets.
 func (l *leader) enter() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.stopped {
-		return &RemoteError{Name: "ClusterLeaderClosingError", Message: "the leader of channel " + l.name + " is closing", Code: "ERR_CLUSTER_LEADER_CLOSING"}
+		return &RemoteError{Name: "ClusterLeaderClosingError", Code: "ERR_CLUSTER_LEADER_CLOSING", Message: "leader closing"}
 	}
-	l.calls++
-	l.wg.Add(1)
+	l.calls.Add(1)
 	return nil
-}
-
-// exit ends a call that enter counted.
-func (l *leader) exit() {
-	l.mu.Lock()
-	l.calls--
-	l.mu.Unlock()
-	l.changed.Broadcast()
-	l.wg.Done()
 }
 
 // runInvoke runs one invoke from a follower and answers it, unless it is
 // oneway or its timeout passed (the follower gave up; the reference also
 // stays silent then). The packet's timeout is the method's deadline; a
 // request without one (the reference never sends that) gets the leader's
-// ResponseTimeout, so no follower can hold the real client forever. A
-// Node.js follower does not heed leader_closing and may call after the
-// drain: it is told so, as the reference would by closing the connection.
+// ResponseTimeout, so no follower can hold the real client forever.
 func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
-	defer l.wg.Done()
+	defer l.calls.Done()
 	limit := cmp.Or(time.Duration(max(p.Timeout, 0))*time.Millisecond, l.cfg.ResponseTimeout)
 	args, rest := make([][]byte, c.ArgLength), p.App
 	for i := range args {
 		args[i], rest = nextArg(rest)
 	}
-	var data []byte
-	late, err := false, l.enter()
-	if err == nil {
-		data, late, err = l.run(sc.ctx, limit, c, args)
-		l.exit()
-	}
+	data, late, err := l.run(sc.ctx, limit, c, args)
 	sc.gate.Lock()
 	sc.running, sc.held = sc.running-1, sc.held-len(p.App)
 	sc.gate.Unlock()
 	sc.ended.Signal()
-	switch {
-	case c.Oneway:
-	case late && p.Timeout > 0:
-		l.cfg.Logger.Warn("clusterclient: invoke outlasted its timeout; no answer sent",
-			"channel", l.name, "method", clip(c.Method), "timeout", limit, "err", err)
-	default:
+	if late && p.Timeout > 0 && !c.Oneway {
+		l.warn("invoke outlasted its timeout; no answer sent", "method", clip(c.Method), "timeout", limit, "err", err)
+	} else if !c.Oneway {
 		l.answer(sc, p, data, err)
 	}
 }
@@ -372,24 +388,15 @@ func (l *leader) answer(sc *serverConn, p *Packet, data []byte, err error) {
 }
 
 // run runs one call, from a follower or the own Client, with the deadline
-// limit from now: a oneway publish with one argument goes to publish,
-// anything else to the real client. It returns the result encoded (none
+// limit from now. It returns the result encoded (none
 // for a oneway call), logs the errors of oneway calls, and reports whether
 // the deadline passed.
 func (l *leader) run(ctx context.Context, limit time.Duration, c invoke, raw [][]byte) (data []byte, late bool, err error) {
 	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
-	var result any
-	args, err := l.values(c.Method, raw)
-	switch {
-	case err != nil: // refused before the real client sees it
-	case c.Method == publishMethod && c.Oneway && len(args) == 1:
-		err = l.publish(ctx, args[0])
-	default:
-		result, err = l.call(ctx, c.Method, args)
-	}
+	result, err := l.call(ctx, c, raw)
 	if late = ctx.Err() == context.DeadlineExceeded; c.Oneway && err != nil {
-		l.cfg.Logger.Warn("clusterclient: oneway invoke failed", "channel", l.name, "method", clip(c.Method), "err", err)
+		l.warn("oneway invoke failed", "method", clip(c.Method), "err", err)
 	}
 	if err == nil && !c.Oneway {
 		data, err = l.marshal(result)
@@ -401,46 +408,6 @@ func (l *leader) run(ctx context.Context, limit time.Duration, c invoke, raw [][
 // characters for a log line: a packet may carry megabytes of it.
 func clip(s string) string { return fmt.Sprintf("%.64s", s) }
 
-// codeBadArgument is the error code of an invoke refused because an
-// argument is not valid JSON.
-const codeBadArgument = "ERR_CLUSTER_BAD_ARGUMENT"
-
-// values wraps the arguments of a call. When the codec is JSONCodec it
-// refuses arguments that are not valid JSON: the caller gets a clear
-// error and the connection stays, since the packet itself was well
-// framed. Another codec decodes its own arguments and reports its own
-// errors.
-func (l *leader) values(method string, raw [][]byte) ([]Value, error) {
-	_, plain := l.cfg.Codec.(JSONCodec)
-	_, ptr := l.cfg.Codec.(*JSONCodec)
-	args := make([]Value, len(raw))
-	for i, a := range raw {
-		if (plain || ptr) && !json.Valid(a) {
-			return nil, &RemoteError{Name: "SyntaxError", Code: codeBadArgument,
-				Message: fmt.Sprintf("argument %d of %.64q is not valid JSON", i, method)}
-		}
-		args[i] = Value{data: a, codec: l.cfg.Codec}
-	}
-	return args, nil
-}
-
-// publish hands a registration to the real client: to Publish if it has
-// one, else to Invoke as the method "publish".
-func (l *leader) publish(ctx context.Context, arg Value) error {
-	p, ok := l.real.(Publisher)
-	if !ok {
-		_, err := l.call(ctx, publishMethod, []Value{arg})
-		return err
-	}
-	return l.safely("Publisher.Publish", func() error {
-		var reg json.RawMessage
-		if err := arg.Decode(&reg); err != nil {
-			return fmt.Errorf("clusterclient: publish registration: %w", err)
-		}
-		return p.Publish(ctx, reg)
-	})
-}
-
 // routeInvoke runs a call of the own Client straight on the real client.
 // A oneway call runs on a goroutine of its own; routeInvoke returns at
 // once.
@@ -450,10 +417,10 @@ func (l *leader) routeInvoke(ctx context.Context, method string, args [][]byte, 
 	}
 	c := invoke{Method: method, ArgLength: len(args), Oneway: oneway}
 	if oneway {
-		go func() { defer l.exit(); l.run(l.ctx, l.cfg.ResponseTimeout, c, args) }()
+		go func() { defer l.calls.Done(); l.run(l.ctx, l.cfg.ResponseTimeout, c, args) }()
 		return Value{}, nil
 	}
-	defer l.exit()
+	defer l.calls.Done()
 	data, late, err := l.run(ctx, l.cfg.ResponseTimeout, c, args)
 	if late && errors.Is(err, context.DeadlineExceeded) {
 		return Value{}, fmt.Errorf("%w: %s did not return within %v", ErrTimeout, method, l.cfg.ResponseTimeout)
@@ -463,21 +430,20 @@ func (l *leader) routeInvoke(ctx context.Context, method string, args [][]byte, 
 	return Value{data: data, codec: l.cfg.Codec}, nil
 }
 
-// routeSubscribe adds or removes the own Client as a listener of key; the
-// latest value, if any, goes to the Client's listeners at once.
+// routeSubscribe adds or removes the own Client as a listener of key.
 func (l *leader) routeSubscribe(key string, reg json.RawMessage, on bool) error {
-	if !on {
+	if on {
+		l.subscribe(nil, key, reg)
+	} else {
 		l.unsubscribe(nil, key)
-	} else if latest := l.subscribe(nil, key, reg); latest != nil {
-		l.deliver(key, latest)
 	}
 	return nil
 }
 
 // subscribe adds sc (nil: the own Client) to the listeners of key and
-// subscribes the real client to it, once per key. It returns the latest
-// value to replay, when broadcasting and sc was not subscribed yet.
-func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) []byte {
+// subscribes the real client to it, once per key. When broadcasting, a
+// listener new to the key gets its latest value, if any, at once.
+func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 	l.realMu.Lock()
 	defer l.realMu.Unlock()
 	l.mu.Lock()
@@ -494,15 +460,14 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) []by
 	if s, ok := l.real.(Subscriber); created && ok {
 		push := func(v any) { l.safely("the push callback", func() error { l.pushValue(t, v); return nil }) }
 		if err := l.safely("Subscriber.Subscribe", func() error { return s.Subscribe(reg, push) }); err != nil {
-			l.cfg.Logger.Warn("clusterclient: real client subscribe failed", "channel", l.name, "key", key, "err", err)
+			l.warn("real client subscribe failed", "key", key, "err", err)
 		}
 	} else if created {
-		l.cfg.Logger.Warn("clusterclient: the real client cannot subscribe", "channel", l.name, "key", key)
+		l.warn("the real client cannot subscribe", "key", key)
 	}
-	if !l.cfg.Broadcast || (dup && sc != nil) {
-		return nil
+	if l.cfg.Broadcast && latest != nil && (!dup || sc == nil) {
+		l.push(sc, key, latest)
 	}
-	return latest
 }
 
 // pushValue keeps v as t's latest value and pushes it to t's listeners:
@@ -510,7 +475,7 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) []by
 func (l *leader) pushValue(t *topic, v any) {
 	data, err := l.marshal(v)
 	if err != nil {
-		l.cfg.Logger.Warn("clusterclient: encode pushed value", "channel", l.name, "key", t.key, "err", err)
+		l.warn("encode pushed value", "key", t.key, "err", err)
 		return
 	}
 	l.mu.Lock()
@@ -523,11 +488,17 @@ func (l *leader) pushValue(t *topic, v any) {
 		targets = targets[rand.IntN(len(targets)):][:1]
 	}
 	for _, sc := range targets {
-		if sc == nil {
-			l.deliver(t.key, data)
-		} else {
-			sc.notify(subscribeResult{Key: t.key}, data)
-		}
+		l.push(sc, t.key, data)
+	}
+}
+
+// push sends a value of key to sc, or to the own Client's listeners if sc
+// is nil.
+func (l *leader) push(sc *serverConn, key string, data []byte) {
+	if sc == nil {
+		l.deliver(key, data)
+	} else {
+		sc.notify(subscribeResult{Key: key}, data)
 	}
 }
 
@@ -552,70 +523,311 @@ func (l *leader) unsubscribe(sc *serverConn, keys ...string) {
 	l.mu.Unlock()
 	for _, t := range gone {
 		if err := l.safely("Unsubscriber.Unsubscribe", func() error { return u.Unsubscribe(t.reg) }); err != nil {
-			l.cfg.Logger.Warn("clusterclient: real client unsubscribe failed", "channel", l.name, "key", t.key, "err", err)
+			l.warn("real client unsubscribe failed", "key", t.key, "err", err)
 		}
 	}
 }
 
-// dropConn forgets a closed follower connection and its subscriptions.
-// Its reader has ended, so it subscribes to nothing new meanwhile.
-func (l *leader) dropConn(sc *serverConn) {
-	l.mu.Lock()
-	delete(l.conns, sc)
-	keys := slices.Collect(maps.Keys(l.topics))
-	l.mu.Unlock()
-	l.changed.Broadcast()
-	l.unsubscribe(sc, keys...)
-}
-
-// drain waits until the followers have left, then stops taking calls and
-// waits until those in flight have ended, all within Config.DrainTimeout.
-// It returns the connections left.
-func (l *leader) drain() []*serverConn {
-	ctx, stop := context.WithTimeout(context.Background(), l.cfg.DrainTimeout)
-	defer stop()
-	// Taking mu orders the broadcast after the check of ctx.Err that a
-	// waiter made before it waits.
-	context.AfterFunc(ctx, func() { l.mu.Lock(); l.mu.Unlock(); l.changed.Broadcast() })
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for len(l.conns) > 0 && ctx.Err() == nil {
-		l.changed.Wait()
+// waitFor waits until wg is done or ctx ends.
+func waitFor(ctx context.Context, wg *sync.WaitGroup) {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
 	}
-	l.stopped = true // from here on no call starts
-	for l.calls > 0 && ctx.Err() == nil {
-		l.changed.Wait()
-	}
-	return slices.Collect(maps.Keys(l.conns))
 }
 
 // close stops the leader on purpose: it frees the port (if no other
-// channel of this process uses it), tells every follower that it is
-// closing, lets Go followers leave and calls in flight finish, bounded by
-// Config.DrainTimeout, then closes what is left, waits for the calls that
-// outlasted the drain, and closes the real client.
+// channel of this process uses it) and tells every follower that it is
+// closing. Within Config.DrainTimeout, it waits until the followers have
+// left, then stops taking calls and waits until those in flight have
+// ended. Then it closes the connections left, waits for the calls that
+// outlasted the drain, and closes the real client. The Client calls it
+// once, as its run loop ends.
 func (l *leader) close() {
 	l.mu.Lock()
-	closing, conns := l.closing, slices.Collect(maps.Keys(l.conns))
-	l.closing = true
+	l.closing = true // from here on no connection is admitted
+	conns := slices.Collect(maps.Keys(l.conns))
 	l.mu.Unlock()
-	if closing {
-		return // closed already
-	}
 	if l.host != nil {
 		l.host.unhost(l)
 	}
 	for _, sc := range conns {
 		sc.notify(leaderClosing{}, nil)
 	}
-	for _, sc := range l.drain() {
+	ctx, stop := context.WithTimeout(context.Background(), l.cfg.DrainTimeout)
+	defer stop()
+	waitFor(ctx, &l.wg)
+	l.mu.Lock()
+	l.stopped, conns = true, slices.Collect(maps.Keys(l.conns)) // from here on no call starts
+	l.mu.Unlock()
+	waitFor(ctx, &l.calls)
+	for _, sc := range conns {
 		sc.close(ErrClosed)
 	}
 	l.cancel()
-	l.wg.Wait() // the build, the readers and every call
+	<-l.ready
+	l.wg.Wait()
+	l.calls.Wait()
 	if c, ok := l.real.(io.Closer); ok {
 		if err := l.safely("io.Closer.Close", c.Close); err != nil {
-			l.cfg.Logger.Warn("clusterclient: closing the real client", "channel", l.name, "err", err)
+			l.warn("closing the real client", "err", err)
 		}
 	}
 }
+
+// registerMaxPacket bounds the first packet of a connection, which must
+// be a register_channel: a channel name and a secret fit easily.
+const registerMaxPacket = 64 << 10
+
+// readBufferSize is the read buffer of a follower connection on the
+// leader, for the connection's whole life.
+const readBufferSize = 4 << 10
+
+// hosts holds the ports this process listens on: one listener per port,
+// shared by every channel that the process leads on it. Lock order:
+// hostsMu, then a portHost's mu, then its logMu.
+var hostsMu sync.Mutex
+var hosts = map[int]*portHost{} // guarded by hostsMu
+
+// portHost is a listener on 127.0.0.1:port and the channels that this
+// process leads on it. It reads the first packet of each new connection
+// and hands the connection to the leader of the channel it names.
+type portHost struct {
+	ln  net.Listener
+	cfg *Config        // the first channel's: Port, Logger, MaxUnregistered, RegisterTimeout
+	wg  sync.WaitGroup // the accept loop and the connections it has not handed to a leader
+
+	mu       sync.Mutex
+	channels map[string]*leader // guarded by mu; nil once the host has closed
+	unreg    []net.Conn         // guarded by mu: not yet registered, or refused; oldest first
+
+	logMu    sync.Mutex
+	logStart time.Time // guarded by logMu: start of the current second of warn
+	logged   int       // guarded by logMu: lines warn was asked for since logStart
+}
+
+// warnPerSecond bounds the lines that warn logs per second and port, so
+// that a flood of bad connections cannot flood the log.
+const warnPerSecond = 10
+
+// warn logs why a connection that had not registered was closed or
+// refused, at most warnPerSecond lines a second; the next line logged
+// counts those left out as "suppressed".
+func (h *portHost) warn(msg string, args ...any) {
+	h.logMu.Lock()
+	defer h.logMu.Unlock()
+	if now := time.Now(); now.Sub(h.logStart) >= time.Second {
+		if h.logged > warnPerSecond {
+			args = append(args, "suppressed", h.logged-warnPerSecond)
+		}
+		h.logStart, h.logged = now, 0
+	}
+	if h.logged++; h.logged <= warnPerSecond {
+		h.cfg.Logger.Warn(msg, args...)
+	}
+}
+
+// claim tries to make c the leader of its channel: in single mode always;
+// otherwise on this process's listener for the port if it holds one, else
+// by listening on 127.0.0.1:port. The winner's real client starts
+// building at once. It returns nil when c must follow, and an error only
+// for a forced leader that cannot lead.
+func claim(c *Client) (*leader, error) {
+	if c.cfg.Role == RoleFollower && !c.cfg.SingleMode {
+		return nil, nil
+	}
+	l := newLeader(c.name, &c.cfg, c.deliver)
+	if !c.cfg.SingleMode {
+		if err := hostChannel(&c.cfg, l); err != nil {
+			if c.cfg.Role == RoleLeader {
+				return nil, err
+			}
+			return nil, nil
+		}
+	}
+	l.start(c.build)
+	return l, nil
+}
+
+// retryable reports whether a failed attempt to follow may succeed by
+// itself later without the wait running out first: anything but a leader
+// that answered with its real client's error.
+func retryable(err error) bool {
+	var re *RemoteError
+	return !errors.As(err, &re) || re.Code == codeChannelNotHosted
+}
+
+// hostChannel makes l the leader of its channel on the port, listening
+// first if this process does not hold the port yet. It fails when the
+// port is another process's or the channel already has a leader in this
+// process.
+func hostChannel(cfg *Config, l *leader) error {
+	hostsMu.Lock()
+	defer hostsMu.Unlock()
+	h := hosts[cfg.Port]
+	if h == nil {
+		ln, err := net.Listen("tcp", loopback(cfg.Port))
+		if err != nil {
+			return fmt.Errorf("clusterclient: cannot lead channel %q: port %d is taken: %w", l.name, cfg.Port, err)
+		}
+		h = &portHost{ln: ln, cfg: cfg, channels: map[string]*leader{}}
+		hosts[cfg.Port] = h
+		// Deferred until l is hosted: a follower that dials at once
+		// must not be refused.
+		defer func() { h.wg.Add(1); go h.acceptLoop() }()
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.channels[l.name] != nil {
+		return fmt.Errorf("clusterclient: cannot lead channel %q on port %d: this process leads it already", l.name, cfg.Port)
+	}
+	h.channels[l.name], l.host = l, h
+	return nil
+}
+
+// unhost removes l from its port; the last channel to leave closes the
+// listener and the connections not yet registered, and frees the port
+// for a new election.
+func (h *portHost) unhost(l *leader) {
+	hostsMu.Lock()
+	h.mu.Lock()
+	delete(h.channels, l.name)
+	last := len(h.channels) == 0 // once: a closed host is no longer in hosts
+	if last {
+		h.channels = nil
+		delete(hosts, h.cfg.Port)
+		h.ln.Close()
+		for _, nc := range h.unreg {
+			nc.Close()
+		}
+		h.unreg = nil // their readers find them gone and log nothing
+	}
+	h.mu.Unlock()
+	hostsMu.Unlock()
+	if last {
+		h.wg.Wait()
+	}
+}
+
+func (h *portHost) acceptLoop() {
+	defer h.wg.Done()
+	for delay := time.Duration(0); ; {
+		nc, err := h.ln.Accept()
+		switch {
+		case errors.Is(err, net.ErrClosed):
+			return
+		case err != nil:
+			// Out of file descriptors or similar: back off, as
+			// net/http does, rather than spin.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			h.cfg.Logger.Warn("clusterclient: accept failed", "port", h.cfg.Port, "err", err, "retry", delay)
+			time.Sleep(delay)
+		case h.track(nc): // else the host has closed, and so has its listener
+			delay = 0
+			h.wg.Add(1)
+			go h.register(nc)
+		}
+	}
+}
+
+// track adds nc to the connections that have not registered, closing the
+// oldest past MaxUnregistered. It returns false, after closing nc, once
+// the host has closed.
+func (h *portHost) track(nc net.Conn) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.channels == nil {
+		nc.Close()
+		return false
+	}
+	if h.unreg = append(h.unreg, nc); len(h.unreg) > h.cfg.MaxUnregistered {
+		h.warn("clusterclient: closing unregistered connection: too many connections have not registered",
+			"remote", h.unreg[0].RemoteAddr(), "limit", h.cfg.MaxUnregistered)
+		h.unreg[0].Close()
+		h.unreg = h.unreg[1:]
+	}
+	return true
+}
+
+// registered takes nc off the list of unregistered connections, and
+// returns the leader of channel, if any. It returns false if nc was
+// evicted or the host closed meanwhile.
+func (h *portHost) registered(nc net.Conn, channel string) (*leader, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := len(h.unreg)
+	h.unreg = slices.DeleteFunc(h.unreg, func(c net.Conn) bool { return c == nc })
+	return h.channels[channel], len(h.unreg) < n
+}
+
+// register reads the first packet of a connection, which must register a
+// channel that this process leads, and hands the connection to that
+// channel's leader; it closes or refuses any other.
+func (h *portHost) register(nc net.Conn) {
+	nc.SetReadDeadline(time.Now().Add(h.cfg.RegisterTimeout))
+	br := bufio.NewReaderSize(nc, readBufferSize)
+	p := new(Packet)
+	rc, err := h.registerOf(NewReader(br, registerMaxPacket).ReadPacket(p), p)
+	l, tracked := h.registered(nc, rc.ChannelName)
+	switch {
+	case !tracked || err != nil: // an untracked one was evicted, or the host closed
+		// A connection closed before its first byte is no fault: a
+		// Node.js follower made to follow probes the port that way.
+		if tracked && err != io.EOF {
+			h.warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
+		}
+		l = nil
+		nc.Close()
+	case l == nil:
+		h.warn("clusterclient: refusing register for a channel this leader does not host",
+			"remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
+		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
+			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.cfg.Port, rc.ChannelName)})
+	}
+	h.wg.Done()
+	if l != nil {
+		l.serve(nc, br, p, rc)
+	}
+}
+
+// registerOf reads the register_channel that the first packet p of a
+// connection must be, given the error of reading it.
+func (h *portHost) registerOf(err error, p *Packet) (registerChannel, error) {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return registerChannel{}, fmt.Errorf("no register_channel within Config.RegisterTimeout %v: %w", h.cfg.RegisterTimeout, err)
+	} else if err != nil {
+		return registerChannel{}, err
+	}
+	c, typ, err := parseConn(p.Conn)
+	rc, ok := c.(registerChannel)
+	if err == nil && (!ok || p.Response) {
+		err = fmt.Errorf("first packet is %q, not a register_channel request", typ)
+	}
+	return rc, err
+}
+
+// refuse answers a register_channel with a registerResult that refuses
+// for re, encoded with marshal (nothing if that fails), then holds nc
+// until the peer closes it or RegisterTimeout passes, discarding what it
+// sends. A Node.js follower elects again as soon as its connection
+// closes: closed at once, a refused one comes back in a tight loop. A Go
+// follower closes its side on reading the refusal. Held connections count
+// among the unregistered ones, so MaxUnregistered bounds them.
+func refuse(h *portHost, nc net.Conn, req *Packet, marshal func(any) ([]byte, error), re *RemoteError) {
+	data, err := marshal(registerResult{Error: &registerErrorObject{Message: re.Message, Stack: re.Stack, Name: re.Name, Code: errorCode(re.Code)}})
+	if err == nil {
+		b, _ := appendPacket(nil, true, req.ID, req.Timeout, registerChannelRes{}, data)
+		nc.SetWriteDeadline(time.Now().Add(time.Second))
+		nc.Write(b)
+	}
+	if h.track(nc) {
+		nc.SetReadDeadline(time.Now().Add(h.cfg.RegisterTimeout))
+		io.Copy(io.Discard, nc)
+		h.registered(nc, "")
+		nc.Close()
+	}
+}
+
+func loopback(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
