@@ -1,0 +1,202 @@
+package clusterclient
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"slices"
+	"sync"
+	"time"
+)
+
+// registerMaxPacket bounds the first packet of a connection, which must
+// be a register_channel: a channel name and a secret fit easily.
+const registerMaxPacket = 64 << 10
+
+// readBufferSize is the read buffer of a follower connection on the
+// leader, for the connection's whole life.
+const readBufferSize = 4 << 10
+
+// portHost is a listener on 127.0.0.1:port and the channels that this
+// process leads on it. It reads the first packet of each new connection
+// and hands the connection to the leader of the channel it names.
+type portHost struct {
+	ln  net.Listener
+	cfg *Config        // the first channel's: Port, Logger, MaxUnregistered, RegisterTimeout
+	wg  sync.WaitGroup // the accept loop and the connections it has not handed to a leader
+
+	mu       sync.Mutex
+	channels map[string]*leader // guarded by mu; nil once the host has closed
+	unreg    []net.Conn         // guarded by mu: not yet registered, or refused; oldest first
+
+	logMu    sync.Mutex
+	logStart time.Time // guarded by logMu: start of the current second of warn
+	logged   int       // guarded by logMu: lines warn was asked for since logStart
+}
+
+// warnPerSecond bounds the lines that warn logs per second and port, so
+// that a flood of bad connections cannot flood the log.
+const warnPerSecond = 10
+
+// warn logs why a connection that had not registered was closed or
+// refused, at most warnPerSecond lines a second; the next line logged
+// counts those left out as "suppressed".
+func (h *portHost) warn(msg string, args ...any) {
+	h.logMu.Lock()
+	defer h.logMu.Unlock()
+	if now := time.Now(); now.Sub(h.logStart) >= time.Second {
+		if h.logged > warnPerSecond {
+			args = append(args, "suppressed", h.logged-warnPerSecond)
+		}
+		h.logStart, h.logged = now, 0
+	}
+	if h.logged++; h.logged <= warnPerSecond {
+		h.cfg.Logger.Warn(msg, args...)
+	}
+}
+
+// unhost removes l from its port; the last channel to leave closes the
+// listener and the connections not yet registered, and frees the port
+// for a new election.
+func (h *portHost) unhost(l *leader) {
+	hostsMu.Lock()
+	h.mu.Lock()
+	delete(h.channels, l.name)
+	last := len(h.channels) == 0 // once: a closed host is no longer in hosts
+	if last {
+		h.channels = nil
+		delete(hosts, h.cfg.Port)
+		h.ln.Close()
+		for _, nc := range h.unreg {
+			nc.Close()
+		}
+		h.unreg = nil // their readers find them gone and log nothing
+	}
+	h.mu.Unlock()
+	hostsMu.Unlock()
+	if last {
+		h.wg.Wait()
+	}
+}
+
+func (h *portHost) acceptLoop() {
+	defer h.wg.Done()
+	for delay := time.Duration(0); ; {
+		nc, err := h.ln.Accept()
+		switch {
+		case errors.Is(err, net.ErrClosed):
+			return
+		case err != nil:
+			// Out of file descriptors or similar: back off, as
+			// net/http does, rather than spin.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			h.cfg.Logger.Warn("clusterclient: accept failed", "port", h.cfg.Port, "err", err, "retry", delay)
+			time.Sleep(delay)
+		case h.track(nc): // else the host has closed, and so has its listener
+			delay = 0
+			h.wg.Add(1)
+			go h.register(nc)
+		}
+	}
+}
+
+// track adds nc to the connections that have not registered, closing the
+// oldest past MaxUnregistered. It returns false, after closing nc, once
+// the host has closed.
+func (h *portHost) track(nc net.Conn) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.channels == nil {
+		nc.Close()
+		return false
+	}
+	if h.unreg = append(h.unreg, nc); len(h.unreg) > h.cfg.MaxUnregistered {
+		h.warn("clusterclient: closing unregistered connection: too many connections have not registered",
+			"remote", h.unreg[0].RemoteAddr(), "limit", h.cfg.MaxUnregistered)
+		h.unreg[0].Close()
+		h.unreg = h.unreg[1:]
+	}
+	return true
+}
+
+// registered takes nc off the list of unregistered connections, and
+// returns the leader of channel, if any. It returns false if nc was
+// evicted or the host closed meanwhile.
+func (h *portHost) registered(nc net.Conn, channel string) (*leader, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := len(h.unreg)
+	h.unreg = slices.DeleteFunc(h.unreg, func(c net.Conn) bool { return c == nc })
+	return h.channels[channel], len(h.unreg) < n
+}
+
+// register reads the first packet of a connection, which must register a
+// channel that this process leads, and hands the connection to that
+// channel's leader; it closes or refuses any other.
+func (h *portHost) register(nc net.Conn) {
+	nc.SetReadDeadline(time.Now().Add(h.cfg.RegisterTimeout))
+	br := bufio.NewReaderSize(nc, readBufferSize)
+	p := new(Packet)
+	rc, err := h.registerOf(NewReader(br, registerMaxPacket).ReadPacket(p), p)
+	l, tracked := h.registered(nc, rc.ChannelName)
+	switch {
+	case !tracked || err != nil: // an untracked one was evicted, or the host closed
+		// A connection closed before its first byte is no fault: a
+		// Node.js follower made to follow probes the port that way.
+		if tracked && err != io.EOF {
+			h.warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
+		}
+		l = nil
+		nc.Close()
+	case l == nil:
+		h.warn("clusterclient: refusing register for a channel this leader does not host",
+			"remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
+		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
+			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.cfg.Port, rc.ChannelName)})
+	}
+	h.wg.Done()
+	if l != nil {
+		l.serve(nc, br, p, rc)
+	}
+}
+
+// registerOf reads the register_channel that the first packet p of a
+// connection must be, given the error of reading it.
+func (h *portHost) registerOf(err error, p *Packet) (registerChannel, error) {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return registerChannel{}, fmt.Errorf("no register_channel within Config.RegisterTimeout %v: %w", h.cfg.RegisterTimeout, err)
+	} else if err != nil {
+		return registerChannel{}, err
+	}
+	c, typ, err := parseConn(p.Conn)
+	rc, ok := c.(registerChannel)
+	if err == nil && (!ok || p.Response) {
+		err = fmt.Errorf("first packet is %q, not a register_channel request", typ)
+	}
+	return rc, err
+}
+
+// refuse answers a register_channel with a registerResult that refuses
+// for re, encoded with marshal (nothing if that fails), then holds nc
+// until the peer closes it or RegisterTimeout passes, discarding what it
+// sends. A Node.js follower elects again as soon as its connection
+// closes: closed at once, a refused one comes back in a tight loop. A Go
+// follower closes its side on reading the refusal. Held connections count
+// among the unregistered ones, so MaxUnregistered bounds them.
+func refuse(h *portHost, nc net.Conn, req *Packet, marshal func(any) ([]byte, error), re *RemoteError) {
+	data, err := marshal(registerResult{Error: &registerErrorObject{Message: re.Message, Stack: re.Stack, Name: re.Name, Code: errorCode(re.Code)}})
+	if err == nil {
+		b, _ := appendPacket(nil, true, req.ID, req.Timeout, registerChannelRes{}, data)
+		nc.SetWriteDeadline(time.Now().Add(time.Second))
+		nc.Write(b)
+	}
+	if h.track(nc) {
+		nc.SetReadDeadline(time.Now().Add(h.cfg.RegisterTimeout))
+		io.Copy(io.Discard, nc)
+		h.registered(nc, "")
+		nc.Close()
+	}
+}
