@@ -165,10 +165,12 @@ func (c *Client) route(ctx context.Context) (route, error) {
 	}
 }
 
-// setState sets the route and why there is none, and wakes every call
-// waiting in route.
-func (c *Client) setState(l *leader, f *follower, err error) {
-	c.lead, c.fol, c.readyErr = l, f, err
+// setState sets the route, or why there is none, and wakes every call
+// waiting in route. Called with mu held.
+func (c *Client) setState(r route, err error) {
+	c.lead, _ = r.(*leader)
+	c.fol, _ = r.(*follower)
+	c.readyErr = err
 	close(c.ready)
 	c.ready = make(chan struct{})
 }
@@ -177,7 +179,7 @@ func (c *Client) setState(l *leader, f *follower, err error) {
 func (c *Client) setError(err error) {
 	c.mu.Lock()
 	if c.current() == nil {
-		c.setState(nil, nil, err)
+		c.setState(nil, err)
 	}
 	c.mu.Unlock()
 }
@@ -187,18 +189,14 @@ func (c *Client) setError(err error) {
 func (c *Client) unroute(r route) {
 	c.mu.Lock()
 	if f, ok := r.(*follower); ok && c.fol == f {
-		c.setState(nil, nil, nil)
+		c.setState(nil, nil)
 	}
 	c.mu.Unlock()
 }
 
 // setRoute replays subscriptions and publications on a new route, then
 // lets calls through. It returns false if the client closed meanwhile.
-func (c *Client) setRoute(l *leader, f *follower) bool {
-	var r route = f
-	if l != nil {
-		r = l
-	}
+func (c *Client) setRoute(r route) bool {
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
 	c.mu.Lock()
@@ -219,7 +217,7 @@ func (c *Client) setRoute(l *leader, f *follower) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.closed {
-		c.setState(l, f, nil)
+		c.setState(r, nil)
 	}
 	return !c.closed
 }
@@ -245,7 +243,7 @@ func (c *Client) run(l *leader) {
 		}
 		f, err := dialLeader(ctx, c.name, &c.cfg, c.deliver)
 		if err == nil {
-			if !c.setRoute(nil, f) || !c.follow(f) {
+			if !c.setRoute(f) || !c.follow(f) {
 				f.close()
 				return
 			}
@@ -317,7 +315,7 @@ func (c *Client) runLeader(l *leader) {
 	}
 	if l.err != nil {
 		c.setError(toRemote(l.err))
-	} else if !c.setRoute(l, nil) {
+	} else if !c.setRoute(l) {
 		return
 	}
 	<-c.done
