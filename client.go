@@ -50,7 +50,7 @@ type Client struct {
 // waits for the next route.
 type route interface {
 	routeInvoke(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error)
-	routeSubscribe(key string, reg json.RawMessage, on bool) error
+	routeSubscribe(key string, reg json.RawMessage, on bool)
 }
 
 // localTopic is a key with listeners in this client. Its fields are
@@ -72,6 +72,7 @@ type Subscription struct {
 	key     string
 	fn      func(Value)
 	seen    uint64 // guarded by Client.mu: the version last handed to the listener
+	next    Value  // delivery loop only: the value to hand it
 	removed atomic.Bool
 }
 
@@ -560,30 +561,26 @@ func (c *Client) wakeDelivery() {
 // gets the latest value of its key, once.
 func (c *Client) deliverLoop() {
 	defer c.wg.Done()
-	type delivery struct {
-		s *Subscription
-		v Value
-	}
 	for {
 		select {
 		case <-c.wake:
 		case <-c.done:
 			return
 		}
-		var todo []delivery
+		var todo []*Subscription
 		c.mu.Lock()
 		for _, t := range c.topics {
 			for _, s := range t.subs {
 				if s.seen < t.version {
-					s.seen = t.version
-					todo = append(todo, delivery{s, Value{data: t.latest, codec: c.cfg.Codec}})
+					s.seen, s.next = t.version, Value{data: t.latest, codec: c.cfg.Codec}
+					todo = append(todo, s)
 				}
 			}
 		}
 		c.mu.Unlock()
-		for _, d := range todo {
-			if !d.s.removed.Load() {
-				c.listen(d.s, d.v)
+		for _, s := range todo {
+			if !s.removed.Load() {
+				c.listen(s)
 			}
 		}
 	}
@@ -591,12 +588,12 @@ func (c *Client) deliverLoop() {
 
 // listen calls a listener. A panic in it is logged, and the other
 // listeners still get their values.
-func (c *Client) listen(s *Subscription, v Value) {
+func (c *Client) listen(s *Subscription) {
 	defer func() {
 		if p := recover(); p != nil {
 			c.cfg.Logger.Error("clusterclient: a listener panicked", "channel", c.name, "key", s.key,
 				"panic", p, "stack", string(debug.Stack()))
 		}
 	}()
-	s.fn(v)
+	s.fn(s.next)
 }

@@ -273,11 +273,12 @@ func (f *follower) result(a answer) (Value, error) {
 }
 
 // routeSubscribe sends subscribe, or unSubscribe when on is false.
-func (f *follower) routeSubscribe(key string, reg json.RawMessage, on bool) error {
+func (f *follower) routeSubscribe(key string, reg json.RawMessage, on bool) {
 	if on {
-		return f.post(subscribe{Key: key, Reg: reg})
+		f.post(subscribe{Key: key, Reg: reg})
+	} else {
+		f.post(unSubscribe{Key: key, Reg: reg})
 	}
-	return f.post(unSubscribe{Key: key, Reg: reg})
 }
 
 // post sends a request that waits for no answer.

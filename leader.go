@@ -431,13 +431,12 @@ func (l *leader) routeInvoke(ctx context.Context, method string, args [][]byte, 
 }
 
 // routeSubscribe adds or removes the own Client as a listener of key.
-func (l *leader) routeSubscribe(key string, reg json.RawMessage, on bool) error {
+func (l *leader) routeSubscribe(key string, reg json.RawMessage, on bool) {
 	if on {
 		l.subscribe(nil, key, reg)
 	} else {
 		l.unsubscribe(nil, key)
 	}
-	return nil
 }
 
 // subscribe adds sc (nil: the own Client) to the listeners of key and
