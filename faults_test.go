@@ -682,3 +682,45 @@ func TestFaultConnCloseCancelsInvoke(t *testing.T) {
 		t.Fatal("the invoke's context did not end within 10 s of its connection closing")
 	}
 }
+
+// TestFaultPortHeldTellsTheFix: a program that holds the port and answers
+// garbage, or nothing, is reported by Ready within two response timeouts,
+// long before MaxWaitTime, with an error that names the address and the
+// setting that moves the cluster elsewhere.
+func TestFaultPortHeldTellsTheFix(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		garbage []byte
+	}{
+		{"garbage", []byte("SSH-2.0-OpenSSH_9.6\r\n")},
+		{"silent", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			port := foreignListener(t, tc.garbage)
+			cfg := testConfig(t, port)
+			cfg.ResponseTimeout = 300 * time.Millisecond
+			cfg.MaxWaitTime = time.Minute
+			c, err := New("TestChannel", cfg, buildTestReal(newTestReal()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 2*cfg.ResponseTimeout)
+			defer cancel()
+			err = c.Ready(ctx)
+			t.Logf("Ready: %v", err)
+			var nl *errNotLeader
+			switch {
+			case err == nil || errors.Is(err, context.DeadlineExceeded):
+				t.Fatalf("Ready after two response timeouts: %v, want the error of the port", err)
+			case !errors.As(err, &nl):
+				t.Errorf("error does not carry errNotLeader: %v", err)
+			}
+			for _, want := range []string{loopback(port), "not a cluster-client leader", "Config.Port", EnvPort} {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("error does not say %q: %v", want, err)
+				}
+			}
+		})
+	}
+}
