@@ -464,7 +464,7 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 	} else if created {
 		l.warn("the real client cannot subscribe", "key", key)
 	}
-	if l.cfg.Broadcast && latest != nil && (!dup || sc == nil) {
+	if !l.cfg.DisableBroadcast && latest != nil && (!dup || sc == nil) {
 		l.push(sc, key, latest)
 	}
 }
@@ -483,7 +483,7 @@ func (l *leader) pushValue(t *topic, v any) {
 		targets = nil // released meanwhile
 	}
 	l.mu.Unlock()
-	if !l.cfg.Broadcast && len(targets) > 0 {
+	if l.cfg.DisableBroadcast && len(targets) > 0 {
 		targets = targets[rand.IntN(len(targets)):][:1]
 	}
 	for _, sc := range targets {
