@@ -430,14 +430,11 @@ func (l *leader) routeInvoke(ctx context.Context, method string, args [][]byte, 
 	return Value{data: data, codec: l.cfg.Codec}, nil
 }
 
-// routeSubscribe adds or removes the own Client as a listener of key.
-func (l *leader) routeSubscribe(key string, reg json.RawMessage, on bool) {
-	if on {
-		l.subscribe(nil, key, reg)
-	} else {
-		l.unsubscribe(nil, key)
-	}
-}
+// routeSubscribe adds the own Client as a listener of key.
+func (l *leader) routeSubscribe(key string, reg json.RawMessage) { l.subscribe(nil, key, reg) }
+
+// routeUnsubscribe removes the own Client from the listeners of key.
+func (l *leader) routeUnsubscribe(key string, _ json.RawMessage) { l.unsubscribe(nil, key) }
 
 // subscribe adds sc (nil: the own Client) to the listeners of key and
 // subscribes the real client to it, once per key. When broadcasting, a
