@@ -88,7 +88,7 @@ func TestConfigZeroWorks(t *testing.T) {
 	}
 
 	want := *DefaultConfig()
-	want.Port, want.Role, want.Broadcast, want.SingleMode = port, RoleFollower, false, false
+	want.Port, want.Role, want.SingleMode = port, RoleFollower, false
 	got := fol.cfg
 	if got.Codec != want.Codec || got.Logger != want.Logger {
 		t.Fatalf("Codec %v, Logger %v: want the defaults", got.Codec, got.Logger)
@@ -105,17 +105,17 @@ func TestConfigDefaults(t *testing.T) {
 	t.Setenv(EnvPort, "7801")
 	t.Setenv(EnvSingleMode, "1")
 	d := DefaultConfig()
-	if d.Port != 7801 || !d.SingleMode || !d.Broadcast || d.MaxWaitTime != 30*time.Second ||
+	if d.Port != 7801 || !d.SingleMode || d.DisableBroadcast || d.MaxWaitTime != 30*time.Second ||
 		d.MaxQueuedBytes != 2*DefaultMaxPacketSize || d.Codec != (JSONCodec{}) || d.Logger != slog.Default() {
 		t.Fatalf("DefaultConfig: %+v", d)
 	}
 	z := withDefaults(&Config{})
-	if z.Port != 7801 || z.SingleMode || z.Broadcast || z.ResponseTimeout != 3*time.Second ||
+	if z.Port != 7801 || z.SingleMode || z.DisableBroadcast || z.ResponseTimeout != 3*time.Second ||
 		z.HeartbeatInterval != 20*time.Second || z.RegisterTimeout != 5*time.Second || z.DrainTimeout != 5*time.Second ||
 		z.MaxPacketSize != DefaultMaxPacketSize || z.MaxUnregistered != 128 || z.SubscribeTimeout != 0 {
 		t.Fatalf("zero Config with defaults: %+v", z)
 	}
-	if n := withDefaults(nil); n.Port != 7801 || !n.Broadcast {
+	if n := withDefaults(nil); n.Port != 7801 || n.DisableBroadcast {
 		t.Fatalf("nil Config with defaults: %+v", n)
 	}
 	// A bigger packet bound makes a bigger default queue.

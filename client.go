@@ -50,7 +50,8 @@ type Client struct {
 // waits for the next route.
 type route interface {
 	routeInvoke(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error)
-	routeSubscribe(key string, reg json.RawMessage, on bool)
+	routeSubscribe(key string, reg json.RawMessage)
+	routeUnsubscribe(key string, reg json.RawMessage)
 }
 
 // localTopic is a key with listeners in this client. Its fields are
@@ -151,17 +152,14 @@ func (c *Client) route(ctx context.Context) (route, error) {
 		switch {
 		case closed:
 			return nil, ErrClosed
-		case r != nil:
-			return r, nil
-		case err != nil:
-			return nil, err
+		case r != nil || err != nil: // never both: setState sets one
+			return r, err
 		}
 		select {
 		case <-ready:
 		case <-ctx.Done():
 			return nil, ctx.Err()
-		case <-c.done:
-			return nil, ErrClosed
+		case <-c.done: // closed is set by now
 		}
 	}
 }
@@ -176,21 +174,13 @@ func (c *Client) setState(r route, err error) {
 	c.ready = make(chan struct{})
 }
 
-// setError records why no route can be had now.
-func (c *Client) setError(err error) {
+// unroute stops routing calls to r, if it is the route, and records err
+// as why there is none: calls wait for the next route, or fail with err.
+// With r nil, it records why no route can be had now.
+func (c *Client) unroute(r route, err error) {
 	c.mu.Lock()
-	if c.current() == nil {
+	if c.current() == r {
 		c.setState(nil, err)
-	}
-	c.mu.Unlock()
-}
-
-// unroute stops routing calls to r, if it is a follower; they wait for
-// the next route.
-func (c *Client) unroute(r route) {
-	c.mu.Lock()
-	if f, ok := r.(*follower); ok && c.fol == f {
-		c.setState(nil, nil)
 	}
 	c.mu.Unlock()
 }
@@ -208,7 +198,7 @@ func (c *Client) setRoute(r route) bool {
 	published := slices.Clone(c.published)
 	c.mu.Unlock()
 	for key, reg := range topics {
-		r.routeSubscribe(key, reg, true)
+		r.routeSubscribe(key, reg)
 	}
 	for _, reg := range published {
 		if err := c.publishOn(context.Background(), r, reg); err != nil {
@@ -231,12 +221,7 @@ func (c *Client) run(l *leader) {
 	deadline := time.Now().Add(c.cfg.MaxWaitTime)
 	for failures := 0; ; {
 		if l == nil {
-			var err error
-			if l, err = claim(c); err != nil {
-				c.setError(err)
-				<-c.done
-				return
-			}
+			l, _ = claim(c) // only a forced leader's claim fails, and it leads from New on
 		}
 		if l != nil {
 			c.runLeader(l)
@@ -267,17 +252,21 @@ func (c *Client) run(l *leader) {
 // recorded.
 func (c *Client) retryAfter(err error, failures int, deadline time.Time) time.Duration {
 	var notLeader *errNotLeader
+	var re *RemoteError
 	switch {
-	case !retryable(err): // the leader's real client failed to build
-		c.setError(err)
+	case errors.As(err, &re) && re.Code != codeChannelNotHosted:
+		// The leader's real client failed to build: no retry succeeds
+		// by itself soon.
+		c.unroute(nil, err)
 		return time.Second
 	case time.Now().After(deadline):
-		c.setError(fmt.Errorf("%w on port %d after %v: %w", ErrNoLeader, c.cfg.Port, c.cfg.MaxWaitTime, err))
+		err = fmt.Errorf("%w on port %d after %v: %w", ErrNoLeader, c.cfg.Port, c.cfg.MaxWaitTime, err)
+		c.unroute(nil, err)
 		return 100 * time.Millisecond
 	case errors.Is(err, ErrTimeout), errors.As(err, &notLeader):
 		// Something holds the port and is not, or not yet, a leader
 		// that answers: waiting calls fail now.
-		c.setError(err)
+		c.unroute(nil, err)
 		return 100 * time.Millisecond
 	case failures == 1:
 		// The first retry goes at once: a killed leader's listener may
@@ -292,14 +281,13 @@ func (c *Client) retryAfter(err error, failures int, deadline time.Time) time.Du
 func (c *Client) follow(f *follower) bool {
 	select {
 	case <-f.closing:
-		c.unroute(f)
 	case <-f.dead:
 	case <-c.done:
 		return false
 	}
+	c.unroute(f, nil)
 	select {
 	case <-f.dead:
-		c.unroute(f)
 		return true
 	case <-c.done:
 		return false
@@ -315,7 +303,7 @@ func (c *Client) runLeader(l *leader) {
 		return
 	}
 	if l.err != nil {
-		c.setError(toRemote(l.err))
+		c.unroute(nil, toRemote(l.err))
 	} else if !c.setRoute(l) {
 		return
 	}
@@ -352,7 +340,7 @@ func (c *Client) call(ctx context.Context, fn func(r route) (Value, error)) (Val
 		if !errors.Is(err, errDraining) && !errors.Is(err, errGone) {
 			return v, err
 		}
-		c.unroute(r)
+		c.unroute(r, nil)
 	}
 }
 
@@ -417,12 +405,11 @@ func (c *Client) Publish(ctx context.Context, reg any) error {
 	if r == nil {
 		return err // closed, or no leader yet: it gets the record when it is ready
 	}
-	if err := c.publishOn(ctx, r, raw); errors.Is(err, errDraining) || errors.Is(err, errGone) {
-		c.unroute(r) // the next leader gets it with the rest of the record
-	} else if err != nil {
-		return err
+	if err = c.publishOn(ctx, r, raw); errors.Is(err, errDraining) || errors.Is(err, errGone) {
+		c.unroute(r, nil) // the next leader gets it with the rest of the record
+		err = nil
 	}
-	return nil
+	return err
 }
 
 // publishOn sends a registration on r as a oneway invoke of "publish".
@@ -468,7 +455,7 @@ func (c *Client) Subscribe(reg any, listener func(Value)) (*Subscription, error)
 	}
 	c.wakeDelivery() // a late listener gets the latest value at once
 	if r != nil && first {
-		r.routeSubscribe(key, raw, true) // a lost route replays it on the next
+		r.routeSubscribe(key, raw) // a lost route replays it on the next
 	}
 	return s, nil
 }
@@ -500,9 +487,7 @@ func (c *Client) subscribeTimedOut(key string, t *localTopic, d time.Duration) {
 
 // Unsubscribe removes this listener. When it was the key's last listener
 // in this client, the leader is told.
-func (s *Subscription) Unsubscribe() {
-	s.c.unsubscribe(s.key, s)
-}
+func (s *Subscription) Unsubscribe() { s.c.unsubscribe(s.key, s) }
 
 // Unsubscribe removes every listener of reg in this client and tells the
 // leader.
@@ -536,7 +521,7 @@ func (c *Client) unsubscribe(key string, s *Subscription) {
 		}
 	})
 	if last != nil && r != nil {
-		r.routeSubscribe(key, last.reg, false)
+		r.routeUnsubscribe(key, last.reg)
 	}
 }
 

@@ -750,13 +750,13 @@ func TestCallsWaitForLeaderAfterLoss(t *testing.T) {
 	}
 }
 
-// TestLeaderNoReplayWithoutBroadcast: with Broadcast off, the leader's
+// TestLeaderNoReplayWithoutBroadcast: with DisableBroadcast set, the leader's
 // own first listener on a key that already has a value gets no replay of
 // it, as no late subscriber does.
 func TestLeaderNoReplayWithoutBroadcast(t *testing.T) {
 	t.Parallel()
 	cfg := testConfig(t, freePort(t))
-	cfg.Broadcast = false
+	cfg.DisableBroadcast = true
 	lead := newClient(t, "nb", cfg, newTestReal())
 	mustReady(t, lead)
 	fol := newClient(t, "nb", cfg, newTestReal())
@@ -789,7 +789,7 @@ func TestLeaderNoReplayWithoutBroadcast(t *testing.T) {
 		select {
 		case v := <-leadGot:
 			if v == "0" {
-				t.Fatal("the leader's late listener got the latest value replayed with Broadcast off")
+				t.Fatal("the leader's late listener got the latest value replayed with DisableBroadcast set")
 			}
 			return
 		case <-folGot:

@@ -45,10 +45,9 @@ func (r Role) String() string {
 
 // Config tunes a Client. A zero field means its default, as in
 // http.Server, so &Config{Port: 7800} is a complete configuration; New
-// refuses values out of range. The defaults are DefaultConfig's, but a
-// bool means what it says: a zero Config does not broadcast (Broadcast
-// is false) and ignores NODE_CLUSTER_CLIENT_SINGLE_MODE. Start from
-// DefaultConfig to get both from the defaults and the environment.
+// refuses values out of range. The defaults are DefaultConfig's, except
+// that a zero Config ignores NODE_CLUSTER_CLIENT_SINGLE_MODE: start from
+// DefaultConfig to take single mode from the environment.
 type Config struct {
 	// Port is the TCP port on 127.0.0.1 that processes compete for. One
 	// port carries any number of channels. Default 7777, or the value of
@@ -80,11 +79,11 @@ type Config struct {
 	// silent peer: for a process stopped in a debugger. Default false.
 	DisableHeartbeatCheck bool
 
-	// Broadcast makes the leader push each subscribed value to every
-	// subscriber; when false it pushes to one subscriber picked at random
-	// and does not replay the latest value to late subscribers. True in
-	// DefaultConfig; false, so unicast, in a zero Config.
-	Broadcast bool
+	// DisableBroadcast makes the leader push each subscribed value to one
+	// subscriber picked at random instead of to every subscriber, and not
+	// replay the latest value to late subscribers. Default false: every
+	// subscriber gets every value.
+	DisableBroadcast bool
 
 	// SubscribeTimeout, when positive, logs a warning if a key's first
 	// value has not arrived that long after the key's first listener
@@ -150,10 +149,10 @@ func DefaultConfig() *Config {
 }
 
 // withDefaults returns a copy of c whose zero fields hold their defaults;
-// a nil c is DefaultConfig's, which broadcasts and reads single mode from
-// the environment.
+// a nil c is DefaultConfig's, which reads single mode from the
+// environment.
 func withDefaults(c *Config) Config {
-	d := *cmp.Or(c, &Config{Broadcast: true, SingleMode: os.Getenv(EnvSingleMode) == "1"})
+	d := *cmp.Or(c, &Config{SingleMode: os.Getenv(EnvSingleMode) == "1"})
 	envPort, _ := strconv.Atoi(os.Getenv(EnvPort))
 	d.Port = cmp.Or(d.Port, envPort, 7777)
 	d.MaxWaitTime = cmp.Or(d.MaxWaitTime, 30*time.Second)

@@ -46,7 +46,7 @@
 // encodes as JSON. The leader subscribes the real client (a [Subscriber])
 // once per registration, however many listeners there are in all
 // processes, and pushes every value to every process that listens (to one
-// picked at random if [Config.Broadcast] is off). A
+// picked at random if [Config.DisableBroadcast] is set). A
 // listener that joins late gets the latest value at once. Listeners of a
 // client run one at a time and see the latest value: a listener still busy
 // when newer values arrive gets only the newest. When the last listener

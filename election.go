@@ -1,7 +1,6 @@
 package clusterclient
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"sync"
@@ -24,23 +23,14 @@ func claim(c *Client) (*leader, error) {
 	}
 	l := newLeader(c.name, &c.cfg, c.deliver)
 	if !c.cfg.SingleMode {
-		if err := hostChannel(&c.cfg, l); err != nil {
-			if c.cfg.Role == RoleLeader {
-				return nil, err
-			}
-			return nil, nil
+		if err := hostChannel(&c.cfg, l); err != nil && c.cfg.Role == RoleLeader {
+			return nil, err
+		} else if err != nil {
+			return nil, nil // the port or the channel has a leader: follow it
 		}
 	}
 	l.start(c.build)
 	return l, nil
-}
-
-// retryable reports whether a failed attempt to follow may succeed by
-// itself later without the wait running out first: anything but a leader
-// that answered with its real client's error.
-func retryable(err error) bool {
-	var re *RemoteError
-	return !errors.As(err, &re) || re.Code == codeChannelNotHosted
 }
 
 // hostChannel makes l the leader of its channel on the port, listening

@@ -258,10 +258,8 @@ func (f *follower) result(a answer) (Value, error) {
 	res, ok := c.(invokeResult)
 	var e invokeErrorObject
 	switch {
-	case a.err != nil:
-		return Value{}, a.err
-	case err != nil:
-		return Value{}, err
+	case a.err != nil || err != nil: // a.err first: then there is no packet
+		return Value{}, cmp.Or(a.err, err)
 	case !ok:
 		return Value{}, fmt.Errorf("%w: answer to invoke has type %.64q", ErrBadConn, typ)
 	case res.Success:
@@ -272,13 +270,14 @@ func (f *follower) result(a answer) (Value, error) {
 	return Value{}, &RemoteError{Name: e.Name, Message: e.Message, Code: string(e.Code), Stack: e.Stack}
 }
 
-// routeSubscribe sends subscribe, or unSubscribe when on is false.
-func (f *follower) routeSubscribe(key string, reg json.RawMessage, on bool) {
-	if on {
-		f.post(subscribe{Key: key, Reg: reg})
-	} else {
-		f.post(unSubscribe{Key: key, Reg: reg})
-	}
+// routeSubscribe sends subscribe.
+func (f *follower) routeSubscribe(key string, reg json.RawMessage) {
+	f.post(subscribe{Key: key, Reg: reg})
+}
+
+// routeUnsubscribe sends unSubscribe.
+func (f *follower) routeUnsubscribe(key string, reg json.RawMessage) {
+	f.post(unSubscribe{Key: key, Reg: reg})
 }
 
 // post sends a request that waits for no answer.

@@ -430,14 +430,11 @@ func (l *leader) routeInvoke(ctx context.Context, method string, args [][]byte, 
 	return Value{data: data, codec: l.cfg.Codec}, nil
 }
 
-// routeSubscribe adds or removes the own Client as a listener of key.
-func (l *leader) routeSubscribe(key string, reg json.RawMessage, on bool) {
-	if on {
-		l.subscribe(nil, key, reg)
-	} else {
-		l.unsubscribe(nil, key)
-	}
-}
+// routeSubscribe adds the own Client as a listener of key.
+func (l *leader) routeSubscribe(key string, reg json.RawMessage) { l.subscribe(nil, key, reg) }
+
+// routeUnsubscribe removes the own Client from the listeners of key.
+func (l *leader) routeUnsubscribe(key string, _ json.RawMessage) { l.unsubscribe(nil, key) }
 
 // subscribe adds sc (nil: the own Client) to the listeners of key and
 // subscribes the real client to it, once per key. When broadcasting, a
@@ -464,7 +461,7 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 	} else if created {
 		l.warn("the real client cannot subscribe", "key", key)
 	}
-	if l.cfg.Broadcast && latest != nil && (!dup || sc == nil) {
+	if !l.cfg.DisableBroadcast && latest != nil && (!dup || sc == nil) {
 		l.push(sc, key, latest)
 	}
 }
@@ -483,7 +480,7 @@ func (l *leader) pushValue(t *topic, v any) {
 		targets = nil // released meanwhile
 	}
 	l.mu.Unlock()
-	if !l.cfg.Broadcast && len(targets) > 0 {
+	if l.cfg.DisableBroadcast && len(targets) > 0 {
 		targets = targets[rand.IntN(len(targets)):][:1]
 	}
 	for _, sc := range targets {

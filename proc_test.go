@@ -387,7 +387,7 @@ func childMain() int {
 	cfg.Role = spec.Role
 	cfg.SingleMode = spec.SingleMode
 	cfg.Secret = spec.Secret
-	cfg.Broadcast = !spec.NoBroadcast
+	cfg.DisableBroadcast = spec.NoBroadcast
 	cfg.DisableHeartbeatCheck = spec.DisableHBCheck
 	cfg.MaxWaitTime = 10 * time.Second
 	cfg.DrainTimeout = 2 * time.Second

@@ -487,9 +487,7 @@ func nextArg(rest []byte) (arg, after []byte) {
 
 // subscriptionKey is the key of a registration: "$$inner$$__" followed
 // by the registration's JSON.
-func subscriptionKey(reg []byte) string {
-	return "$$inner$$__" + string(reg)
-}
+func subscriptionKey(reg []byte) string { return "$$inner$$__" + string(reg) }
 
 // marshalReg encodes a registration as a Node.js peer's
 // JSON.stringify(JSON.parse(text)) writes it, so that equal registrations
