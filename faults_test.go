@@ -724,3 +724,39 @@ func TestFaultPortHeldTellsTheFix(t *testing.T) {
 		})
 	}
 }
+
+// TestFaultLogQuietWhenNothingToDo: warnings are for what someone must
+// act on. A method that returns its context's error at the packet's
+// deadline, and a follower that resets its connection (as a process
+// that exits may), log nothing on the leader.
+func TestFaultLogQuietWhenNothingToDo(t *testing.T) {
+	c, real, logs, port := faultLeader(t, nil)
+	nc, err := net.Dial("tcp", loopback(port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	registerRaw(t, nc, "TestChannel", "")
+	arg, _ := json.Marshal(5000)
+	req, err := appendInvoke(nil, 7, 100, "sleep", false, [][]byte{arg}, DefaultMaxPacketSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, nc, req)
+	sleeping := func() int { real.mu.Lock(); defer real.mu.Unlock(); return real.sleeping }
+	waitUntil(t, 5*time.Second, "the sleep started", func() bool { return sleeping() == 1 })
+	waitUntil(t, 5*time.Second, "the sleep ended at its 100 ms deadline", func() bool { return sleeping() == 0 })
+	nc.(*net.TCPConn).SetLinger(0) // Close sends a reset
+	nc.Close()
+	l := leadOf(c)
+	waitUntil(t, 5*time.Second, "the leader dropped the connection", func() bool {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return len(l.conns) == 0
+	})
+	for _, line := range []string{"outlasted", "closing follower connection"} {
+		if got, _ := logs.find(line); got != "" {
+			t.Errorf("logged: %s", got)
+		}
+	}
+}

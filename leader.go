@@ -17,6 +17,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -253,15 +254,19 @@ func (l *leader) readLoop(sc *serverConn, br *bufio.Reader, reg *Packet) error {
 }
 
 // close closes the connection once, which cancels its invokes. It logs
-// why, unless the follower left or the leader is closing.
+// why, unless the follower left (closed or reset its end) or the leader
+// is closing: a warning is for what someone must act on.
 func (sc *serverConn) close(err error) {
 	sc.once.Do(func() {
 		sc.cancel()
 		sc.w.fail(net.ErrClosed)
 		sc.nc.Close()
-		if err != nil && err != io.EOF && !errors.Is(err, net.ErrClosed) && !errors.Is(err, ErrClosed) {
-			sc.l.warn("closing follower connection", "remote", sc.nc.RemoteAddr(), "err", err)
+		for _, left := range []error{nil, io.EOF, net.ErrClosed, ErrClosed, syscall.ECONNRESET} {
+			if errors.Is(err, left) { // errors.Is(nil, nil) is true
+				return
+			}
 		}
+		sc.l.warn("closing follower connection", "remote", sc.nc.RemoteAddr(), "err", err)
 	})
 }
 
@@ -365,10 +370,12 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
 	sc.running, sc.held = sc.running-1, sc.held-len(p.App)
 	sc.gate.Unlock()
 	sc.ended.Signal()
-	if late && p.Timeout > 0 && !c.Oneway {
-		l.warn("invoke outlasted its timeout; no answer sent", "method", clip(c.Method), "timeout", limit, "err", err)
-	} else if !c.Oneway {
+	// Past its timeout the follower has given up: no answer, as the
+	// reference. A method that returned its context's error did its job.
+	if !c.Oneway && (!late || p.Timeout <= 0) {
 		l.answer(sc, p, data, err)
+	} else if !c.Oneway && !errors.Is(err, context.DeadlineExceeded) {
+		l.warn("invoke outlasted its timeout; no answer sent", "method", clip(c.Method), "timeout", limit, "err", err)
 	}
 }
 
