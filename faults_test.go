@@ -760,3 +760,51 @@ func TestFaultLogQuietWhenNothingToDo(t *testing.T) {
 		}
 	}
 }
+
+// failingPublisher is a real client whose Publish always fails.
+type failingPublisher struct{ *testReal }
+
+func (failingPublisher) Publish(context.Context, json.RawMessage) error {
+	return errors.New("registry refused the registration")
+}
+
+// TestFaultPublishErrorsAlikeInEveryRole: Publish is a oneway invoke in
+// every role, so a caller can rely on the same thing on the leader and on
+// a follower: an error only for what fails in its own process, and the
+// real client's error in the leader's log, once per publication.
+func TestFaultPublishErrorsAlikeInEveryRole(t *testing.T) {
+	lead, _, logs, port := faultLeader(t, nil)
+	_ = lead.Close() // the leader above has a testReal; lead again with one that fails
+	logs = newLogCapture()
+	cfg := testConfig(t, port)
+	cfg.Role = RoleLeader
+	cfg.Logger = slog.New(logs)
+	lead, err := New("TestChannel", cfg, func(context.Context) (RealClient, error) {
+		return failingPublisher{newTestReal()}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lead.Close()
+	mustReady(t, lead)
+	fcfg := testConfig(t, port)
+	fcfg.Role = RoleFollower
+	fol := newClient(t, "TestChannel", fcfg, newTestReal())
+	mustReady(t, fol)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for i, c := range []struct {
+		who    string
+		client *Client
+	}{{"leader", lead}, {"follower", fol}} {
+		if err := c.client.Publish(ctx, map[string]string{"by": c.who}); err != nil {
+			t.Errorf("%s: Publish: %v, want nil: the error goes to the leader's log", c.who, err)
+		}
+		waitUntil(t, 5*time.Second, c.who+"'s publication in the leader's log", func() bool {
+			return logs.count("oneway invoke failed", "method=publish", "registry refused") == i+1
+		})
+	}
+	if err := fol.Publish(ctx, func() {}); err == nil {
+		t.Error("a registration that does not encode: Publish returned nil")
+	}
+}
