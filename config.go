@@ -68,6 +68,12 @@ type Config struct {
 	// the caller's context wins. Default 3 s.
 	ResponseTimeout time.Duration
 
+	// MaxInvokeTime bounds how long the leader lets an invoke from a
+	// follower run, whatever timeout its packet asks for (a packet may
+	// ask for up to 2^31-1 ms); past it the method's context ends and
+	// the caller gets the method's error. Default 2 × ResponseTimeout.
+	MaxInvokeTime time.Duration
+
 	// HeartbeatInterval is how often a follower that has heard nothing
 	// from its leader sends a heartbeat. A follower that then hears
 	// nothing for another interval drops the connection and elects
@@ -158,6 +164,7 @@ func withDefaults(c *Config) Config {
 	d.MaxWaitTime = cmp.Or(d.MaxWaitTime, 30*time.Second)
 	d.ResponseTimeout = cmp.Or(d.ResponseTimeout, 3*time.Second)
 	d.HeartbeatInterval = cmp.Or(d.HeartbeatInterval, 20*time.Second)
+	d.MaxInvokeTime = cmp.Or(d.MaxInvokeTime, 2*d.ResponseTimeout)
 	d.Codec = cmp.Or[Codec](d.Codec, JSONCodec{})
 	d.Logger = cmp.Or(d.Logger, slog.Default())
 	d.MaxPacketSize = cmp.Or(d.MaxPacketSize, DefaultMaxPacketSize)
@@ -173,10 +180,11 @@ func withDefaults(c *Config) Config {
 func VerifyConfig(c *Config) error {
 	d := withDefaults(c)
 	switch {
-	case min(d.MaxWaitTime, d.ResponseTimeout, d.HeartbeatInterval, d.SubscribeTimeout, d.RegisterTimeout, d.DrainTimeout) < 0:
+	case min(d.MaxWaitTime, d.ResponseTimeout, d.HeartbeatInterval, d.SubscribeTimeout, d.RegisterTimeout, d.DrainTimeout,
+		d.MaxInvokeTime) < 0:
 		return fmt.Errorf("clusterclient: a Config duration is negative: MaxWaitTime %v, ResponseTimeout %v, HeartbeatInterval %v, "+
-			"SubscribeTimeout %v, RegisterTimeout %v, DrainTimeout %v", d.MaxWaitTime, d.ResponseTimeout, d.HeartbeatInterval,
-			d.SubscribeTimeout, d.RegisterTimeout, d.DrainTimeout)
+			"SubscribeTimeout %v, RegisterTimeout %v, DrainTimeout %v, MaxInvokeTime %v", d.MaxWaitTime, d.ResponseTimeout,
+			d.HeartbeatInterval, d.SubscribeTimeout, d.RegisterTimeout, d.DrainTimeout, d.MaxInvokeTime)
 	case d.Port < 1 || d.Port > 65535:
 		return fmt.Errorf("clusterclient: Config.Port (or NODE_CLUSTER_CLIENT_PORT) %d out of range 1..65535", d.Port)
 	case uint(d.Role) > uint(RoleFollower):

@@ -808,3 +808,33 @@ func TestFaultPublishErrorsAlikeInEveryRole(t *testing.T) {
 		t.Error("a registration that does not encode: Publish returned nil")
 	}
 }
+
+// TestFaultInvokeTimeBoundedByLeader: a packet that asks for 2^31-1 ms
+// gets the leader's Config.MaxInvokeTime: the method's context ends then,
+// and the caller is answered with the method's error.
+func TestFaultInvokeTimeBoundedByLeader(t *testing.T) {
+	_, _, _, port := faultLeader(t, func(cfg *Config) { cfg.MaxInvokeTime = 200 * time.Millisecond })
+	nc, err := net.Dial("tcp", loopback(port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	r := registerRaw(t, nc, "TestChannel", "")
+	arg, _ := json.Marshal(60000)
+	req, err := appendInvoke(nil, 7, 1<<31-1, "sleep", false, [][]byte{arg}, DefaultMaxPacketSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	mustWrite(t, nc, req)
+	p := readAnswer(t, r, nc, 7) // fails after 10 s
+	took := time.Since(start)
+	var res invokeResult
+	if c, _, err := parseConn(p.Conn); err == nil {
+		res, _ = c.(invokeResult)
+	}
+	if res.Success || !strings.Contains(string(p.App), "deadline exceeded") || took > 5*time.Second {
+		t.Fatalf("after %v: %s %s, want the method's deadline error after about 200 ms", took, p.Conn, p.App)
+	}
+	t.Logf("answered after %v: %s", took.Round(time.Millisecond), p.App)
+}

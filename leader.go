@@ -354,13 +354,15 @@ func (l *leader) enter() error {
 }
 
 // runInvoke runs one invoke from a follower and answers it, unless it is
-// oneway or its timeout passed (the follower gave up; the reference also
-// stays silent then). The packet's timeout is the method's deadline; a
+// oneway or the timeout its packet asked for passed (the follower gave
+// up; the reference also stays silent then). The packet's timeout is the
+// method's deadline, bounded by the leader's Config.MaxInvokeTime; a
 // request without one (the reference never sends that) gets the leader's
 // ResponseTimeout, so no follower can hold the real client forever.
 func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
 	defer l.calls.Done()
-	limit := cmp.Or(time.Duration(max(p.Timeout, 0))*time.Millisecond, l.cfg.ResponseTimeout)
+	asked := time.Duration(max(p.Timeout, 0)) * time.Millisecond
+	limit := min(cmp.Or(asked, l.cfg.ResponseTimeout), l.cfg.MaxInvokeTime)
 	args, rest := make([][]byte, c.ArgLength), p.App
 	for i := range args {
 		args[i], rest = nextArg(rest)
@@ -372,7 +374,7 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
 	sc.ended.Signal()
 	// Past its timeout the follower has given up: no answer, as the
 	// reference. A method that returned its context's error did its job.
-	if !c.Oneway && (!late || p.Timeout <= 0) {
+	if !c.Oneway && (!late || limit != asked) {
 		l.answer(sc, p, data, err)
 	} else if !c.Oneway && !errors.Is(err, context.DeadlineExceeded) {
 		l.warn("invoke outlasted its timeout; no answer sent", "method", clip(c.Method), "timeout", limit, "err", err)
