@@ -299,15 +299,14 @@ func (c *Client) runLeader(l *leader) {
 	defer l.close()
 	select {
 	case <-l.ready:
+		if l.err != nil {
+			c.unroute(nil, toRemote(l.err))
+		} else if !c.setRoute(l) {
+			return
+		}
+		<-c.done
 	case <-c.done:
-		return
 	}
-	if l.err != nil {
-		c.unroute(nil, toRemote(l.err))
-	} else if !c.setRoute(l) {
-		return
-	}
-	<-c.done
 }
 
 // Close closes the client. A leader stops taking calls, lets those in
@@ -320,8 +319,7 @@ func (c *Client) Close() error {
 		c.mu.Unlock()
 		return nil
 	}
-	c.closed = true
-	c.lead, c.fol = nil, nil
+	c.closed, c.lead, c.fol = true, nil, nil
 	close(c.done)
 	c.mu.Unlock()
 	c.wg.Wait()
@@ -493,11 +491,10 @@ func (s *Subscription) Unsubscribe() { s.c.unsubscribe(s.key, s) }
 // leader.
 func (c *Client) Unsubscribe(reg any) error {
 	raw, err := marshalReg(reg)
-	if err != nil {
-		return err
+	if err == nil {
+		c.unsubscribe(subscriptionKey(raw), nil)
 	}
-	c.unsubscribe(subscriptionKey(raw), nil)
-	return nil
+	return err
 }
 
 // unsubscribe removes s, or every listener of key when s is nil.

@@ -838,3 +838,36 @@ func TestFaultInvokeTimeBoundedByLeader(t *testing.T) {
 	}
 	t.Logf("answered after %v: %s", took.Round(time.Millisecond), p.App)
 }
+
+// TestFaultWarningsRateLimited: a flood of registered connections that
+// each break the protocol makes the leader log at most warnPerSecond
+// warnings a second, and a later line says how many were left out.
+func TestFaultWarningsRateLimited(t *testing.T) {
+	c, _, logs, port := faultLeader(t, nil)
+	bad := rawHeader(false, 1, 10, 0)
+	bad[0] = 9 // an unknown protocol version
+	start := time.Now()
+	const conns = 60
+	for range conns {
+		nc, err := net.Dial("tcp", loopback(port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		registerRaw(t, nc, "TestChannel", "")
+		mustWrite(t, nc, bad)
+	}
+	l := leadOf(c)
+	waitUntil(t, 10*time.Second, "the leader dropped every connection", func() bool {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return len(l.conns) == 0
+	})
+	seconds := int(time.Since(start)/time.Second) + 1
+	if n := logs.count("closing follower connection"); n > warnPerSecond*seconds || n == 0 {
+		t.Errorf("%d warnings about %d closed connections in %d s, want 1 to %d", n, conns, seconds, warnPerSecond*seconds)
+	}
+	time.Sleep(time.Second) // the count of what was left out comes with the first line of a later second
+	c.InvokeOneway(context.Background(), "fail", "E_FAIL")
+	logs.wait(t, 5*time.Second, "suppressed=")
+}

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"maps"
 	"math/rand/v2"
 	"net"
@@ -115,7 +116,8 @@ func newLeader(name string, cfg *Config, deliver func(key string, data []byte)) 
 func (l *leader) safely(what string, f func() error) (err error) {
 	defer func() {
 		if v := recover(); v != nil {
-			l.cfg.Logger.Error("clusterclient: "+what+" panicked", "channel", l.name, "panic", v, "stack", string(debug.Stack()))
+			l.host.log(l.cfg.Logger, slog.LevelError, "clusterclient: "+what+" panicked", "channel", l.name, "panic", v,
+				"stack", string(debug.Stack()))
 			err = &RemoteError{Name: "Error", Code: codePanic, Message: fmt.Sprintf("%s panicked: %v", what, v)}
 		}
 	}()
@@ -158,9 +160,10 @@ func (l *leader) call(ctx context.Context, c invoke, raw [][]byte) (result any, 
 	})
 }
 
-// warn logs a warning about the channel.
+// warn logs a warning about the channel, rate-limited with the port's
+// other lines: most warnings are a peer's doing.
 func (l *leader) warn(msg string, args ...any) {
-	l.cfg.Logger.Warn("clusterclient: "+msg, append([]any{"channel", l.name}, args...)...)
+	l.host.log(l.cfg.Logger, slog.LevelWarn, "clusterclient: "+msg, append([]any{"channel", l.name}, args...)...)
 }
 
 // start builds the real client in the background.

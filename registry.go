@@ -2,9 +2,11 @@ package clusterclient
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"slices"
@@ -37,25 +39,32 @@ type portHost struct {
 	logged   int       // guarded by logMu: lines warn was asked for since logStart
 }
 
-// warnPerSecond bounds the lines that warn logs per second and port, so
-// that a flood of bad connections cannot flood the log.
+// warnPerSecond bounds the lines that a port's peers can make the
+// process log per second, so that a flood of bad connections or calls
+// cannot flood the log.
 const warnPerSecond = 10
 
-// warn logs why a connection that had not registered was closed or
-// refused, at most warnPerSecond lines a second; the next line logged
-// counts those left out as "suppressed".
-func (h *portHost) warn(msg string, args ...any) {
-	h.logMu.Lock()
-	defer h.logMu.Unlock()
-	if now := time.Now(); now.Sub(h.logStart) >= time.Second {
-		if h.logged > warnPerSecond {
-			args = append(args, "suppressed", h.logged-warnPerSecond)
+// warn logs a warning of the port that a peer can cause.
+func (h *portHost) warn(msg string, args ...any) { h.log(h.cfg.Logger, slog.LevelWarn, msg, args...) }
+
+// log logs a line that a peer can cause, at most warnPerSecond lines a
+// second for the port; the first line of the next second counts those
+// left out as "suppressed". A nil host (single mode) logs every line.
+func (h *portHost) log(to *slog.Logger, level slog.Level, msg string, args ...any) {
+	if h != nil {
+		h.logMu.Lock()
+		defer h.logMu.Unlock()
+		if now := time.Now(); now.Sub(h.logStart) >= time.Second {
+			if h.logged > warnPerSecond {
+				args = append(args, "suppressed", h.logged-warnPerSecond)
+			}
+			h.logStart, h.logged = now, 0
 		}
-		h.logStart, h.logged = now, 0
+		if h.logged++; h.logged > warnPerSecond {
+			return
+		}
 	}
-	if h.logged++; h.logged <= warnPerSecond {
-		h.cfg.Logger.Warn(msg, args...)
-	}
+	to.Log(context.Background(), level, msg, args...)
 }
 
 // unhost removes l from its port; the last channel to leave closes the

@@ -106,9 +106,7 @@ func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
 }
 
 // MarshalBinary returns the encoded packet.
-func (p *Packet) MarshalBinary() ([]byte, error) {
-	return p.AppendBinary(make([]byte, 0, HeaderSize+len(p.Conn)+len(p.App)))
-}
+func (p *Packet) MarshalBinary() ([]byte, error) { return p.AppendBinary(nil) }
 
 // UnmarshalBinary decodes exactly one whole packet from data, as Reader
 // does with DefaultMaxPacketSize as the bound. Conn and App are copied
