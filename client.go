@@ -389,7 +389,7 @@ func Invoke[T any](ctx context.Context, c *Client, method string, args ...any) (
 // before one is ready, the registration is published when it is. The
 // record grows with each distinct registration.
 func (c *Client) Publish(ctx context.Context, reg any) error {
-	raw, err := marshalReg(reg)
+	raw, err := c.registration(reg)
 	if err != nil {
 		return err
 	}
@@ -410,6 +410,17 @@ func (c *Client) Publish(ctx context.Context, reg any) error {
 	return err
 }
 
+// registration encodes reg as every process must (see marshalReg) and
+// refuses one whose subscribe packet the leader would refuse for its
+// size: the connection would close, and every new one with it.
+func (c *Client) registration(reg any) (json.RawMessage, error) {
+	raw, err := marshalReg(reg)
+	if n := len(subscribe{Key: subscriptionKey(raw), Reg: raw}.appendJSON(nil)); err == nil && n > c.cfg.MaxPacketSize {
+		err = fmt.Errorf("%w: registration of %d bytes, Config.MaxPacketSize is %d", ErrPacketTooLarge, len(raw), c.cfg.MaxPacketSize)
+	}
+	return raw, err
+}
+
 // publishOn sends a registration on r as a oneway invoke of "publish".
 func (c *Client) publishOn(ctx context.Context, r route, reg json.RawMessage) error {
 	arg, err := c.cfg.Codec.Marshal(reg)
@@ -428,7 +439,7 @@ func (c *Client) Subscribe(reg any, listener func(Value)) (*Subscription, error)
 	if listener == nil {
 		return nil, errors.New("clusterclient: nil listener")
 	}
-	raw, err := marshalReg(reg)
+	raw, err := c.registration(reg)
 	if err != nil {
 		return nil, err
 	}
@@ -490,7 +501,7 @@ func (s *Subscription) Unsubscribe() { s.c.unsubscribe(s.key, s) }
 // Unsubscribe removes every listener of reg in this client and tells the
 // leader.
 func (c *Client) Unsubscribe(reg any) error {
-	raw, err := marshalReg(reg)
+	raw, err := c.registration(reg)
 	if err == nil {
 		c.unsubscribe(subscriptionKey(raw), nil)
 	}

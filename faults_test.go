@@ -12,6 +12,8 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -871,3 +873,122 @@ func TestFaultWarningsRateLimited(t *testing.T) {
 	c.InvokeOneway(context.Background(), "fail", "E_FAIL")
 	logs.wait(t, 5*time.Second, "suppressed=")
 }
+
+// smallPacketPair is a leader and a follower in this process, both with
+// MaxPacketSize 1 KiB.
+func smallPacketPair(t *testing.T) (lead, fol *Client) {
+	port := freePort(t)
+	cfg := testConfig(t, port)
+	cfg.Role, cfg.MaxPacketSize = RoleLeader, 1024
+	lead = newClient(t, "small", cfg, newTestReal())
+	mustReady(t, lead)
+	fcfg := testConfig(t, port)
+	fcfg.Role, fcfg.MaxPacketSize = RoleFollower, 1024
+	fol = newClient(t, "small", fcfg, newTestReal())
+	mustReady(t, fol)
+	return lead, fol
+}
+
+// callsKeepWorking fails the test if calls from c fail during 300 ms.
+func callsKeepWorking(t *testing.T, c *Client, after string) {
+	t.Helper()
+	for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, err := c.Invoke(ctx, "echo", 1)
+		cancel()
+		if err != nil {
+			t.Fatalf("a call after %s: %v", after, err)
+		}
+	}
+}
+
+// TestFaultOversizedPushNotSent: a value that with its key is larger than
+// MaxPacketSize is not pushed (a follower would refuse the packet, leave,
+// and get the same value again on every new connection): the follower's
+// calls go on, and listeners get the next value that fits.
+func TestFaultOversizedPushNotSent(t *testing.T) {
+	lead, fol := smallPacketPair(t)
+	reg := msg{"k": 1}
+	got := make(chan string, 16)
+	for _, c := range []*Client{lead, fol} {
+		if _, err := c.Subscribe(reg, func(v Value) { got <- v.String() }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitUntil(t, 5*time.Second, "the follower subscribed", func() bool { return topicConns(lead, reg) == 1 })
+	if ok, err := Invoke[bool](context.Background(), lead, "push", reg, strings.Repeat("x", 2000)); err != nil || !ok {
+		t.Fatalf("push: %v, %v", ok, err)
+	}
+	callsKeepWorking(t, fol, "an oversized push")
+	if ok, err := Invoke[bool](context.Background(), lead, "push", reg, "small"); err != nil || !ok {
+		t.Fatalf("push: %v, %v", ok, err)
+	}
+	for range 2 {
+		if v := <-got; v != `"small"` {
+			t.Fatalf("a listener got %.40s, want only the small value", v)
+		}
+	}
+}
+
+// TestFaultOversizedRegistrationRefused: a registration whose subscribe
+// packet would be larger than MaxPacketSize is refused by Subscribe and
+// Publish (the leader would close the connection, and every new one that
+// replays it), and the follower's calls go on.
+func TestFaultOversizedRegistrationRefused(t *testing.T) {
+	_, fol := smallPacketPair(t)
+	reg := map[string]string{"k": strings.Repeat("y", 600)}
+	if _, err := fol.Subscribe(reg, func(Value) {}); !errors.Is(err, ErrPacketTooLarge) {
+		t.Errorf("Subscribe: %v, want ErrPacketTooLarge", err)
+	}
+	if err := fol.Publish(context.Background(), reg); !errors.Is(err, ErrPacketTooLarge) {
+		t.Errorf("Publish: %v, want ErrPacketTooLarge", err)
+	}
+	callsKeepWorking(t, fol, "an oversized registration")
+}
+
+// TestFaultReplayNeverStale: while the latest value of a key is replayed
+// to a listener that joins, a newer value pushed by the real client waits
+// for the replay, so the listener ends up with the newest value.
+func TestFaultReplayNeverStale(t *testing.T) {
+	var mu sync.Mutex
+	var last string
+	var replaying atomic.Bool
+	blocked, release := make(chan struct{}), make(chan struct{})
+	l := newLeader("stale", withDefaultsPtr(), func(key string, data []byte) {
+		if replaying.CompareAndSwap(true, false) {
+			close(blocked) // the replay of "1" waits here
+			<-release
+		}
+		mu.Lock()
+		last = string(data)
+		mu.Unlock()
+	})
+	real := newTestReal()
+	l.real = real
+	close(l.ready)
+	reg := []byte(`{"k":1}`)
+	key := subscriptionKey(reg)
+	l.subscribe(nil, key, reg)
+	real.mu.Lock()
+	push := real.push[string(reg)]
+	real.mu.Unlock()
+	push(1)
+	replaying.Store(true)
+	subscribed, pushed := make(chan struct{}), make(chan struct{})
+	go func() { l.subscribe(nil, key, reg); close(subscribed) }()
+	<-blocked
+	go func() { push(2); close(pushed) }()
+	select {
+	case <-pushed: // the push did not wait for the replay
+	case <-time.After(100 * time.Millisecond): // it waits, as it must
+	}
+	close(release)
+	<-subscribed
+	<-pushed
+	if mu.Lock(); last != "2" {
+		t.Errorf("the listener's latest value is %s after pushes of 1 and 2", last)
+	}
+	mu.Unlock()
+}
+
+func withDefaultsPtr() *Config { c := withDefaults(nil); return &c }

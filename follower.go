@@ -109,7 +109,7 @@ func (f *follower) register(r *Reader) error {
 	case err == nil:
 		err = registerAnswer(&p, id, f.cfg.Codec)
 	}
-	if _, refused := err.(*RemoteError); err == nil || refused {
+	if _, refused := err.(*RemoteError); err == nil || refused || err == errDraining {
 		return err
 	}
 	return &errNotLeader{fmt.Errorf("clusterclient: %s is not a cluster-client leader, or not yet: what answers there "+
@@ -126,6 +126,8 @@ func registerAnswer(p *Packet, id uint64, codec Codec) error {
 	switch {
 	case err != nil:
 		return err
+	case c == connObject(leaderClosing{}):
+		return errDraining // a leader closing before it answered: its successor answers the next attempt
 	case !ok || !p.Response || p.ID != id:
 		return fmt.Errorf("answered register_channel with %q", typ)
 	case codec.Unmarshal(p.App, &res) != nil:
@@ -306,8 +308,8 @@ func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte
 		return errGone
 	}
 	err := f.w.send(true, encode)
-	if errors.Is(err, ErrPacketTooLarge) {
-		f.take(id) // refused before anything was written
+	if errors.Is(err, ErrPacketTooLarge) || err == errGone {
+		f.take(id) // refused, or dropped by a sender already stopped: nothing was written
 	} else if err != nil {
 		err = f.fail(err)
 	}
@@ -393,7 +395,9 @@ func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(err
 func (s *sender) send(inline bool, encode func(b []byte) ([]byte, error)) error {
 	s.mu.Lock()
 	b, err := encode(s.buf)
-	err = cmp.Or(s.err, err) // a stopped sender drops the packet
+	if s.err != nil {
+		err = errGone // a stopped sender drops the packet
+	}
 	if err == nil && len(b) > s.maxQueue && len(s.buf) > 0 {
 		s.err, err = errQueueFull, errQueueFull
 		go s.onFail(err)

@@ -455,6 +455,10 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 	l.realMu.Lock()
 	defer l.realMu.Unlock()
 	l.mu.Lock()
+	if l.stopped { // the real client is closing
+		l.mu.Unlock()
+		return
+	}
 	t := l.topics[key]
 	created := t == nil
 	if created {
@@ -462,8 +466,9 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 		l.topics[key] = t
 	}
 	_, dup := t.subs[sc]
-	t.subs[sc] = struct{}{}
-	latest := t.latest
+	if t.subs[sc] = struct{}{}; !l.cfg.DisableBroadcast && t.latest != nil && (!dup || sc == nil) {
+		l.push(sc, key, t.latest) // under mu: in order with pushValue's pushes
+	}
 	l.mu.Unlock()
 	if s, ok := l.real.(Subscriber); created && ok {
 		push := func(v any) { l.safely("the push callback", func() error { l.pushValue(t, v); return nil }) }
@@ -473,25 +478,26 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 	} else if created {
 		l.warn("the real client cannot subscribe", "key", key)
 	}
-	if !l.cfg.DisableBroadcast && latest != nil && (!dup || sc == nil) {
-		l.push(sc, key, latest)
-	}
 }
 
 // pushValue keeps v as t's latest value and pushes it to t's listeners:
 // all of them, or one picked at random when not broadcasting.
 func (l *leader) pushValue(t *topic, v any) {
 	data, err := l.marshal(v)
-	if err != nil {
-		l.warn("encode pushed value", "key", t.key, "err", err)
+	if n := len(subscribeResult{Key: t.key}.appendJSON(nil)) + len(data); err == nil && n > l.cfg.MaxPacketSize {
+		err = fmt.Errorf("%w: %d bytes with its key, Config.MaxPacketSize is %d", ErrPacketTooLarge, n, l.cfg.MaxPacketSize)
+	}
+	if err != nil { // a follower would refuse the packet and leave
+		l.warn("value not pushed", "key", clip(t.key), "err", err)
 		return
 	}
 	l.mu.Lock()
-	targets := slices.Collect(maps.Keys(t.subs))
-	if t.latest = data; l.topics[t.key] != t {
-		targets = nil // released meanwhile
+	defer l.mu.Unlock() // pushes go out in the order of t.latest
+	if l.topics[t.key] != t {
+		return // released meanwhile
 	}
-	l.mu.Unlock()
+	t.latest = data
+	targets := slices.Collect(maps.Keys(t.subs))
 	if l.cfg.DisableBroadcast && len(targets) > 0 {
 		targets = targets[rand.IntN(len(targets)):][:1]
 	}
@@ -522,7 +528,7 @@ func (l *leader) unsubscribe(sc *serverConn, keys ...string) {
 	for _, key := range keys {
 		if t := l.topics[key]; t != nil {
 			delete(t.subs, sc)
-			if ok && len(t.subs) == 0 {
+			if ok && len(t.subs) == 0 && !l.stopped { // not once the real client is closing
 				delete(l.topics, key)
 				gone = append(gone, t)
 			}
@@ -567,9 +573,11 @@ func (l *leader) close() {
 	ctx, stop := context.WithTimeout(context.Background(), l.cfg.DrainTimeout)
 	defer stop()
 	waitFor(ctx, &l.wg)
+	l.realMu.Lock() // a Subscribe or Unsubscribe under way ends first
 	l.mu.Lock()
 	l.stopped, conns = true, slices.Collect(maps.Keys(l.conns)) // from here on no call starts
 	l.mu.Unlock()
+	l.realMu.Unlock()
 	waitFor(ctx, &l.calls)
 	for _, sc := range conns {
 		sc.close(ErrClosed)
