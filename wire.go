@@ -315,8 +315,7 @@ func (subscribeResultRes) appendJSON(b []byte) []byte { return typeOnly(b, "subs
 
 func (c invoke) appendJSON(b []byte) []byte {
 	b = appendJSONString(append(b, `{"type":"invoke","method":`...), c.Method)
-	b = strconv.AppendInt(append(b, `,"argLength":`...), int64(c.ArgLength), 10)
-	return append(strconv.AppendBool(append(b, `,"oneway":`...), c.Oneway), '}')
+	return fmt.Appendf(b, `,"argLength":%d,"oneway":%t}`, c.ArgLength, c.Oneway)
 }
 
 func (c invokeResult) appendJSON(b []byte) []byte {
@@ -330,8 +329,8 @@ func (heartbeatRes) appendJSON(b []byte) []byte { return typeOnly(b, "heartbeat_
 func (leaderClosing) appendJSON(b []byte) []byte { return typeOnly(b, "leader_closing") }
 
 // typeOnly writes a conn object that has no key but its type.
-func typeOnly(b []byte, typ string) []byte {
-	return append(append(append(b, `{"type":"`...), typ...), `"}`...)
+func typeOnly(b []byte, t string) []byte {
+	return append(append(append(b, `{"type":"`...), t...), `"}`...)
 }
 
 // appendJSONString writes s as JSON.stringify writes a string: only '"',
@@ -553,17 +552,18 @@ func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 // index, so the same order keeps them in place.
 func appendJSContainer(b []byte, dec *json.Decoder, depth int, open json.Delim) ([]byte, error) {
 	var keys []string
-	vals := map[string][]byte{}
+	vals := map[string][]byte{} // an object's values begin with their key and a colon
 	for i := 0; dec.More(); i++ {
-		k := strconv.Itoa(i)
+		k, v := strconv.Itoa(i), []byte(nil)
 		if open == '{' {
 			tok, err := dec.Token()
 			if err != nil {
 				return nil, err
 			}
 			k, _ = tok.(string)
+			v = append(appendJSONString(nil, k), ':')
 		}
-		v, err := appendJSValue(nil, dec, depth)
+		v, err := appendJSValue(v, dec, depth)
 		if err != nil {
 			return nil, err
 		}
@@ -577,16 +577,11 @@ func appendJSContainer(b []byte, dec *json.Decoder, depth int, open json.Delim) 
 	}
 	// Stable: keys that are not array indexes keep their order.
 	slices.SortStableFunc(keys, func(a, b string) int { return cmp.Compare(jsKeyRank(a), jsKeyRank(b)) })
-	b = append(b, byte(open))
+	sorted := make([][]byte, len(keys))
 	for i, k := range keys {
-		if i > 0 {
-			b = append(b, ',')
-		}
-		if open == '{' {
-			b = append(appendJSONString(b, k), ':')
-		}
-		b = append(b, vals[k]...)
+		sorted[i] = vals[k]
 	}
+	b = append(append(b, byte(open)), bytes.Join(sorted, []byte{','})...)
 	return append(b, byte(open)+2), nil // in ASCII, ']' is '[' + 2 and '}' is '{' + 2
 }
 
