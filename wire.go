@@ -12,7 +12,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"unicode/utf8"
 )
 
 // The packet header, as the reference writes it. All integers are
@@ -340,7 +339,7 @@ func appendJSONString(b []byte, s string) []byte {
 	b = append(b, '"')
 	for _, r := range s { // an invalid byte comes out as utf8.RuneError, U+FFFD
 		if r >= 0x20 && r != '"' && r != '\\' {
-			b = utf8.AppendRune(b, r)
+			b = append(b, string(r)...)
 		} else if i := strings.IndexRune("\"\\\b\f\n\r\t", r); i >= 0 {
 			b = append(b, '\\', `"\bfnrt`[i])
 		} else {
