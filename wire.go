@@ -538,20 +538,19 @@ func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 		// As JSON.stringify writes the number that JSON.parse makes of x.
 		f, _ := strconv.ParseFloat(string(x), 64) // x is valid: the only error is range, ±Inf or 0
 		switch abs := math.Abs(f); {
-		case math.IsInf(f, 0):
-			return append(b, "null"...), nil // JSON.stringify writes Infinity as null
 		case f == 0:
 			return append(b, '0'), nil // -0 too
 		case abs >= 1e-6 && abs < 1e21:
 			return strconv.AppendFloat(b, f, 'f', -1, 64), nil
+		case !math.IsInf(f, 0): // JSON.stringify writes Infinity as null, below
+			// JavaScript writes the exponent with no leading zero: 1e-7, not 1e-07.
+			e := strconv.AppendFloat(nil, f, 'e', -1, 64)
+			return append(b, bytes.Replace(e, []byte("e-0"), []byte("e-"), 1)...), nil
 		}
-		// JavaScript writes the exponent with no leading zero: 1e-7, not 1e-07.
-		e := strconv.AppendFloat(nil, f, 'e', -1, 64)
-		return append(b, bytes.Replace(e, []byte("e-0"), []byte("e-"), 1)...), nil
 	case bool:
 		return strconv.AppendBool(b, x), nil
 	}
-	return append(b, "null"...), err // tok is nil for null, and after an error
+	return append(b, "null"...), err // tok is nil for null, and after an error; err is nil for Infinity
 }
 
 // appendJSContainer appends the rest of the array or object that open,
