@@ -218,13 +218,12 @@ var (
 )
 
 // RemoteError is an error raised by the leader's real client. It keeps the
-// four fields the protocol carries. In the leader's own process it also
-// wraps the original error.
+// four fields the protocol carries: Name, the error's name, such as "Error"
+// or "TypeError"; Message, the error's message; Code, the error's code, if
+// it had one; Stack, the stack trace on the leader, if it sent one. In the
+// leader's own process it also wraps the original error.
 type RemoteError struct {
-	Name    string // the error's name, such as "Error" or "TypeError"
-	Message string // the error's message
-	Code    string // the error's code, if it had one
-	Stack   string // the stack trace on the leader, if it sent one
+	Name, Message, Code, Stack string
 
 	err error // the original error, in the leader's own process only
 }

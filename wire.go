@@ -11,8 +11,6 @@ import (
 	"math"
 	"slices"
 	"strconv"
-	"strings"
-	"unicode/utf8"
 )
 
 // The packet header, as the reference writes it. All integers are
@@ -100,9 +98,8 @@ type Packet struct {
 
 // AppendBinary appends the encoded packet to b.
 func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
-	start := len(b)
-	b = append(appendHeader(b, p.Response, p.ID, p.Timeout, 0, 0), p.Conn...)
-	return finishPacket(append(b, p.App...), start, len(b), math.MaxInt32)
+	head := append(appendHeader(b, p.Response, p.ID, p.Timeout, 0, 0), p.Conn...)
+	return finishPacket(append(head, p.App...), len(b), len(head), math.MaxInt32)
 }
 
 // MarshalBinary returns the encoded packet.
@@ -131,7 +128,9 @@ func truncated(where string, got, want int) error {
 }
 
 // appendHeader appends a header; appendPacket and appendInvoke write zero
-// lengths that finishPacket sets.
+// lengths that finishPacket sets. They call the packet up to the end of
+// its conn object head, and leave b itself as it was, so len(b) is where
+// the header starts.
 func appendHeader(b []byte, response bool, id uint64, timeout int32, connLen, appLen int) []byte {
 	t := byte(typeRequest)
 	if response {
@@ -315,8 +314,7 @@ func (subscribeResultRes) appendJSON(b []byte) []byte { return typeOnly(b, "subs
 
 func (c invoke) appendJSON(b []byte) []byte {
 	b = appendJSONString(append(b, `{"type":"invoke","method":`...), c.Method)
-	b = strconv.AppendInt(append(b, `,"argLength":`...), int64(c.ArgLength), 10)
-	return append(strconv.AppendBool(append(b, `,"oneway":`...), c.Oneway), '}')
+	return fmt.Appendf(b, `,"argLength":%d,"oneway":%t}`, c.ArgLength, c.Oneway)
 }
 
 func (c invokeResult) appendJSON(b []byte) []byte {
@@ -330,8 +328,8 @@ func (heartbeatRes) appendJSON(b []byte) []byte { return typeOnly(b, "heartbeat_
 func (leaderClosing) appendJSON(b []byte) []byte { return typeOnly(b, "leader_closing") }
 
 // typeOnly writes a conn object that has no key but its type.
-func typeOnly(b []byte, typ string) []byte {
-	return append(append(append(b, `{"type":"`...), typ...), `"}`...)
+func typeOnly(b []byte, t string) []byte {
+	return append(append(append(b, `{"type":"`...), t...), `"}`...)
 }
 
 // appendJSONString writes s as JSON.stringify writes a string: only '"',
@@ -341,8 +339,8 @@ func appendJSONString(b []byte, s string) []byte {
 	b = append(b, '"')
 	for _, r := range s { // an invalid byte comes out as utf8.RuneError, U+FFFD
 		if r >= 0x20 && r != '"' && r != '\\' {
-			b = utf8.AppendRune(b, r)
-		} else if i := strings.IndexRune("\"\\\b\f\n\r\t", r); i >= 0 {
+			b = append(b, string(r)...)
+		} else if i := bytes.IndexRune([]byte("\"\\\b\f\n\r\t"), r); i >= 0 {
 			b = append(b, '\\', `"\bfnrt`[i])
 		} else {
 			b = fmt.Appendf(b, `\u%04x`, r)
@@ -419,18 +417,16 @@ func parseConn(b []byte) (connObject, string, error) {
 // appendPacket appends a whole packet with conn object c and app object
 // app (nil for none) to b.
 func appendPacket(b []byte, response bool, id uint64, timeout int32, c connObject, app []byte) ([]byte, error) {
-	start := len(b)
-	b = c.appendJSON(appendHeader(b, response, id, timeout, 0, 0))
-	return finishPacket(append(b, app...), start, len(b), math.MaxInt32)
+	head := c.appendJSON(appendHeader(b, response, id, timeout, 0, 0))
+	return finishPacket(append(head, app...), len(b), len(head), math.MaxInt32)
 }
 
 // appendInvoke appends an invoke packet whose app object frames args,
 // without building the app object separately. A packet whose conn length
 // plus app length exceed maxSize is refused.
 func appendInvoke(b []byte, id uint64, timeout int32, method string, oneway bool, args [][]byte, maxSize int) ([]byte, error) {
-	start := len(b)
-	b = invoke{Method: method, ArgLength: len(args), Oneway: oneway}.appendJSON(appendHeader(b, false, id, timeout, 0, 0))
-	return finishPacket(appendArgs(b, args), start, len(b), maxSize)
+	head := invoke{Method: method, ArgLength: len(args), Oneway: oneway}.appendJSON(appendHeader(b, false, id, timeout, 0, 0))
+	return finishPacket(appendArgs(head, args), len(b), len(head), maxSize)
 }
 
 // finishPacket writes the conn and app lengths into the header that
@@ -539,11 +535,22 @@ func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 	case string:
 		return appendJSONString(b, x), nil
 	case json.Number:
-		return appendJSNumber(b, string(x)), nil
+		// As JSON.stringify writes the number that JSON.parse makes of x.
+		f, _ := strconv.ParseFloat(string(x), 64) // x is valid: the only error is range, ±Inf or 0
+		switch abs := math.Abs(f); {
+		case f == 0:
+			return append(b, '0'), nil // -0 too
+		case abs >= 1e-6 && abs < 1e21:
+			return strconv.AppendFloat(b, f, 'f', -1, 64), nil
+		case !math.IsInf(f, 0): // JSON.stringify writes Infinity as null, below
+			// JavaScript writes the exponent with no leading zero: 1e-7, not 1e-07.
+			e := strconv.AppendFloat(nil, f, 'e', -1, 64)
+			return append(b, bytes.Replace(e, []byte("e-0"), []byte("e-"), 1)...), nil
+		}
 	case bool:
 		return strconv.AppendBool(b, x), nil
 	}
-	return append(b, "null"...), err // tok is nil for null, and after an error
+	return append(b, "null"...), err // tok is nil for null, and after an error; err is nil for Infinity
 }
 
 // appendJSContainer appends the rest of the array or object that open,
@@ -553,17 +560,18 @@ func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 // index, so the same order keeps them in place.
 func appendJSContainer(b []byte, dec *json.Decoder, depth int, open json.Delim) ([]byte, error) {
 	var keys []string
-	vals := map[string][]byte{}
+	vals := map[string][]byte{} // an object's values begin with their key and a colon
 	for i := 0; dec.More(); i++ {
-		k := strconv.Itoa(i)
+		k, v := strconv.Itoa(i), []byte(nil)
 		if open == '{' {
 			tok, err := dec.Token()
 			if err != nil {
 				return nil, err
 			}
 			k, _ = tok.(string)
+			v = append(appendJSONString(nil, k), ':')
 		}
-		v, err := appendJSValue(nil, dec, depth)
+		v, err := appendJSValue(v, dec, depth)
 		if err != nil {
 			return nil, err
 		}
@@ -577,16 +585,11 @@ func appendJSContainer(b []byte, dec *json.Decoder, depth int, open json.Delim) 
 	}
 	// Stable: keys that are not array indexes keep their order.
 	slices.SortStableFunc(keys, func(a, b string) int { return cmp.Compare(jsKeyRank(a), jsKeyRank(b)) })
-	b = append(b, byte(open))
+	sorted := make([][]byte, len(keys))
 	for i, k := range keys {
-		if i > 0 {
-			b = append(b, ',')
-		}
-		if open == '{' {
-			b = append(appendJSONString(b, k), ':')
-		}
-		b = append(b, vals[k]...)
+		sorted[i] = vals[k]
 	}
+	b = append(append(b, byte(open)), bytes.Join(sorted, []byte{','})...)
 	return append(b, byte(open)+2), nil // in ASCII, ']' is '[' + 2 and '}' is '{' + 2
 }
 
@@ -599,20 +602,4 @@ func jsKeyRank(k string) uint64 {
 		return 1 << 32
 	}
 	return n
-}
-
-// appendJSNumber writes the JSON number num as JSON.stringify writes the
-// JavaScript number that JSON.parse makes of it.
-func appendJSNumber(b []byte, num string) []byte {
-	f, _ := strconv.ParseFloat(num, 64) // num is valid: the only error is range, ±Inf or 0
-	switch abs := math.Abs(f); {
-	case math.IsInf(f, 0):
-		return append(b, "null"...) // JSON.stringify writes Infinity as null
-	case f == 0:
-		return append(b, '0') // -0 too
-	case abs >= 1e-6 && abs < 1e21:
-		return strconv.AppendFloat(b, f, 'f', -1, 64)
-	}
-	// JavaScript writes the exponent with no leading zero: 1e-7, not 1e-07.
-	return append(b, strings.Replace(strconv.FormatFloat(f, 'e', -1, 64), "e-0", "e-", 1)...)
 }
