@@ -361,11 +361,10 @@ func (c *Client) InvokeOneway(ctx context.Context, method string, args ...any) e
 func (c *Client) invoke(ctx context.Context, method string, args []any, oneway bool) (Value, error) {
 	raw := make([][]byte, len(args))
 	for i, a := range args {
-		b, err := c.cfg.Codec.Marshal(a)
-		if err != nil {
+		var err error
+		if raw[i], err = c.cfg.Codec.Marshal(a); err != nil {
 			return Value{}, fmt.Errorf("clusterclient: encode argument %d: %w", i, err)
 		}
-		raw[i] = b
 	}
 	return c.call(ctx, func(r route) (Value, error) { return r.routeInvoke(ctx, method, raw, oneway) })
 }

@@ -76,7 +76,8 @@ type leader struct {
 	conns  map[*serverConn]struct{} // guarded by mu
 	topics map[string]*topic        // guarded by mu
 	// guarded by mu: close has begun, so no connection is admitted; the
-	// followers have left or the wait ran out, so no call starts
+	// followers have left or the wait ran out, so no call starts (close
+	// sets stopped under realMu too, so either lock reads it)
 	closing, stopped bool
 }
 
@@ -264,12 +265,10 @@ func (sc *serverConn) close(err error) {
 		sc.cancel()
 		sc.w.fail(net.ErrClosed)
 		sc.nc.Close()
-		for _, left := range []error{nil, io.EOF, net.ErrClosed, ErrClosed, syscall.ECONNRESET} {
-			if errors.Is(err, left) { // errors.Is(nil, nil) is true
-				return
-			}
+		left := []error{nil, io.EOF, net.ErrClosed, ErrClosed, syscall.ECONNRESET} // errors.Is(nil, nil) is true
+		if !slices.ContainsFunc(left, func(e error) bool { return errors.Is(err, e) }) {
+			sc.l.warn("closing follower connection", "remote", sc.nc.RemoteAddr(), "err", err)
 		}
-		sc.l.warn("closing follower connection", "remote", sc.nc.RemoteAddr(), "err", err)
 	})
 }
 
@@ -454,11 +453,10 @@ func (l *leader) routeUnsubscribe(key string, _ json.RawMessage) { l.unsubscribe
 func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 	l.realMu.Lock()
 	defer l.realMu.Unlock()
-	l.mu.Lock()
 	if l.stopped { // the real client is closing
-		l.mu.Unlock()
 		return
 	}
+	l.mu.Lock()
 	t := l.topics[key]
 	created := t == nil
 	if created {
