@@ -538,9 +538,10 @@ func (c panicCodec) Marshal(v any) ([]byte, error) {
 	return c.JSONCodec.Marshal(v)
 }
 
-// startPanicLeader starts a leader in this process whose user code
-// panics (see panicReal), and a follower of it over loopback TCP.
-func startPanicLeader(t *testing.T, build BuildFunc) (lead, fol *Client, logs *logCapture) {
+// startLeaderPair starts a leader in this process with the real client
+// that build makes and panicCodec, logging into the capture it returns,
+// and a follower of it over loopback TCP.
+func startLeaderPair(t *testing.T, build BuildFunc) (lead, fol *Client, logs *logCapture) {
 	t.Helper()
 	logs = newLogCapture()
 	cfg := testConfig(t, freePort(t))
@@ -565,7 +566,7 @@ func startPanicLeader(t *testing.T, build BuildFunc) (lead, fol *Client, logs *l
 // code ERR_CLUSTER_PANIC, over TCP and on the leader itself; the stack
 // goes to the leader's log, and the next calls succeed.
 func TestFaultPanicInRealClient(t *testing.T) {
-	lead, fol, logs := startPanicLeader(t, func(context.Context) (RealClient, error) {
+	lead, fol, logs := startLeaderPair(t, func(context.Context) (RealClient, error) {
 		return panicReal{newTestReal()}, nil
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -600,7 +601,7 @@ func TestFaultPanicInRealClient(t *testing.T) {
 // panics, and a BuildFunc that panics, crash nothing: the leader keeps
 // serving, and the build's panic is the client's build error.
 func TestFaultPanicInSubscribeAndBuild(t *testing.T) {
-	lead, fol, logs := startPanicLeader(t, func(context.Context) (RealClient, error) {
+	lead, fol, logs := startLeaderPair(t, func(context.Context) (RealClient, error) {
 		return panicReal{newTestReal()}, nil
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -775,24 +776,9 @@ func (failingPublisher) Publish(context.Context, json.RawMessage) error {
 // a follower: an error only for what fails in its own process, and the
 // real client's error in the leader's log, once per publication.
 func TestFaultPublishErrorsAlikeInEveryRole(t *testing.T) {
-	lead, _, logs, port := faultLeader(t, nil)
-	_ = lead.Close() // the leader above has a testReal; lead again with one that fails
-	logs = newLogCapture()
-	cfg := testConfig(t, port)
-	cfg.Role = RoleLeader
-	cfg.Logger = slog.New(logs)
-	lead, err := New("TestChannel", cfg, func(context.Context) (RealClient, error) {
+	lead, fol, logs := startLeaderPair(t, func(context.Context) (RealClient, error) {
 		return failingPublisher{newTestReal()}, nil
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lead.Close()
-	mustReady(t, lead)
-	fcfg := testConfig(t, port)
-	fcfg.Role = RoleFollower
-	fol := newClient(t, "TestChannel", fcfg, newTestReal())
-	mustReady(t, fol)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	for i, c := range []struct {
