@@ -1,11 +1,11 @@
 package clusterclient
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"runtime/debug"
 	"slices"
 	"sync"
@@ -36,8 +36,9 @@ type Client struct {
 	mu        sync.Mutex
 	lead      *leader                // guarded by mu: set while this client leads
 	fol       *follower              // guarded by mu: set while it follows a registered leader
+	cur       route                  // guarded by mu: the route of calls now, lead or fol; nil if none
 	readyErr  error                  // guarded by mu: why there is no route, if known
-	ready     chan struct{}          // guarded by mu: closed at every change of the three above
+	ready     chan struct{}          // guarded by mu: closed at every change of the route or readyErr
 	closed    bool                   // guarded by mu
 	topics    map[string]*localTopic // guarded by mu: keys with local listeners
 	published []json.RawMessage      // guarded by mu: registrations published, to publish again
@@ -132,27 +133,15 @@ func (c *Client) Ready(ctx context.Context) error {
 	return err
 }
 
-// current returns the route of calls now, nil if none. Called with mu held.
-func (c *Client) current() route {
-	if c.lead != nil {
-		return c.lead
-	}
-	if c.fol != nil {
-		return c.fol
-	}
-	return nil
-}
-
 // route waits for the route of calls.
 func (c *Client) route(ctx context.Context) (route, error) {
 	for {
 		c.mu.Lock()
-		r, err, ready, closed := c.current(), c.readyErr, c.ready, c.closed
+		r, err, ready, closed := c.cur, c.readyErr, c.ready, c.closed
 		c.mu.Unlock()
-		switch {
-		case closed:
+		if closed {
 			return nil, ErrClosed
-		case r != nil || err != nil: // never both: setState sets one
+		} else if r != nil || err != nil { // never both: setState sets one
 			return r, err
 		}
 		select {
@@ -167,6 +156,7 @@ func (c *Client) route(ctx context.Context) (route, error) {
 // setState sets the route, or why there is none, and wakes every call
 // waiting in route. Called with mu held.
 func (c *Client) setState(r route, err error) {
+	c.cur = r
 	c.lead, _ = r.(*leader)
 	c.fol, _ = r.(*follower)
 	c.readyErr = err
@@ -179,7 +169,7 @@ func (c *Client) setState(r route, err error) {
 // With r nil, it records why no route can be had now.
 func (c *Client) unroute(r route, err error) {
 	c.mu.Lock()
-	if c.current() == r {
+	if c.cur == r {
 		c.setState(nil, err)
 	}
 	c.mu.Unlock()
@@ -191,14 +181,10 @@ func (c *Client) setRoute(r route) bool {
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
 	c.mu.Lock()
-	topics := make(map[string]json.RawMessage, len(c.topics))
-	for key, t := range c.topics {
-		topics[key] = t.reg
-	}
-	published := slices.Clone(c.published)
+	topics, published := maps.Clone(c.topics), slices.Clone(c.published)
 	c.mu.Unlock()
-	for key, reg := range topics {
-		r.routeSubscribe(key, reg)
+	for key, t := range topics {
+		r.routeSubscribe(key, t.reg) // a topic's reg never changes
 	}
 	for _, reg := range published {
 		if err := c.publishOn(context.Background(), r, reg); err != nil {
@@ -237,11 +223,9 @@ func (c *Client) run(l *leader) {
 			continue
 		}
 		failures++
-		t := time.NewTimer(c.retryAfter(err, failures, deadline))
 		select {
-		case <-t.C:
+		case <-time.After(c.retryAfter(err, failures, deadline)): // collected once it fires or run returns
 		case <-c.done:
-			t.Stop()
 			return
 		}
 	}
@@ -253,27 +237,26 @@ func (c *Client) run(l *leader) {
 func (c *Client) retryAfter(err error, failures int, deadline time.Time) time.Duration {
 	var notLeader *errNotLeader
 	var re *RemoteError
+	wait := 100 * time.Millisecond
 	switch {
 	case errors.As(err, &re) && re.Code != codeChannelNotHosted:
 		// The leader's real client failed to build: no retry succeeds
 		// by itself soon.
-		c.unroute(nil, err)
-		return time.Second
+		wait = time.Second
 	case time.Now().After(deadline):
 		err = fmt.Errorf("%w on port %d after %v: %w", ErrNoLeader, c.cfg.Port, c.cfg.MaxWaitTime, err)
-		c.unroute(nil, err)
-		return 100 * time.Millisecond
 	case errors.Is(err, ErrTimeout), errors.As(err, &notLeader):
 		// Something holds the port and is not, or not yet, a leader
 		// that answers: waiting calls fail now.
-		c.unroute(nil, err)
-		return 100 * time.Millisecond
 	case failures == 1:
 		// The first retry goes at once: a killed leader's listener may
 		// outlive its connections by a moment.
 		return 0
+	default:
+		return min(time.Millisecond<<min(failures-2, 7), 100*time.Millisecond)
 	}
-	return min(time.Millisecond<<min(failures-2, 7), 100*time.Millisecond)
+	c.unroute(nil, err) // errors that waiting calls must see now
+	return wait
 }
 
 // follow waits until f's connection has ended; calls leave f as soon as
@@ -319,7 +302,7 @@ func (c *Client) Close() error {
 		c.mu.Unlock()
 		return nil
 	}
-	c.closed, c.lead, c.fol = true, nil, nil
+	c.closed, c.lead, c.fol, c.cur = true, nil, nil, nil
 	close(c.done)
 	c.mu.Unlock()
 	c.wg.Wait()
@@ -395,7 +378,7 @@ func (c *Client) Publish(ctx context.Context, reg any) error {
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
 	r, err := c.record(func() {
-		if !slices.ContainsFunc(c.published, func(r json.RawMessage) bool { return bytes.Equal(r, raw) }) {
+		if !slices.ContainsFunc(c.published, func(r json.RawMessage) bool { return string(r) == string(raw) }) {
 			c.published = append(c.published, raw)
 		}
 	})
@@ -480,7 +463,7 @@ func (c *Client) record(change func()) (route, error) {
 		return nil, ErrClosed
 	}
 	change()
-	return c.current(), nil
+	return c.cur, nil
 }
 
 func (c *Client) subscribeTimedOut(key string, t *localTopic, d time.Duration) {
@@ -488,8 +471,7 @@ func (c *Client) subscribeTimedOut(key string, t *localTopic, d time.Duration) {
 	late := c.topics[key] == t && t.version == 0 && !c.closed
 	c.mu.Unlock()
 	if late {
-		c.cfg.Logger.Warn("clusterclient: no value for a subscription within Config.SubscribeTimeout",
-			"channel", c.name, "reg", string(t.reg), "timeout", d)
+		c.cfg.Logger.Warn("clusterclient: no value for a subscription within Config.SubscribeTimeout", "channel", c.name, "reg", string(t.reg), "timeout", d)
 	}
 }
 
