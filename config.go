@@ -180,8 +180,7 @@ func withDefaults(c *Config) Config {
 func VerifyConfig(c *Config) error {
 	d := withDefaults(c)
 	switch {
-	case min(d.MaxWaitTime, d.ResponseTimeout, d.HeartbeatInterval, d.SubscribeTimeout, d.RegisterTimeout, d.DrainTimeout,
-		d.MaxInvokeTime) < 0:
+	case min(d.MaxWaitTime, d.ResponseTimeout, d.HeartbeatInterval, d.SubscribeTimeout, d.RegisterTimeout, d.DrainTimeout, d.MaxInvokeTime) < 0:
 		return fmt.Errorf("clusterclient: a Config duration is negative: MaxWaitTime %v, ResponseTimeout %v, HeartbeatInterval %v, "+
 			"SubscribeTimeout %v, RegisterTimeout %v, DrainTimeout %v, MaxInvokeTime %v", d.MaxWaitTime, d.ResponseTimeout,
 			d.HeartbeatInterval, d.SubscribeTimeout, d.RegisterTimeout, d.DrainTimeout, d.MaxInvokeTime)
@@ -194,8 +193,7 @@ func VerifyConfig(c *Config) error {
 	case d.MaxPacketSize < 1<<10 || d.MaxPacketSize > 1<<30:
 		return fmt.Errorf("clusterclient: Config.MaxPacketSize %d out of range 1 KiB..1 GiB", d.MaxPacketSize)
 	case d.MaxQueuedBytes < d.MaxPacketSize+HeaderSize:
-		return fmt.Errorf("clusterclient: Config.MaxQueuedBytes %d is less than MaxPacketSize + HeaderSize (%d)",
-			d.MaxQueuedBytes, d.MaxPacketSize+HeaderSize)
+		return fmt.Errorf("clusterclient: Config.MaxQueuedBytes %d is less than MaxPacketSize + HeaderSize (%d)", d.MaxQueuedBytes, d.MaxPacketSize+HeaderSize)
 	case d.MaxUnregistered < 1:
 		return fmt.Errorf("clusterclient: Config.MaxUnregistered %d is negative", d.MaxUnregistered)
 	}
@@ -402,8 +400,7 @@ func Method[A, R any](m Methods, name string, fn func(ctx context.Context, arg A
 			err = args[0].Decode(&a)
 		}
 		if err != nil {
-			return nil, &RemoteError{Name: "TypeError", Message: name + ": bad argument: " + err.Error(),
-				Code: "ERR_CLUSTER_BAD_ARGUMENT", err: err}
+			return nil, &RemoteError{Name: "TypeError", Message: name + ": bad argument: " + err.Error(), Code: codeBadArgument, err: err}
 		}
 		return fn(ctx, a)
 	}
