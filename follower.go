@@ -273,19 +273,14 @@ func (f *follower) result(a answer) (Value, error) {
 }
 
 // routeSubscribe sends subscribe.
-func (f *follower) routeSubscribe(key string, reg json.RawMessage) {
-	f.post(subscribe{Key: key, Reg: reg})
-}
+func (f *follower) routeSubscribe(key string, reg json.RawMessage) { f.post(subscribe{key, reg}) }
 
 // routeUnsubscribe sends unSubscribe.
-func (f *follower) routeUnsubscribe(key string, reg json.RawMessage) {
-	f.post(unSubscribe{Key: key, Reg: reg})
-}
+func (f *follower) routeUnsubscribe(key string, reg json.RawMessage) { f.post(unSubscribe{key, reg}) }
 
 // post sends a request that waits for no answer.
 func (f *follower) post(c connObject) error {
-	encode := func(b []byte) ([]byte, error) { return appendPacket(b, false, nextID(), f.timeoutMS(), c, nil) }
-	return f.send(0, nil, encode)
+	return f.send(0, nil, func(b []byte) ([]byte, error) { return appendPacket(b, false, nextID(), f.timeoutMS(), c, nil) })
 }
 
 // timeoutMS is the timeout carried by requests that wait for no answer.
