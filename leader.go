@@ -117,8 +117,7 @@ func newLeader(name string, cfg *Config, deliver func(key string, data []byte)) 
 func (l *leader) safely(what string, f func() error) (err error) {
 	defer func() {
 		if v := recover(); v != nil {
-			l.host.log(l.cfg.Logger, slog.LevelError, "clusterclient: "+what+" panicked", "channel", l.name, "panic", v,
-				"stack", string(debug.Stack()))
+			l.host.log(l.cfg.Logger, slog.LevelError, "clusterclient: "+what+" panicked", "channel", l.name, "panic", v, "stack", string(debug.Stack()))
 			err = &RemoteError{Name: "Error", Code: codePanic, Message: fmt.Sprintf("%s panicked: %v", what, v)}
 		}
 	}()
@@ -142,8 +141,7 @@ func (l *leader) call(ctx context.Context, c invoke, raw [][]byte) (result any, 
 	args := make([]Value, len(raw))
 	for i, a := range raw {
 		if (plain || ptr) && !json.Valid(a) {
-			return nil, &RemoteError{Name: "SyntaxError", Code: codeBadArgument,
-				Message: fmt.Sprintf("argument %d of %.64q is not valid JSON", i, c.Method)}
+			return nil, &RemoteError{Name: "SyntaxError", Code: codeBadArgument, Message: fmt.Sprintf("argument %d of %.64q is not valid JSON", i, c.Method)}
 		}
 		args[i] = Value{data: a, codec: l.cfg.Codec}
 	}

@@ -136,8 +136,7 @@ func appendHeader(b []byte, response bool, id uint64, timeout int32, connLen, ap
 	if response {
 		t = typeResponse
 	}
-	b = binary.BigEndian.AppendUint64(append(b, ProtocolVersion, t, 0, 0), id)
-	b = binary.BigEndian.AppendUint32(b, uint32(timeout))
+	b = binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint64(append(b, ProtocolVersion, t, 0, 0), id), uint32(timeout))
 	return binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32(b, uint32(connLen)), uint32(appLen))
 }
 
@@ -183,8 +182,7 @@ func (r *Reader) ReadPacket(p *Packet) error {
 	if !json.Valid(conn) || bytes.TrimLeft(conn, " \t\r\n")[0] != '{' {
 		return fmt.Errorf("%w: %.64q", ErrBadConn, conn)
 	}
-	*p = Packet{Response: h[1] == typeResponse, ID: binary.BigEndian.Uint64(h[4:12]),
-		Timeout: int32(binary.BigEndian.Uint32(h[12:16])), Conn: conn}
+	*p = Packet{Response: h[1] == typeResponse, ID: binary.BigEndian.Uint64(h[4:12]), Timeout: int32(binary.BigEndian.Uint32(h[12:16])), Conn: conn}
 	if len(body) > connLen {
 		p.App = body[connLen:]
 	}
@@ -490,9 +488,12 @@ func subscriptionKey(reg []byte) string { return "$$inner$$__" + string(reg) }
 func marshalReg(reg any) (json.RawMessage, error) {
 	b, err := JSONCodec{}.Marshal(reg)
 	if err == nil {
-		return stringifyJSON(b)
+		b, err = stringifyJSON(b)
 	}
-	return nil, fmt.Errorf("clusterclient: encode registration: %w", err)
+	if err != nil {
+		return nil, fmt.Errorf("clusterclient: encode registration: %w", err)
+	}
+	return b, nil
 }
 
 // maxRegDepth bounds the nesting of arrays and objects in a registration.
@@ -507,7 +508,8 @@ const maxRegDepth = 100
 // out of range is null); in an object, keys that are array indexes first
 // in ascending order, then the others in the order they first appear, a
 // repeated key keeping its first place and its last value. Nesting
-// deeper than maxRegDepth is an error.
+// deeper than maxRegDepth is an error; on error the output is not to be
+// used.
 func stringifyJSON(b []byte) ([]byte, error) {
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.UseNumber()
@@ -515,10 +517,7 @@ func stringifyJSON(b []byte) ([]byte, error) {
 	if _, end := dec.Token(); err == nil && end != io.EOF {
 		err = errors.New("trailing data after the JSON value")
 	}
-	if err != nil {
-		return nil, fmt.Errorf("clusterclient: encode registration: %w", err)
-	}
-	return out, nil
+	return out, err
 }
 
 // appendJSValue reads the next value from dec and appends it as
