@@ -156,10 +156,9 @@ func (c *Client) route(ctx context.Context) (route, error) {
 // setState sets the route, or why there is none, and wakes every call
 // waiting in route. Called with mu held.
 func (c *Client) setState(r route, err error) {
-	c.cur = r
+	c.cur, c.readyErr = r, err
 	c.lead, _ = r.(*leader)
 	c.fol, _ = r.(*follower)
-	c.readyErr = err
 	close(c.ready)
 	c.ready = make(chan struct{})
 }
