@@ -308,22 +308,6 @@ func (c *Client) Close() error {
 	return nil
 }
 
-// call runs fn on the route of calls, waiting for one first, and on the
-// next route when fn's was gone or closing before it sent anything.
-func (c *Client) call(ctx context.Context, fn func(r route) (Value, error)) (Value, error) {
-	for {
-		r, err := c.route(ctx)
-		if err != nil {
-			return Value{}, err
-		}
-		v, err := fn(r)
-		if !errors.Is(err, errDraining) && !errors.Is(err, errGone) {
-			return v, err
-		}
-		c.unroute(r, nil)
-	}
-}
-
 // Invoke calls method on the real client with args, encoded with the
 // Codec, and returns its result. It waits for a leader first. The call is
 // bounded by ctx and Config.ResponseTimeout; errors of the real client
@@ -348,7 +332,19 @@ func (c *Client) invoke(ctx context.Context, method string, args []any, oneway b
 			return Value{}, fmt.Errorf("clusterclient: encode argument %d: %w", i, err)
 		}
 	}
-	return c.call(ctx, func(r route) (Value, error) { return r.routeInvoke(ctx, method, raw, oneway) })
+	// The call goes on the route of calls, waiting for one first, and on
+	// the next route when its was gone or closing before it sent anything.
+	for {
+		r, err := c.route(ctx)
+		if err != nil {
+			return Value{}, err
+		}
+		v, err := r.routeInvoke(ctx, method, raw, oneway)
+		if !errors.Is(err, errDraining) && !errors.Is(err, errGone) {
+			return v, err
+		}
+		c.unroute(r, nil)
+	}
 }
 
 // Invoke calls method like Client.Invoke and decodes the result into a T.

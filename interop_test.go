@@ -640,7 +640,7 @@ func TestInteropSubscriptionKeys(t *testing.T) {
 	}
 }
 
-// TestStringifyJSONTable checks stringifyJSON against outputs that
+// TestStringifyJSONTable checks marshalReg against outputs that
 // Node.js gave for JSON.stringify(JSON.parse(text)), so that it is tested
 // where Node.js is not installed.
 func TestStringifyJSONTable(t *testing.T) {
@@ -664,23 +664,23 @@ func TestStringifyJSONTable(t *testing.T) {
 		{"-1.7976931348623157e308",
 			"-1.7976931348623157e+308"},
 	} {
-		got, err := stringifyJSON([]byte(tc.in))
+		got, err := marshalReg(json.RawMessage(tc.in))
 		if err != nil || string(got) != tc.want {
 			t.Errorf("%s:\n got %s, %v\nwant %s", tc.in, got, err, tc.want)
 		}
 	}
 	deep := strings.Repeat("[", maxRegDepth+1) + strings.Repeat("]", maxRegDepth+1)
-	if _, err := stringifyJSON([]byte(deep[1 : len(deep)-1])); err != nil {
+	if _, err := marshalReg(json.RawMessage(deep[1 : len(deep)-1])); err != nil {
 		t.Errorf("nested %d deep: %v", maxRegDepth, err)
 	}
 	for _, bad := range []string{``, `{`, `{"a":1}x`, `[1,]`, `{"a" 1}`, `nul`, deep} {
-		if got, err := stringifyJSON([]byte(bad)); err == nil {
+		if got, err := marshalReg(json.RawMessage(bad)); err == nil {
 			t.Errorf("%.40q: got %.40s, want an error", bad, got)
 		}
 	}
 }
 
-// TestInteropStringifyJSON compares stringifyJSON, which makes the
+// TestInteropStringifyJSON compares marshalReg, which makes the
 // registrations behind subscription keys, with what Node.js makes of the
 // same text: JSON.stringify(JSON.parse(text)). Hand-picked cases first,
 // then random documents.
@@ -705,7 +705,7 @@ func TestInteropStringifyJSON(t *testing.T) {
 		if err := json.Unmarshal(lines.Bytes(), &want); err != nil {
 			t.Fatalf("%s: node: %s", in, lines.Bytes())
 		}
-		got, err := stringifyJSON([]byte(in))
+		got, err := marshalReg(json.RawMessage(in))
 		if err != nil {
 			t.Errorf("%s: %v", in, err)
 		} else if string(got) != want {
@@ -1316,21 +1316,21 @@ func TestInteropLeaderBytes(t *testing.T) {
 	noNodeErrors(t, node)
 }
 
-// FuzzStringifyJSON: for any input, stringifyJSON returns an error or
+// FuzzStringifyJSON: for any input, marshalReg returns an error or
 // valid JSON that encodes to itself again, without panicking.
 func FuzzStringifyJSON(f *testing.F) {
 	for _, s := range []string{`{"b":1,"2":[1.0,"\u2028"],"b":2}`, `[1e400,-0,1e-7]`, `"\ud800"`, `{"a":{"b":{"c":[]}}}`} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {
-		out, err := stringifyJSON(in)
+		out, err := marshalReg(json.RawMessage(in))
 		if err != nil {
 			return
 		}
 		if !json.Valid(out) {
 			t.Fatalf("%q gave invalid JSON %q", in, out)
 		}
-		again, err := stringifyJSON(out)
+		again, err := marshalReg(out)
 		if err != nil || !bytes.Equal(again, out) {
 			t.Fatalf("%q gave %q, which gives %q, %v", in, out, again, err)
 		}

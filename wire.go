@@ -481,43 +481,39 @@ func nextArg(rest []byte) (arg, after []byte) {
 // by the registration's JSON.
 func subscriptionKey(reg []byte) string { return "$$inner$$__" + string(reg) }
 
+// maxRegDepth bounds the nesting of arrays and objects in a registration.
+// marshalReg's rewrite recurses twice per level, so the bound keeps its
+// stack to a few tens of KiB; registrations are small, flat objects.
+const maxRegDepth = 100
+
 // marshalReg encodes a registration as a Node.js peer's
 // JSON.stringify(JSON.parse(text)) writes it, so that equal registrations
 // make equal keys in every process, Go or Node.js: a Node.js leader pushes
 // under the key it computes from the parsed registration.
+//
+// It encodes reg with JSONCodec (a json.RawMessage is taken as it is), then
+// rewrites that JSON text as JSON.stringify writes what JSON.parse reads
+// from it: no spaces; strings as appendJSONString writes them (U+2028 and
+// U+2029 unescaped, escapes such as \u0041 decoded); numbers as a
+// JavaScript number prints (1.0 is 1, 1e2 is 100, -0 is 0, out of range is
+// null); in an object, keys that are array indexes first in ascending
+// order, then the others in the order they first appear, a repeated key
+// keeping its first place and its last value. Nesting deeper than
+// maxRegDepth is an error.
 func marshalReg(reg any) (json.RawMessage, error) {
 	b, err := JSONCodec{}.Marshal(reg)
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
 	if err == nil {
-		b, err = stringifyJSON(b)
+		b, err = appendJSValue(nil, dec, maxRegDepth)
+	}
+	if _, end := dec.Token(); err == nil && end != io.EOF {
+		err = errors.New("trailing data after the JSON value")
 	}
 	if err != nil {
 		return nil, fmt.Errorf("clusterclient: encode registration: %w", err)
 	}
 	return b, nil
-}
-
-// maxRegDepth bounds the nesting of arrays and objects in a registration.
-// stringifyJSON recurses twice per level, so the bound keeps its stack
-// to a few tens of KiB; registrations are small, flat objects.
-const maxRegDepth = 100
-
-// stringifyJSON rewrites the JSON text b as JSON.stringify writes what
-// JSON.parse reads from it: no spaces; strings as appendJSONString writes
-// them (U+2028 and U+2029 unescaped, escapes such as \u0041 decoded);
-// numbers as a JavaScript number prints (1.0 is 1, 1e2 is 100, -0 is 0,
-// out of range is null); in an object, keys that are array indexes first
-// in ascending order, then the others in the order they first appear, a
-// repeated key keeping its first place and its last value. Nesting
-// deeper than maxRegDepth is an error; on error the output is not to be
-// used.
-func stringifyJSON(b []byte) ([]byte, error) {
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.UseNumber()
-	out, err := appendJSValue(nil, dec, maxRegDepth)
-	if _, end := dec.Token(); err == nil && end != io.EOF {
-		err = errors.New("trailing data after the JSON value")
-	}
-	return out, err
 }
 
 // appendJSValue reads the next value from dec and appends it as
