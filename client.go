@@ -215,7 +215,8 @@ func (c *Client) run(l *leader) {
 		f, err := dialLeader(ctx, c.name, &c.cfg, c.deliver)
 		if err == nil {
 			if !c.setRoute(f) || !c.follow(f) {
-				f.close()
+				f.fail(ErrClosed) // the connection ends on purpose
+				<-f.dead
 				return
 			}
 			deadline, failures = time.Now().Add(c.cfg.MaxWaitTime), 0

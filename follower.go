@@ -339,12 +339,6 @@ func (f *follower) heartbeat() {
 	}
 }
 
-// close ends the connection on purpose.
-func (f *follower) close() {
-	f.fail(ErrClosed)
-	<-f.dead
-}
-
 // The sender below writes the packets of every connection, a leader's as
 // well as a follower's.
 

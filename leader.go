@@ -262,8 +262,8 @@ func (sc *serverConn) close(err error) {
 		sc.cancel()
 		sc.w.fail(net.ErrClosed)
 		sc.nc.Close()
-		left := []error{nil, io.EOF, net.ErrClosed, ErrClosed, syscall.ECONNRESET} // errors.Is(nil, nil) is true
-		if !slices.ContainsFunc(left, func(e error) bool { return errors.Is(err, e) }) {
+		// The follower left, or the leader is closing (errors.Is(nil, nil) is true):
+		if !slices.ContainsFunc([]error{nil, io.EOF, net.ErrClosed, ErrClosed, syscall.ECONNRESET}, func(e error) bool { return errors.Is(err, e) }) {
 			sc.l.warn("closing follower connection", "remote", sc.nc.RemoteAddr(), "err", err)
 		}
 	})
