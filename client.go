@@ -224,7 +224,7 @@ func (c *Client) run(l *leader) {
 		}
 		failures++
 		select {
-		case <-time.After(c.retryAfter(err, failures, deadline)): // collected once it fires or run returns
+		case <-time.After(c.retryAfter(err, failures, deadline)): // collected once the select is left
 		case <-c.done:
 			return
 		}

@@ -13,8 +13,8 @@ import (
 	"strconv"
 )
 
-// The packet header, as the reference writes it. All integers are
-// big-endian.
+// HeaderSize is the size of a packet header in bytes. The header, as the
+// reference writes it; all integers are big-endian:
 //
 //	offset size field
 //	0      1    version (always 1)
@@ -25,27 +25,24 @@ import (
 //	16     4    conn object length, signed
 //	20     4    app object length, signed, 0 = none
 //	24     ...  conn object (JSON), then app object (opaque bytes)
-const (
-	// HeaderSize is the size of a packet header in bytes.
-	HeaderSize = 24
+const HeaderSize = 24
 
-	// ProtocolVersion is the only version this package reads or writes.
-	ProtocolVersion = 1
+// ProtocolVersion is the only version this package reads or writes.
+const ProtocolVersion = 1
 
-	// DefaultMaxPacketSize is the default bound on conn length plus app
-	// length of one packet: 16 MiB. See Config.MaxPacketSize.
-	DefaultMaxPacketSize = 16 << 20
+// DefaultMaxPacketSize is the default bound on conn length plus app
+// length of one packet: 16 MiB. See Config.MaxPacketSize.
+const DefaultMaxPacketSize = 16 << 20
 
-	typeRequest  = 0
-	typeResponse = 1
+// The packet types: the type byte of a request and of a response.
+const typeRequest, typeResponse = 0, 1
 
-	// readChunk is the largest body allocated before any of it arrived.
-	// Larger bodies grow as their bytes arrive, so a header that lies
-	// about its length costs at most this much. 256 KiB lets the common
-	// sizes, a 64 KiB app object with its conn object among them, be
-	// read with one allocation and no copy.
-	readChunk = 256 << 10
-)
+// readChunk is the largest body allocated before any of it arrived.
+// Larger bodies grow as their bytes arrive, so a header that lies
+// about its length costs at most this much. 256 KiB lets the common
+// sizes, a 64 KiB app object with its conn object among them, be
+// read with one allocation and no copy.
+const readChunk = 256 << 10
 
 // Errors of the packet codec. Each kind of protocol fault has its own
 // sentinel; the errors returned wrap one of them with details, so test
