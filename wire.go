@@ -536,8 +536,7 @@ func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 			return strconv.AppendFloat(b, f, 'f', -1, 64), nil
 		case !math.IsInf(f, 0): // JSON.stringify writes Infinity as null, below
 			// JavaScript writes the exponent with no leading zero: 1e-7, not 1e-07.
-			e := strconv.AppendFloat(nil, f, 'e', -1, 64)
-			return append(b, bytes.Replace(e, []byte("e-0"), []byte("e-"), 1)...), nil
+			return append(b, bytes.Replace(strconv.AppendFloat(nil, f, 'e', -1, 64), []byte("e-0"), []byte("e-"), 1)...), nil
 		}
 	case bool:
 		return strconv.AppendBool(b, x), nil
