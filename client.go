@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"runtime/debug"
 	"slices"
 	"sync"
@@ -180,10 +179,14 @@ func (c *Client) setRoute(r route) bool {
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
 	c.mu.Lock()
-	topics, published := maps.Clone(c.topics), slices.Clone(c.published)
+	topics := make(map[string]json.RawMessage, len(c.topics))
+	for key, t := range c.topics {
+		topics[key] = t.reg
+	}
+	published := slices.Clone(c.published)
 	c.mu.Unlock()
-	for key, t := range topics {
-		r.routeSubscribe(key, t.reg) // a topic's reg never changes
+	for key, reg := range topics {
+		r.routeSubscribe(key, reg)
 	}
 	for _, reg := range published {
 		if err := c.publishOn(context.Background(), r, reg); err != nil {
