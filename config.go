@@ -120,11 +120,13 @@ type Config struct {
 	// connection. A peer that stops reading its socket is dropped when
 	// its queue passes the bound, or when a write to it makes no progress
 	// for between half of ResponseTimeout and all of it, so it cannot
-	// hold memory or block other peers; it reconnects by itself. On the leader it also bounds the
-	// arguments of the invokes that one connection has running (as does
-	// a limit of 1024 such invokes): past it the leader reads nothing
-	// more from that connection until one ends. Default 2 ×
-	// MaxPacketSize; at least MaxPacketSize + HeaderSize.
+	// hold memory or block other peers; it reconnects by itself. On the
+	// leader it also bounds what the invokes that one connection has
+	// running hold (as does a limit of 1024 such invokes): their
+	// arguments' bytes plus 64 bytes per argument, decoded. Past it the
+	// leader reads nothing more from that connection until one ends; an
+	// invoke that alone would hold more is refused with Code
+	// "ERR_CLUSTER_TOO_LARGE" and the connection stays. Default 2 × MaxPacketSize; at least MaxPacketSize + HeaderSize.
 	MaxQueuedBytes int
 
 	// RegisterTimeout bounds how long a new connection to the leader may
