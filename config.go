@@ -126,7 +126,8 @@ type Config struct {
 	// arguments' bytes plus 64 bytes per argument, decoded. Past it the
 	// leader reads nothing more from that connection until one ends; an
 	// invoke that alone would hold more is refused with Code
-	// "ERR_CLUSTER_TOO_LARGE" and the connection stays. Default 2 × MaxPacketSize; at least MaxPacketSize + HeaderSize.
+	// "ERR_CLUSTER_TOO_LARGE" and the connection stays. Default 2 ×
+	// MaxPacketSize; at least MaxPacketSize + HeaderSize.
 	MaxQueuedBytes int
 
 	// RegisterTimeout bounds how long a new connection to the leader may
