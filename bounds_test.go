@@ -3,7 +3,9 @@ package clusterclient
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net"
+	"os"
 	"runtime"
 	"strings"
 	"testing"
@@ -176,4 +178,98 @@ func TestInvokeTinyArgFlood(t *testing.T) {
 		t.Fatal(err)
 	}
 	heartbeatRaw(t, nc, rd, 30)
+}
+
+// waitFollowing waits until c follows a leader.
+func waitFollowing(t testing.TB, c *Client, timeout time.Duration) {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		c.mu.Lock()
+		fol, ready := c.fol, c.ready
+		c.mu.Unlock()
+		if fol != nil {
+			return
+		}
+		select {
+		case <-ready:
+		case <-deadline:
+			t.Fatalf("not following within %v", timeout)
+		}
+	}
+}
+
+// openFiles counts the descriptors of this process, or -1 without
+// /proc/self/fd.
+func openFiles() int {
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return -1
+	}
+	return len(fds)
+}
+
+// TestMaxConns: with Config.MaxConns 3 and a follower in one slot, an
+// attacker that registers 20 connections gets two slots and refusals
+// with a code naming the limit, the leader holds no descriptor for the
+// others beyond MaxUnregistered, a new Go follower's Ready says why it
+// cannot join, and it joins as soon as a slot frees.
+func TestMaxConns(t *testing.T) {
+	const maxConns, maxUnreg, attack = 3, 4, 20
+	if err := VerifyConfig(&Config{MaxConns: -1}); err == nil || !strings.Contains(err.Error(), "MaxConns") {
+		t.Fatalf("VerifyConfig with MaxConns -1: %v", err)
+	}
+	if d := withDefaults(&Config{}); d.MaxConns != 512 {
+		t.Fatalf("default MaxConns %d", d.MaxConns)
+	}
+	r := newRig(t, func(c *Config) { c.MaxConns, c.MaxUnregistered = maxConns, maxUnreg })
+	files := openFiles()
+	var holders []net.Conn
+	for range attack {
+		nc := r.dial()
+		mustWrite(t, nc, packetBytes(t, false, 1, registerChannel{ChannelName: "TestChannel"}, nil))
+		p := readAnswer(t, NewReader(nc, 0), nc, 1)
+		var res registerResult
+		if err := json.Unmarshal(p.App, &res); err != nil {
+			t.Fatal(err)
+		}
+		if res.Success {
+			holders = append(holders, nc)
+		} else if res.Error == nil || res.Error.Code != codeTooManyConns || !strings.Contains(res.Error.Message, "Config.MaxConns") {
+			t.Fatalf("refusal %s", p.App)
+		}
+	}
+	if len(holders) != maxConns-1 {
+		t.Fatalf("%d of %d connections registered beside the follower, limit %d", len(holders), attack, maxConns)
+	}
+	r.logs.wait(t, 5*time.Second, "too many connections")
+	// This process holds both ends: the attacker's, and the leader's of
+	// the registered and the unregistered connections.
+	n := openFiles()
+	t.Logf("descriptors: %d before %d connections, %d after", files, attack, n)
+	if files >= 0 && n > files+attack+maxConns-1+maxUnreg+2 {
+		t.Fatalf("%d descriptors open, %d before %d connections", n, files, attack)
+	}
+	r.serving()
+
+	cfg := *r.cfg
+	cfg.Role, cfg.Logger = RoleFollower, testConfig(t, r.port).Logger
+	c, err := New("TestChannel", &cfg, buildTestReal(newTestReal()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var re *RemoteError
+	if err := c.Ready(ctx); !errors.As(err, &re) || re.Code != codeTooManyConns {
+		t.Fatalf("Ready with every slot taken: %v", err)
+	}
+	t.Logf("Ready with every slot taken: %v", re)
+	holders[0].Close()
+	waitFollowing(t, c, 5*time.Second)
+	if n, err := Invoke[int](context.Background(), c, "echo", 7); err != nil || n != 7 {
+		t.Fatalf("echo = %d, %v", n, err)
+	}
+	r.serving()
 }

@@ -148,6 +148,16 @@ type Config struct {
 	// connection otherwise. Node.js peers do not send it, so setting it
 	// means Go peers only. Default empty: off.
 	Secret string
+
+	// MaxConns bounds the follower connections registered on the
+	// leader's port, all channels together. Past it a new follower is
+	// refused with Code "ERR_CLUSTER_TOO_MANY_CONNECTIONS": its Ready
+	// returns that error, and it tries again every second until a
+	// connection closes. Default 512: with MaxUnregistered 128 the leader
+	// holds at most 640 connections, which leaves its real client
+	// descriptors under the usual limit of 1,024 open files. As with
+	// MaxUnregistered, the first channel to lead on a port sets it.
+	MaxConns int
 }
 
 // DefaultConfig returns the default configuration, with the port and
@@ -175,6 +185,7 @@ func withDefaults(c *Config) Config {
 	d.RegisterTimeout = cmp.Or(d.RegisterTimeout, 5*time.Second)
 	d.MaxUnregistered = cmp.Or(d.MaxUnregistered, 128)
 	d.DrainTimeout = cmp.Or(d.DrainTimeout, 5*time.Second)
+	d.MaxConns = cmp.Or(d.MaxConns, 512)
 	return d
 }
 
@@ -201,6 +212,8 @@ func VerifyConfig(c *Config) error {
 			d.MaxQueuedBytes, d.MaxPacketSize+HeaderSize)
 	case d.MaxUnregistered < 1:
 		return fmt.Errorf("clusterclient: Config.MaxUnregistered %d is negative", d.MaxUnregistered)
+	case d.MaxConns < 1:
+		return fmt.Errorf("clusterclient: Config.MaxConns %d is negative", d.MaxConns)
 	}
 	return nil
 }
