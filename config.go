@@ -120,10 +120,13 @@ type Config struct {
 	// connection. A peer that stops reading its socket is dropped when
 	// its queue passes the bound, or when a write to it makes no progress
 	// for between half of ResponseTimeout and all of it, so it cannot
-	// hold memory or block other peers; it reconnects by itself. On the leader it also bounds the
-	// arguments of the invokes that one connection has running (as does
-	// a limit of 1024 such invokes): past it the leader reads nothing
-	// more from that connection until one ends. Default 2 ×
+	// hold memory or block other peers; it reconnects by itself. On the
+	// leader it also bounds what the invokes that one connection has
+	// running hold (as does a limit of 1024 such invokes): their
+	// arguments' bytes plus 64 bytes per argument, decoded. Past it the
+	// leader reads nothing more from that connection until one ends; an
+	// invoke that alone would hold more is refused with Code
+	// "ERR_CLUSTER_TOO_LARGE" and the connection stays. Default 2 ×
 	// MaxPacketSize; at least MaxPacketSize + HeaderSize.
 	MaxQueuedBytes int
 
@@ -145,6 +148,16 @@ type Config struct {
 	// connection otherwise. Node.js peers do not send it, so setting it
 	// means Go peers only. Default empty: off.
 	Secret string
+
+	// MaxConns bounds the follower connections registered on the
+	// leader's port, all channels together. Past it a new follower is
+	// refused with Code "ERR_CLUSTER_TOO_MANY_CONNECTIONS": its Ready
+	// returns that error, and it tries again every second until a
+	// connection closes. Default 512: with MaxUnregistered 128 the leader
+	// holds at most 640 connections, which leaves its real client
+	// descriptors under the usual limit of 1,024 open files. As with
+	// MaxUnregistered, the first channel to lead on a port sets it.
+	MaxConns int
 }
 
 // DefaultConfig returns the default configuration, with the port and
@@ -172,6 +185,7 @@ func withDefaults(c *Config) Config {
 	d.RegisterTimeout = cmp.Or(d.RegisterTimeout, 5*time.Second)
 	d.MaxUnregistered = cmp.Or(d.MaxUnregistered, 128)
 	d.DrainTimeout = cmp.Or(d.DrainTimeout, 5*time.Second)
+	d.MaxConns = cmp.Or(d.MaxConns, 512)
 	return d
 }
 
@@ -198,6 +212,8 @@ func VerifyConfig(c *Config) error {
 			d.MaxQueuedBytes, d.MaxPacketSize+HeaderSize)
 	case d.MaxUnregistered < 1:
 		return fmt.Errorf("clusterclient: Config.MaxUnregistered %d is negative", d.MaxUnregistered)
+	case d.MaxConns < 1:
+		return fmt.Errorf("clusterclient: Config.MaxConns %d is negative", d.MaxConns)
 	}
 	return nil
 }

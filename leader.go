@@ -27,11 +27,24 @@ import (
 const publishMethod = "publish"
 
 // maxConnInvokes bounds the invokes that one follower connection has
-// running on the leader; Config.MaxQueuedBytes bounds their app objects.
+// running on the leader; Config.MaxQueuedBytes bounds what they hold.
 // Past either bound the leader reads nothing more from that connection
 // until one ends, so a peer cannot make it hold unbounded goroutines or
 // memory: its socket pushes back.
 const maxConnInvokes = 1024
+
+// argCost is what the leader holds per argument of a running invoke on
+// top of the app object's bytes, at its peak while call builds the
+// []Value: a []byte in runInvoke's [][]byte (24 bytes) and a Value (40: a
+// []byte and a Codec). Measured with runtime.ReadMemStats after a
+// collection inside the real client's Invoke, when the [][]byte is gone,
+// 200,000 one-byte arguments held 40.1 bytes each beyond their frames
+// (TestInvokeArgCost).
+const argCost = 64
+
+// codeTooLarge is the error code of an invoke refused because it would
+// hold more than Config.MaxQueuedBytes once its arguments are decoded.
+const codeTooLarge = "ERR_CLUSTER_TOO_LARGE"
 
 // codePanic is the error code of a call whose user code panicked.
 const codePanic = "ERR_CLUSTER_PANIC"
@@ -102,7 +115,7 @@ type serverConn struct {
 
 	gate  sync.Mutex
 	ended sync.Cond // on gate: signalled when an invoke ends, broadcast when the connection closes
-	// guarded by gate: invokes running, and the bytes of their app objects
+	// guarded by gate: invokes running, and the bytes they hold (argCost)
 	running, held int
 }
 
@@ -314,16 +327,25 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 }
 
 // invoke starts an invoke from a follower on a goroutine of its own, once
-// the connection's bounds let it: at most maxConnInvokes running, their
-// app objects within Config.MaxQueuedBytes (one is always let through).
-// Until then the reader waits, so the peer's socket pushes back. A
-// Node.js follower does not heed leader_closing and may call after the
-// drain: it is told so, as the reference would by closing the connection.
+// the connection's bounds let it: at most maxConnInvokes running, what
+// they hold (app objects, plus argCost per argument) within
+// Config.MaxQueuedBytes. Until then the reader waits, so the peer's
+// socket pushes back. An invoke that alone would hold more is refused
+// with a clear error before its arguments are decoded, and the
+// connection stays. A Node.js follower does not heed leader_closing and
+// may call after the drain: it is told so, as the reference would by
+// closing the connection.
 func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	if err := validArgs(p.App, c.ArgLength); err != nil {
 		return err
 	}
-	if err := l.enter(); err != nil {
+	cost, err := len(p.App)+c.ArgLength*argCost, l.enter()
+	if err == nil && cost > l.cfg.MaxQueuedBytes {
+		l.calls.Done()
+		err = &RemoteError{Name: "ClusterTooLargeError", Code: codeTooLarge, Message: fmt.Sprintf("invoke of %.64q would hold "+
+			"%d bytes with its %d arguments decoded, over the leader's Config.MaxQueuedBytes %d", c.Method, cost, c.ArgLength, l.cfg.MaxQueuedBytes)}
+	}
+	if err != nil {
 		if !c.Oneway {
 			l.answer(sc, p, nil, err)
 		}
@@ -331,15 +353,15 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	}
 	sc.gate.Lock()
 	defer sc.gate.Unlock()
-	for sc.ctx.Err() == nil && sc.running > 0 && (sc.running >= maxConnInvokes || sc.held+len(p.App) > l.cfg.MaxQueuedBytes) {
+	for sc.ctx.Err() == nil && (sc.running >= maxConnInvokes || sc.held+cost > l.cfg.MaxQueuedBytes) {
 		sc.ended.Wait()
 	}
 	if sc.ctx.Err() != nil {
 		l.calls.Done()
 		return net.ErrClosed
 	}
-	sc.running, sc.held = sc.running+1, sc.held+len(p.App)
-	go l.runInvoke(sc, p, c)
+	sc.running, sc.held = sc.running+1, sc.held+cost
+	go l.runInvoke(sc, p, c, cost)
 	return nil
 }
 
@@ -361,7 +383,7 @@ func (l *leader) enter() error {
 // method's deadline, bounded by the leader's Config.MaxInvokeTime; a
 // request without one (the reference never sends that) gets the leader's
 // ResponseTimeout, so no follower can hold the real client forever.
-func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
+func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke, cost int) {
 	defer l.calls.Done()
 	asked := time.Duration(max(p.Timeout, 0)) * time.Millisecond
 	limit := min(cmp.Or(asked, l.cfg.ResponseTimeout), l.cfg.MaxInvokeTime)
@@ -371,7 +393,7 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
 	}
 	data, late, err := l.run(sc.ctx, limit, c, args)
 	sc.gate.Lock()
-	sc.running, sc.held = sc.running-1, sc.held-len(p.App)
+	sc.running, sc.held = sc.running-1, sc.held-cost
 	sc.gate.Unlock()
 	sc.ended.Signal()
 	// Past its timeout the follower has given up: no answer, as the

@@ -22,17 +22,22 @@ const registerMaxPacket = 64 << 10
 // leader, for the connection's whole life.
 const readBufferSize = 4 << 10
 
+// codeTooManyConns is the error code of a register refused because the
+// port has Config.MaxConns registered connections already.
+const codeTooManyConns = "ERR_CLUSTER_TOO_MANY_CONNECTIONS"
+
 // portHost is a listener on 127.0.0.1:port and the channels that this
 // process leads on it. It reads the first packet of each new connection
 // and hands the connection to the leader of the channel it names.
 type portHost struct {
 	ln  net.Listener
-	cfg *Config        // the first channel's: Port, Logger, MaxUnregistered, RegisterTimeout
+	cfg *Config        // the first channel's: Port, Logger, MaxUnregistered, RegisterTimeout, MaxConns
 	wg  sync.WaitGroup // the accept loop and the connections it has not handed to a leader
 
 	mu       sync.Mutex
 	channels map[string]*leader // guarded by mu; nil once the host has closed
 	unreg    []net.Conn         // guarded by mu: not yet registered, or refused; oldest first
+	conns    int                // guarded by mu: connections handed to a leader whose serve has not returned
 
 	logMu    sync.Mutex
 	logStart time.Time // guarded by logMu: start of the current second of warn
@@ -165,11 +170,29 @@ func (h *portHost) register(nc net.Conn) {
 			"remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
 		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
 			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.cfg.Port, rc.ChannelName)})
+	case !h.count(1):
+		h.warn("clusterclient: refusing follower: too many connections", "remote", nc.RemoteAddr(), "limit", h.cfg.MaxConns)
+		refuse(h, nc, p, l.marshal, &RemoteError{Name: "ClusterTooManyConnectionsError", Code: codeTooManyConns, Message: fmt.Sprintf(
+			"the leader on port %d serves %d follower connections, its limit (Config.MaxConns)", h.cfg.Port, h.cfg.MaxConns)})
+		l = nil
 	}
 	h.wg.Done()
 	if l != nil {
 		l.serve(nc, br, p, rc)
+		h.count(-1)
 	}
+}
+
+// count adds d to the connections handed to a leader, unless that would
+// pass MaxConns; it reports whether it did.
+func (h *portHost) count(d int) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ok := h.conns+d <= h.cfg.MaxConns
+	if ok {
+		h.conns += d
+	}
+	return ok
 }
 
 // registerOf reads the register_channel that the first packet p of a
