@@ -145,6 +145,15 @@ type Config struct {
 	// connection otherwise. Node.js peers do not send it, so setting it
 	// means Go peers only. Default empty: off.
 	Secret string
+
+	// MaxTotalBytes bounds the bytes that a leader holds for all the
+	// follower connections of its port together: packets being read,
+	// answers and pushed values queued for writing, and the app objects
+	// of running invokes. Past it, the connection that holds the most is
+	// closed (its follower reconnects by itself), so that many connections
+	// each within MaxQueuedBytes cannot add up. Default 256 MiB; at least
+	// MaxQueuedBytes (default: the larger of 256 MiB and MaxQueuedBytes).
+	MaxTotalBytes int
 }
 
 // DefaultConfig returns the default configuration, with the port and
@@ -172,6 +181,7 @@ func withDefaults(c *Config) Config {
 	d.RegisterTimeout = cmp.Or(d.RegisterTimeout, 5*time.Second)
 	d.MaxUnregistered = cmp.Or(d.MaxUnregistered, 128)
 	d.DrainTimeout = cmp.Or(d.DrainTimeout, 5*time.Second)
+	d.MaxTotalBytes = cmp.Or(d.MaxTotalBytes, max(256<<20, d.MaxQueuedBytes))
 	return d
 }
 
@@ -198,6 +208,8 @@ func VerifyConfig(c *Config) error {
 			d.MaxQueuedBytes, d.MaxPacketSize+HeaderSize)
 	case d.MaxUnregistered < 1:
 		return fmt.Errorf("clusterclient: Config.MaxUnregistered %d is negative", d.MaxUnregistered)
+	case d.MaxTotalBytes < d.MaxQueuedBytes:
+		return fmt.Errorf("clusterclient: Config.MaxTotalBytes %d is less than MaxQueuedBytes %d", d.MaxTotalBytes, d.MaxQueuedBytes)
 	}
 	return nil
 }

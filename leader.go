@@ -18,6 +18,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -97,8 +98,9 @@ type serverConn struct {
 	w       *sender
 	ctx     context.Context // ends when the connection closes; its invokes' contexts derive from it
 	cancel  context.CancelFunc
-	oddType sync.Once // logs the first request of unknown type
+	oddType sync.Once    // logs the first request of unknown type
 	once    sync.Once
+	bytes   atomic.Int64 // held for the connection: the packet being read, queued writes, running invokes' app objects
 
 	gate  sync.Mutex
 	ended sync.Cond // on gate: signalled when an invoke ends, broadcast when the connection closes
@@ -221,7 +223,7 @@ func (l *leader) admit(sc *serverConn) bool {
 	sc.ctx, sc.cancel = context.WithCancel(l.ctx)
 	sc.ended.L = &sc.gate
 	context.AfterFunc(sc.ctx, func() { sc.gate.Lock(); sc.ended.Broadcast(); sc.gate.Unlock() })
-	sc.w = newSender(sc.nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close)
+	sc.w = newSender(sc.nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close, sc.charge)
 	l.conns[sc] = struct{}{}
 	l.wg.Add(1)
 	return true
@@ -239,6 +241,7 @@ func secretsEqual(want, got string) bool {
 // intervals fails.
 func (l *leader) readLoop(sc *serverConn, br *bufio.Reader, reg *Packet) error {
 	r := NewReader(br, l.cfg.MaxPacketSize)
+	r.charge = sc.charge
 	idle := 3 * l.cfg.HeartbeatInterval
 	sc.nc.SetReadDeadline(time.Time{}) // RegisterTimeout's, until the heartbeat check's
 	for p := reg; ; {
@@ -270,6 +273,13 @@ func (sc *serverConn) close(err error) {
 			sc.l.warn("closing follower connection", "remote", sc.nc.RemoteAddr(), "err", err)
 		}
 	})
+}
+
+// charge counts n bytes more (or fewer) held for the connection, in its
+// own count and in its port's.
+func (sc *serverConn) charge(n int) {
+	sc.bytes.Add(int64(n))
+	sc.l.host.charge(n)
 }
 
 // reply answers the request p. The calling goroutine writes it, unless
@@ -339,6 +349,7 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 		return net.ErrClosed
 	}
 	sc.running, sc.held = sc.running+1, sc.held+len(p.App)
+	sc.charge(len(p.App))
 	go l.runInvoke(sc, p, c)
 	return nil
 }
@@ -373,6 +384,7 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
 	sc.gate.Lock()
 	sc.running, sc.held = sc.running-1, sc.held-len(p.App)
 	sc.gate.Unlock()
+	sc.charge(-len(p.App))
 	sc.ended.Signal()
 	// Past its timeout the follower has given up: no answer, as the
 	// reference. A method that returned its context's error did its job.
