@@ -98,7 +98,7 @@ type serverConn struct {
 	w       *sender
 	ctx     context.Context // ends when the connection closes; its invokes' contexts derive from it
 	cancel  context.CancelFunc
-	oddType sync.Once    // logs the first request of unknown type
+	oddType sync.Once // logs the first request of unknown type
 	once    sync.Once
 	bytes   atomic.Int64 // held for the connection: the packet being read, queued writes, running invokes' app objects
 
