@@ -381,11 +381,15 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
 		args[i], rest = nextArg(rest)
 	}
 	data, late, err := l.run(sc.ctx, limit, c, args)
-	sc.gate.Lock()
-	sc.running, sc.held = sc.running-1, sc.held-len(p.App)
-	sc.gate.Unlock()
-	sc.charge(-len(p.App))
-	sc.ended.Signal()
+	// The invoke counts until its answer is queued: a peer that does not
+	// read its answers runs no more invokes.
+	defer func() {
+		sc.gate.Lock()
+		sc.running, sc.held = sc.running-1, sc.held-len(p.App)
+		sc.gate.Unlock()
+		sc.charge(-len(p.App))
+		sc.ended.Signal()
+	}()
 	// Past its timeout the follower has given up: no answer, as the
 	// reference. A method that returned its context's error did its job.
 	if !c.Oneway && (!late || limit != asked) {
