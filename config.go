@@ -158,6 +158,18 @@ type Config struct {
 	// descriptors under the usual limit of 1,024 open files. As with
 	// MaxUnregistered, the first channel to lead on a port sets it.
 	MaxConns int
+
+	// MaxTotalBytes bounds the bytes that a leader holds for all the
+	// follower connections of its port together: packets being read,
+	// answers and pushed values queued for writing, and the app objects
+	// of running invokes. Past it, the connection that holds the most is
+	// closed (its follower reconnects by itself), so that many connections
+	// each within MaxQueuedBytes cannot add up. The heap this takes may
+	// reach about twice the bound: buffers grow by doubling, and a result
+	// is encoded before it is queued. Unregistered connections are bounded
+	// apart (MaxUnregistered, 64 KiB each). Default the larger of 256 MiB
+	// and MaxQueuedBytes; at least MaxQueuedBytes.
+	MaxTotalBytes int
 }
 
 // DefaultConfig returns the default configuration, with the port and
@@ -186,6 +198,7 @@ func withDefaults(c *Config) Config {
 	d.MaxUnregistered = cmp.Or(d.MaxUnregistered, 128)
 	d.DrainTimeout = cmp.Or(d.DrainTimeout, 5*time.Second)
 	d.MaxConns = cmp.Or(d.MaxConns, 512)
+	d.MaxTotalBytes = cmp.Or(d.MaxTotalBytes, max(256<<20, d.MaxQueuedBytes))
 	return d
 }
 
@@ -214,6 +227,8 @@ func VerifyConfig(c *Config) error {
 		return fmt.Errorf("clusterclient: Config.MaxUnregistered %d is negative", d.MaxUnregistered)
 	case d.MaxConns < 1:
 		return fmt.Errorf("clusterclient: Config.MaxConns %d is negative", d.MaxConns)
+	case d.MaxTotalBytes < d.MaxQueuedBytes:
+		return fmt.Errorf("clusterclient: Config.MaxTotalBytes %d is less than MaxQueuedBytes %d", d.MaxTotalBytes, d.MaxQueuedBytes)
 	}
 	return nil
 }

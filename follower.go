@@ -65,7 +65,7 @@ func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key 
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	f := &follower{name: name, cfg: cfg, nc: nc, deliver: deliver, dead: make(chan struct{}),
 		closing: make(chan struct{}), pending: make(map[uint64]chan answer)}
-	f.w = newSender(nc, cfg.MaxQueuedBytes, cfg.ResponseTimeout, func(err error) { f.fail(err) })
+	f.w = newSender(nc, cfg.MaxQueuedBytes, cfg.ResponseTimeout, func(err error) { f.fail(err) }, func(int) {})
 	r := NewReader(bufio.NewReaderSize(nc, followerReadBuffer), cfg.MaxPacketSize)
 	err = f.register(r)
 	stop() // should ctx have ended, the client closes f at once
@@ -378,6 +378,7 @@ type sender struct {
 	maxQueue int           // bound on len(buf), Config.MaxQueuedBytes
 	timeout  time.Duration // a write that takes longer fails
 	onFail   func(error)   // run once, on its own goroutine, when a write fails or the queue overflows
+	charge   func(n int)   // told of bytes queued (n > 0) and written or dropped (n < 0)
 
 	mu         sync.Mutex
 	buf, spare []byte // guarded by mu: encoded packets not yet written; the other buffer, empty
@@ -385,8 +386,8 @@ type sender struct {
 	err        error  // guarded by mu: why the connection takes no more packets
 }
 
-func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(error)) *sender {
-	return &sender{nc: nc, maxQueue: maxQueue, timeout: timeout, onFail: onFail}
+func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(error), charge func(n int)) *sender {
+	return &sender{nc: nc, maxQueue: maxQueue, timeout: timeout, onFail: onFail, charge: charge}
 }
 
 // send encodes a packet with encode and queues it. If no write is under
@@ -404,6 +405,7 @@ func (s *sender) send(inline bool, encode func(b []byte) ([]byte, error)) error 
 	}
 	start := err == nil && !s.writing
 	if err == nil {
+		s.charge(len(b) - len(s.buf))
 		s.buf, s.writing = b, true
 	}
 	s.mu.Unlock()
@@ -426,6 +428,7 @@ func (s *sender) write() (failed error) {
 		s.mu.Unlock()
 		s.nc.SetWriteDeadline(time.Now().Add(s.timeout))
 		_, err := s.nc.Write(b)
+		s.charge(-len(b))
 		s.mu.Lock()
 		if cap(b) <= keepBuffer {
 			s.spare = b[:0]
@@ -444,6 +447,8 @@ func (s *sender) write() (failed error) {
 // stopped it first.
 func (s *sender) fail(err error) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.err = cmp.Or(s.err, err)
-	s.mu.Unlock()
+	s.charge(-len(s.buf)) // never written
+	s.buf = s.buf[:0]
 }

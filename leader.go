@@ -18,6 +18,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -112,6 +113,7 @@ type serverConn struct {
 	cancel  context.CancelFunc
 	oddType sync.Once // logs the first request of unknown type
 	once    sync.Once
+	bytes   atomic.Int64 // held for the connection: the packet being read, queued writes, running invokes' app objects
 
 	gate  sync.Mutex
 	ended sync.Cond // on gate: signalled when an invoke ends, broadcast when the connection closes
@@ -234,7 +236,7 @@ func (l *leader) admit(sc *serverConn) bool {
 	sc.ctx, sc.cancel = context.WithCancel(l.ctx)
 	sc.ended.L = &sc.gate
 	context.AfterFunc(sc.ctx, func() { sc.gate.Lock(); sc.ended.Broadcast(); sc.gate.Unlock() })
-	sc.w = newSender(sc.nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close)
+	sc.w = newSender(sc.nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close, sc.charge)
 	l.conns[sc] = struct{}{}
 	l.wg.Add(1)
 	return true
@@ -252,6 +254,7 @@ func secretsEqual(want, got string) bool {
 // intervals fails.
 func (l *leader) readLoop(sc *serverConn, br *bufio.Reader, reg *Packet) error {
 	r := NewReader(br, l.cfg.MaxPacketSize)
+	r.charge = sc.charge
 	idle := 3 * l.cfg.HeartbeatInterval
 	sc.nc.SetReadDeadline(time.Time{}) // RegisterTimeout's, until the heartbeat check's
 	for p := reg; ; {
@@ -283,6 +286,13 @@ func (sc *serverConn) close(err error) {
 			sc.l.warn("closing follower connection", "remote", sc.nc.RemoteAddr(), "err", err)
 		}
 	})
+}
+
+// charge counts n bytes more (or fewer) held for the connection, in its
+// own count and in its port's.
+func (sc *serverConn) charge(n int) {
+	sc.bytes.Add(int64(n))
+	sc.l.host.charge(n)
 }
 
 // reply answers the request p. The calling goroutine writes it, unless
@@ -361,6 +371,7 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 		return net.ErrClosed
 	}
 	sc.running, sc.held = sc.running+1, sc.held+cost
+	sc.charge(cost)
 	go l.runInvoke(sc, p, c, cost)
 	return nil
 }
@@ -392,10 +403,15 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke, cost int) {
 		args[i], rest = nextArg(rest)
 	}
 	data, late, err := l.run(sc.ctx, limit, c, args)
-	sc.gate.Lock()
-	sc.running, sc.held = sc.running-1, sc.held-cost
-	sc.gate.Unlock()
-	sc.ended.Signal()
+	// The invoke counts until its answer is queued: a peer that does not
+	// read its answers runs no more invokes.
+	defer func() {
+		sc.gate.Lock()
+		sc.running, sc.held = sc.running-1, sc.held-cost
+		sc.gate.Unlock()
+		sc.charge(-cost)
+		sc.ended.Signal()
+	}()
 	// Past its timeout the follower has given up: no answer, as the
 	// reference. A method that returned its context's error did its job.
 	if !c.Oneway && (!late || limit != asked) {

@@ -11,6 +11,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -38,6 +39,9 @@ type portHost struct {
 	channels map[string]*leader // guarded by mu; nil once the host has closed
 	unreg    []net.Conn         // guarded by mu: not yet registered, or refused; oldest first
 	conns    int                // guarded by mu: connections handed to a leader whose serve has not returned
+
+	held     atomic.Int64 // bytes held for all registered connections; see serverConn.bytes
+	dropping atomic.Bool  // dropLargest is running
 
 	logMu    sync.Mutex
 	logStart time.Time // guarded by logMu: start of the current second of warn
@@ -70,6 +74,42 @@ func (h *portHost) log(to *slog.Logger, level slog.Level, msg string, args ...an
 		}
 	}
 	to.Log(context.Background(), level, msg, args...)
+}
+
+// charge counts n bytes more (or fewer) held for the port's registered
+// connections. Past Config.MaxTotalBytes, the connection that holds the
+// most is closed, on a goroutine of its own: charge runs under locks that
+// closing takes.
+func (h *portHost) charge(n int) {
+	if h.held.Add(int64(n)) > int64(h.cfg.MaxTotalBytes) && n > 0 && h.dropping.CompareAndSwap(false, true) {
+		go h.dropLargest()
+	}
+}
+
+// dropLargest closes the registered connections that hold the most
+// bytes until what they held no longer passes the bound.
+func (h *portHost) dropLargest() {
+	defer h.dropping.Store(false)
+	for excess := h.held.Load() - int64(h.cfg.MaxTotalBytes); excess > 0; {
+		var big *serverConn
+		h.mu.Lock()
+		for _, l := range h.channels {
+			l.mu.Lock()
+			for sc := range l.conns {
+				if sc.ctx.Err() == nil && (big == nil || sc.bytes.Load() > big.bytes.Load()) {
+					big = sc
+				}
+			}
+			l.mu.Unlock()
+		}
+		h.mu.Unlock()
+		if big == nil {
+			return
+		}
+		excess -= big.bytes.Load()
+		big.close(fmt.Errorf("the port's connections hold over Config.MaxTotalBytes (%d bytes); this one holds the most, %d",
+			h.cfg.MaxTotalBytes, big.bytes.Load()))
+	}
 }
 
 // unhost removes l from its port; the last channel to leave closes the

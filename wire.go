@@ -144,9 +144,10 @@ func appendHeader(b []byte, response bool, id uint64, timeout int32, connLen, ap
 // Reader takes one packet at a time off a stream. It is not safe for
 // concurrent use.
 type Reader struct {
-	r   io.Reader
-	max int
-	hdr [HeaderSize]byte
+	r      io.Reader
+	max    int
+	hdr    [HeaderSize]byte
+	charge func(n int) // told of each body buffer allocated (n > 0) and let go (n < 0)
 }
 
 // NewReader returns a Reader of r that refuses packets whose conn length
@@ -154,7 +155,7 @@ type Reader struct {
 // maxPacketSize <= 0). Wrap a network connection in a bufio.Reader first
 // to save system calls.
 func NewReader(r io.Reader, maxPacketSize int) *Reader {
-	return &Reader{r: r, max: cmp.Or(max(maxPacketSize, 0), DefaultMaxPacketSize)} // 0 or less: the default
+	return &Reader{r: r, max: cmp.Or(max(maxPacketSize, 0), DefaultMaxPacketSize), charge: func(int) {}} // 0 or less: the default
 }
 
 // ReadPacket reads the next packet into p. Conn and App share one newly
@@ -214,6 +215,8 @@ func (r *Reader) readBody(h []byte) (body []byte, connLen int, err error) {
 	}
 	n := int(c) + int(a)
 	b := make([]byte, 0, min(n, readChunk))
+	r.charge(cap(b))
+	defer func() { r.charge(-cap(b)) }()
 	for {
 		m, err := io.ReadFull(r.r, b[len(b):cap(b)])
 		b = b[:len(b)+m]
@@ -225,7 +228,9 @@ func (r *Reader) readBody(h []byte) (body []byte, connLen int, err error) {
 		if len(b) == n {
 			return b, int(c), nil
 		}
-		b = append(make([]byte, 0, min(n, 2*cap(b))), b...)
+		grown := append(make([]byte, 0, min(n, 2*cap(b))), b...)
+		r.charge(cap(grown) - cap(b))
+		b = grown
 	}
 }
 
