@@ -1,9 +1,11 @@
 package clusterclient
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"math"
 	"net"
 	"os"
 	"runtime"
@@ -272,4 +274,42 @@ func TestMaxConns(t *testing.T) {
 		t.Fatalf("echo = %d, %v", n, err)
 	}
 	r.serving()
+}
+
+// TestFaultWaitingInvokesEndWithConns: connections that fill their
+// invoke slots with calls that wait, asking for the longest timeout a
+// packet can carry, then close, leave nothing behind: three rounds of
+// ten such connections, and the leader's goroutines and heap are back to
+// their baseline once they are gone. Before invokes ended with their
+// connection, each round left 10,240 goroutines waiting for a minute.
+func TestFaultWaitingInvokesEndWithConns(t *testing.T) {
+	r := newRig(t, func(c *Config) { c.MaxInvokeTime = time.Minute })
+	base := measure()
+	arg := appendArgs(nil, [][]byte{[]byte("60000")})
+	one, err := appendPacket(nil, false, 0, math.MaxInt32, invoke{Method: "sleep", ArgLength: 1}, arg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sleeping := func() int {
+		r.real.mu.Lock()
+		defer r.real.mu.Unlock()
+		return r.real.sleeping
+	}
+	for round := range 3 {
+		var ncs []net.Conn
+		for range 10 {
+			nc := r.dial()
+			registerRaw(t, nc, "TestChannel", "")
+			mustWrite(t, nc, bytes.Repeat(one, maxConnInvokes))
+			ncs = append(ncs, nc)
+		}
+		waitUntil(t, 30*time.Second, "every invoke running", func() bool { return sleeping() == 10*maxConnInvokes })
+		for _, nc := range ncs {
+			nc.Close()
+		}
+		waitUntil(t, 30*time.Second, "every invoke ended", func() bool { return sleeping() == 0 })
+		t.Logf("round %d: %d invokes ran and ended with their connections", round, 10*maxConnInvokes)
+	}
+	r.serving()
+	noLeak(t, base, heapSlack+10*maxConnInvokes<<9)
 }
