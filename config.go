@@ -145,6 +145,17 @@ type Config struct {
 	// connection otherwise. Node.js peers do not send it, so setting it
 	// means Go peers only. Default empty: off.
 	Secret string
+
+	// MaxKeysPerConn bounds the distinct subscription keys that one
+	// follower connection may listen to on the leader; MaxKeys bounds the
+	// keys the leader holds in all, its own Client's among them, and with
+	// a real client that is no Unsubscriber, the keys it ever held. Past
+	// either, a subscribe is refused with Code "ERR_CLUSTER_TOO_MANY_KEYS"
+	// (see Client.Subscribe). Defaults 10,000 and 100,000: a key costs the
+	// leader about 0.5 KiB with a small registration, plus twice the
+	// registration's size and its latest value, so 100,000 keys hold some
+	// 50 MiB besides what the real client keeps for them.
+	MaxKeysPerConn, MaxKeys int
 }
 
 // DefaultConfig returns the default configuration, with the port and
@@ -172,6 +183,7 @@ func withDefaults(c *Config) Config {
 	d.RegisterTimeout = cmp.Or(d.RegisterTimeout, 5*time.Second)
 	d.MaxUnregistered = cmp.Or(d.MaxUnregistered, 128)
 	d.DrainTimeout = cmp.Or(d.DrainTimeout, 5*time.Second)
+	d.MaxKeysPerConn, d.MaxKeys = cmp.Or(d.MaxKeysPerConn, 10_000), cmp.Or(d.MaxKeys, 100_000)
 	return d
 }
 
@@ -198,6 +210,8 @@ func VerifyConfig(c *Config) error {
 			d.MaxQueuedBytes, d.MaxPacketSize+HeaderSize)
 	case d.MaxUnregistered < 1:
 		return fmt.Errorf("clusterclient: Config.MaxUnregistered %d is negative", d.MaxUnregistered)
+	case min(d.MaxKeysPerConn, d.MaxKeys) < 1:
+		return fmt.Errorf("clusterclient: Config.MaxKeysPerConn %d or MaxKeys %d is negative", d.MaxKeysPerConn, d.MaxKeys)
 	}
 	return nil
 }
