@@ -368,7 +368,7 @@ func TestSubscribeKeysBoundedGoFollower(t *testing.T) {
 type keepAllReal struct{}
 
 func (keepAllReal) Invoke(context.Context, string, []Value) (any, error) { return nil, nil }
-func (keepAllReal) Subscribe(json.RawMessage, func(any)) error         { return nil }
+func (keepAllReal) Subscribe(json.RawMessage, func(any)) error           { return nil }
 
 // TestKeptKeysBounded: with a real client that cannot unsubscribe, the
 // leader keeps every key it subscribed, up to Config.MaxKeys; past it a
