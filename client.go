@@ -551,13 +551,14 @@ func (c *Client) unsubscribe(key string, s *Subscription) {
 }
 
 // deliver records a value of key and wakes the delivery loop, or with
-// err set, records and logs the leader's refusal of key.
+// err set, records and logs the leader's refusal of key, the first since
+// the key was last sent.
 func (c *Client) deliver(key string, data []byte, err error) {
 	c.mu.Lock()
-	if t := c.topics[key]; t != nil && err != nil {
+	if t := c.topics[key]; t != nil && err != nil && t.err == nil { // one warning until it is sent again
 		t.err = err
 		defer c.cfg.Logger.Warn("clusterclient: the leader refused a subscription", "channel", c.name, "reg", string(t.reg), "err", err)
-	} else if t != nil {
+	} else if t != nil && err == nil {
 		t.latest, t.version = data, t.version+1
 	}
 	c.mu.Unlock() // before the deferred warning
