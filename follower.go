@@ -37,10 +37,10 @@ type follower struct {
 	cfg      *Config
 	nc       net.Conn
 	w        *sender
-	deliver  func(key string, data []byte) // called by the reader for each pushed value
-	dead     chan struct{}                 // closed when the reader has stopped
-	closing  chan struct{}                 // closed when the leader sent leader_closing
-	lastRecv atomic.Int64                  // unix nanoseconds when the last packet arrived
+	deliver  func(key string, data []byte, err error) // called by the reader for each pushed value and refusal
+	dead     chan struct{}                            // closed when the reader has stopped
+	closing  chan struct{}                            // closed when the leader sent leader_closing
+	lastRecv atomic.Int64                             // unix nanoseconds when the last packet arrived
 
 	mu       sync.Mutex
 	pending  map[uint64]chan answer // guarded by mu: calls waiting for their answer, by request id
@@ -57,7 +57,7 @@ type answer struct {
 // dialLeader connects to the leader on cfg.Port and registers the channel
 // name. The leader answers only once its real client is ready. ctx ends
 // when the client closes, which closes the connection.
-func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key string, data []byte)) (*follower, error) {
+func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key string, data []byte, err error)) (*follower, error) {
 	nc, err := (&net.Dialer{Timeout: cfg.ResponseTimeout}).DialContext(ctx, "tcp", loopback(cfg.Port))
 	if err != nil {
 		return nil, err
@@ -154,8 +154,9 @@ func (f *follower) readLoop(r *Reader) {
 }
 
 // handle handles one packet from the leader: an answer goes to its
-// pending call, a pushed value is acknowledged and delivered, and
-// leader_closing starts the drain. An error ends the connection.
+// pending call, a pushed value is acknowledged and delivered, so is a
+// subscribe_failed refusal (not acknowledged), and leader_closing starts
+// the drain. An error ends the connection.
 func (f *follower) handle(p *Packet) error {
 	f.lastRecv.Store(time.Now().UnixNano())
 	if p.Response {
@@ -170,10 +171,13 @@ func (f *follower) handle(p *Packet) error {
 		// The reference follower writes timeout 0 here: its decoded
 		// request has no timeout to repeat.
 		f.w.send(false, func(b []byte) ([]byte, error) { return appendPacket(b, true, p.ID, 0, subscribeResultRes{}, nil) })
-		f.deliver(c.Key, p.App)
+		f.deliver(c.Key, p.App, nil)
+	case subscribeFailed: // a Go leader refused to subscribe c.Key
+		e := invokeErrorObject{Name: "Error", Message: "subscription refused"}
+		f.cfg.Codec.Unmarshal(p.App, &e) // the leader's error object, or what decodes of it
+		f.deliver(c.Key, nil, &RemoteError{Name: e.Name, Message: e.Message, Code: string(e.Code), Stack: e.Stack})
 	case leaderClosing:
-		f.mu.Lock()
-		if !f.draining {
+		if f.mu.Lock(); !f.draining {
 			close(f.closing)
 		}
 		f.draining = true

@@ -68,8 +68,8 @@ const codeChannelNotHosted = "ERR_CLUSTER_CHANNEL_NOT_HOSTED"
 type leader struct {
 	name    string
 	cfg     *Config
-	deliver func(key string, data []byte) // hands a pushed value to the own Client's listeners
-	host    *portHost                     // nil in single mode; set by hostChannel
+	deliver func(key string, data []byte, err error) // hands a pushed value, or a refusal, to the own Client
+	host    *portHost                                // nil in single mode; set by hostChannel
 
 	ready chan struct{} // closed once build has returned
 	real  RealClient    // set before ready is closed
@@ -117,11 +117,12 @@ type serverConn struct {
 
 	gate  sync.Mutex
 	ended sync.Cond // on gate: signalled when an invoke ends, broadcast when the connection closes
-	// guarded by gate: invokes running, and the bytes they hold (argCost)
-	running, held int
+	// guarded by gate: invokes running, and the bytes they hold (argCost);
+	// keys, guarded by the leader's mu: the keys it listens to
+	running, held, keys int
 }
 
-func newLeader(name string, cfg *Config, deliver func(key string, data []byte)) *leader {
+func newLeader(name string, cfg *Config, deliver func(key string, data []byte, err error)) *leader {
 	return &leader{name: name, cfg: cfg, deliver: deliver, ready: make(chan struct{}),
 		conns: make(map[*serverConn]struct{}), topics: make(map[string]*topic)}
 }
@@ -487,33 +488,66 @@ func (l *leader) routeUnsubscribe(key string, _ json.RawMessage) { l.unsubscribe
 
 // subscribe adds sc (nil: the own Client) to the listeners of key and
 // subscribes the real client to it, once per key. When broadcasting, a
-// listener new to the key gets its latest value, if any, at once.
+// listener new to the key gets its latest value, if any, at once. A key
+// past Config.MaxKeysPerConn or MaxKeys, or one that the real client
+// cannot subscribe, is refused: sc is told why, with subscribe_failed (a
+// follower) or at once (the own Client, which logs it), and a key that
+// join created is forgotten, so that a later subscribe tries again.
+// realMu, held throughout, keeps every other listener out of that key
+// meanwhile.
 func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 	l.realMu.Lock()
 	defer l.realMu.Unlock()
 	if l.stopped { // the real client is closing
 		return
 	}
+	t, err := l.join(sc, key, reg)
+	if s, ok := l.real.(Subscriber); t != nil && ok {
+		push := func(v any) { l.safely("the push callback", func() error { l.pushValue(t, v); return nil }) }
+		err = l.safely("Subscriber.Subscribe", func() error { return s.Subscribe(reg, push) })
+	} else if t != nil {
+		err = &RemoteError{Name: "Error", Code: "ERR_CLUSTER_NO_SUBSCRIBE", Message: "the real client has no Subscribe method"}
+	}
+	if err == nil {
+		return
+	} else if t != nil {
+		l.leave(sc, []string{key}, true) // join created it: forgotten
+	}
+	if re := toRemote(err); sc == nil {
+		l.deliver(key, nil, re)
+	} else {
+		l.warn("subscription refused", "remote", sc.nc.RemoteAddr(), "reg", clip(string(reg)), "err", re)
+		data, _ := l.marshal(invokeErrorObject{Stack: re.Stack, Name: re.Name, Message: re.Message, Code: errorCode(re.Code)})
+		sc.notify(subscribeFailed{Key: key}, data)
+	}
+}
+
+// join adds sc to the listeners of key within the bounds on keys, and
+// returns the key's topic if it is new: the real client must subscribe.
+func (l *leader) join(sc *serverConn, key string, reg json.RawMessage) (created *topic, err error) {
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	t := l.topics[key]
-	created := t == nil
-	if created {
+	if t == nil {
 		t = &topic{key: key, reg: reg, subs: make(map[*serverConn]struct{})}
-		l.topics[key] = t
+		created = t
 	}
 	_, dup := t.subs[sc]
-	if t.subs[sc] = struct{}{}; !l.cfg.DisableBroadcast && t.latest != nil && (!dup || sc == nil) {
+	switch {
+	case created != nil && len(l.topics) >= l.cfg.MaxKeys:
+		return nil, &RemoteError{Name: "RangeError", Code: "ERR_CLUSTER_TOO_MANY_KEYS", Message: fmt.Sprintf("the leader holds Config.MaxKeys (%d) keys", l.cfg.MaxKeys)}
+	case sc == nil:
+	case dup:
+		return nil, nil // a follower that asks again gets nothing new
+	case sc.keys >= l.cfg.MaxKeysPerConn:
+		return nil, &RemoteError{Name: "RangeError", Code: "ERR_CLUSTER_TOO_MANY_KEYS", Message: fmt.Sprintf("the connection listens to Config.MaxKeysPerConn (%d) keys", l.cfg.MaxKeysPerConn)}
+	default:
+		sc.keys++
+	}
+	if l.topics[key], t.subs[sc] = t, struct{}{}; !l.cfg.DisableBroadcast && t.latest != nil {
 		l.push(sc, key, t.latest) // under mu: in order with pushValue's pushes
 	}
-	l.mu.Unlock()
-	if s, ok := l.real.(Subscriber); created && ok {
-		push := func(v any) { l.safely("the push callback", func() error { l.pushValue(t, v); return nil }) }
-		if err := l.safely("Subscriber.Subscribe", func() error { return s.Subscribe(reg, push) }); err != nil {
-			l.warn("real client subscribe failed", "key", key, "err", err)
-		}
-	} else if created {
-		l.warn("the real client cannot subscribe", "key", key)
-	}
+	return created, nil
 }
 
 // pushValue keeps v as t's latest value and pushes it to t's listeners:
@@ -546,7 +580,7 @@ func (l *leader) pushValue(t *topic, v any) {
 // is nil.
 func (l *leader) push(sc *serverConn, key string, data []byte) {
 	if sc == nil {
-		l.deliver(key, data)
+		l.deliver(key, data, nil)
 	} else {
 		sc.notify(subscribeResult{Key: key}, data)
 	}
@@ -559,23 +593,32 @@ func (l *leader) unsubscribe(sc *serverConn, keys ...string) {
 	l.realMu.Lock()
 	defer l.realMu.Unlock()
 	u, ok := l.real.(Unsubscriber)
-	var gone []*topic
+	for _, t := range l.leave(sc, keys, ok && !l.stopped) { // not once the real client is closing
+		if err := l.safely("Unsubscriber.Unsubscribe", func() error { return u.Unsubscribe(t.reg) }); err != nil {
+			l.warn("real client unsubscribe failed", "key", t.key, "err", err)
+		}
+	}
+}
+
+// leave removes sc (nil: the own Client) from the listeners of keys.
+// With forget, it forgets the keys left without listeners, and returns
+// their topics.
+func (l *leader) leave(sc *serverConn, keys []string, forget bool) (gone []*topic) {
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	for _, key := range keys {
 		if t := l.topics[key]; t != nil {
+			if _, in := t.subs[sc]; in && sc != nil {
+				sc.keys--
+			}
 			delete(t.subs, sc)
-			if ok && len(t.subs) == 0 && !l.stopped { // not once the real client is closing
+			if forget && len(t.subs) == 0 {
 				delete(l.topics, key)
 				gone = append(gone, t)
 			}
 		}
 	}
-	l.mu.Unlock()
-	for _, t := range gone {
-		if err := l.safely("Unsubscriber.Unsubscribe", func() error { return u.Unsubscribe(t.reg) }); err != nil {
-			l.warn("real client unsubscribe failed", "key", t.key, "err", err)
-		}
-	}
+	return gone
 }
 
 // waitFor waits until wg is done or ctx ends.

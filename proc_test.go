@@ -345,6 +345,9 @@ type childSpec struct {
 	MaxUnregistered int    `json:"maxUnregistered"`
 	// ValueEcho makes valueEcho the real client, in place of testReal.
 	ValueEcho bool `json:"valueEcho"`
+	// LogEvents prints each line the client logs as an event too:
+	// {"event":"log","line":text}.
+	LogEvents bool `json:"logEvents"`
 	// Mode, when set, runs a benchmark helper instead of a cluster
 	// member: see benchChildMain. Count is its number of connections.
 	Mode  string `json:"mode"`
@@ -361,6 +364,7 @@ type msg = map[string]any
 //	{"op":"oneway","method":m,"args":[...]}
 //	{"op":"subscribe","reg":r,"as":l}         values arrive as {"event":"value","reg":r,"as":l,"value":v}
 //	{"op":"unsubscribe","as":l}               (or "reg":r when subscribed without "as")
+//	{"op":"subErr","as":l}                    reply {"err":e}, e the listener's Err()
 //	{"op":"publish","reg":r}
 //	{"op":"status"}                           reply {"leader":b,"pid":p}
 //	{"op":"failover","old":pid}               see childFailover
@@ -419,6 +423,9 @@ func childMain() int {
 		defer outMu.Unlock()
 		enc.Encode(m)
 	}
+	if spec.LogEvents {
+		cfg.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(os.Stderr, logEvents(out)), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
 	real := newTestReal()
 	real.name = "pid" + strconv.Itoa(os.Getpid())
 	build := buildTestReal(real)
@@ -473,6 +480,12 @@ func childMain() int {
 				subs[as] = s
 			}
 			reply(msg{"err": errString(err)})
+		case "subErr":
+			if s := subs[cmd.label()]; s != nil {
+				reply(msg{"err": errString(s.Err())})
+			} else {
+				reply(msg{"err": "no such listener"})
+			}
 		case "unsubscribe":
 			if s := subs[cmd.label()]; s != nil {
 				s.Unsubscribe()
@@ -521,6 +534,14 @@ func childMain() int {
 	}
 	c.Close()
 	return 0
+}
+
+// logEvents writes each line that a child logs as an event.
+type logEvents func(m msg)
+
+func (f logEvents) Write(p []byte) (int, error) {
+	f(msg{"event": "log", "line": string(p)})
+	return len(p), nil
 }
 
 // childCmd is one command to a child.

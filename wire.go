@@ -285,6 +285,14 @@ type heartbeatRes struct{}
 // does not know.
 type leaderClosing struct{}
 
+// subscribeFailed tells a follower that the leader refused to subscribe
+// Key: its real client has no Subscribe method, or Subscribe failed, or a
+// bound on keys was reached. The app object is the error object, as
+// invoke_result carries it. It is this package's own addition, as
+// leaderClosing is: a Node.js follower acts on subscribe_result alone
+// among the requests it gets, and ignores this one.
+type subscribeFailed struct{ Key string }
+
 func (c registerChannel) appendJSON(b []byte) []byte {
 	b = appendJSONString(append(b, `{"type":"register_channel","channelName":`...), c.ChannelName)
 	if c.Secret != "" {
@@ -332,6 +340,10 @@ func (heartbeatRes) appendJSON(b []byte) []byte { return typeOnly(b, "heartbeat_
 
 func (leaderClosing) appendJSON(b []byte) []byte { return typeOnly(b, "leader_closing") }
 
+func (c subscribeFailed) appendJSON(b []byte) []byte {
+	return appendKeyReg(b, "subscribe_failed", c.Key, nil)
+}
+
 // typeOnly writes a conn object that has no key but its type.
 func typeOnly(b []byte, t string) []byte {
 	return append(append(append(b, `{"type":"`...), t...), `"}`...)
@@ -377,6 +389,7 @@ var connTypes = map[string]func(f *connFields) connObject{
 	"heartbeat":            func(*connFields) connObject { return heartbeat{} },
 	"heartbeat_res":        func(*connFields) connObject { return heartbeatRes{} },
 	"leader_closing":       func(*connFields) connObject { return leaderClosing{} },
+	"subscribe_failed":     func(f *connFields) connObject { return subscribeFailed{Key: f.sub.Key} },
 }
 
 // parseConn decodes a conn object into its typed value. An unknown type
