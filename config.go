@@ -145,6 +145,20 @@ type Config struct {
 	// connection otherwise. Node.js peers do not send it, so setting it
 	// means Go peers only. Default empty: off.
 	Secret string
+
+	// AllowUIDs lists the users, besides the process's own, whose
+	// processes may join this leader as followers, or lead the port
+	// this client follows. Each end learns the owner of the other's
+	// socket from /proc/net/tcp and /proc/net/tcp6 once per connection;
+	// where that table cannot be read (outside Linux) the check is off
+	// and any local user may connect. On a leader, the first client
+	// that leads on a port sets it for the port. Default nil: own user
+	// only.
+	AllowUIDs []int
+
+	// AllowAnyUser turns that check off: any local user may join or
+	// lead, for setups that mix users on purpose. Default false.
+	AllowAnyUser bool
 }
 
 // DefaultConfig returns the default configuration, with the port and

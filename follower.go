@@ -62,6 +62,11 @@ func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key 
 	if err != nil {
 		return nil, err
 	}
+	if uid, ok := peerAllowed(cfg, cfg.Port, nc.LocalAddr().(*net.TCPAddr).Port); !ok {
+		nc.Close()
+		return nil, &errNotLeader{fmt.Errorf("clusterclient: the leader on port %d runs as uid %d, another user's (-1: its "+
+			"socket not found): set Config.AllowUIDs or AllowAnyUser to follow it", cfg.Port, uid)}
+	}
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	f := &follower{name: name, cfg: cfg, nc: nc, deliver: deliver, dead: make(chan struct{}),
 		closing: make(chan struct{}), pending: make(map[uint64]chan answer)}

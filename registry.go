@@ -27,7 +27,7 @@ const readBufferSize = 4 << 10
 // and hands the connection to the leader of the channel it names.
 type portHost struct {
 	ln  net.Listener
-	cfg *Config        // the first channel's: Port, Logger, MaxUnregistered, RegisterTimeout
+	cfg *Config        // the first channel's: Port, Logger, MaxUnregistered, RegisterTimeout, AllowUIDs, AllowAnyUser
 	wg  sync.WaitGroup // the accept loop and the connections it has not handed to a leader
 
 	mu       sync.Mutex
@@ -160,6 +160,8 @@ func (h *portHost) register(nc net.Conn) {
 		}
 		l = nil
 		nc.Close()
+	case h.refusesPeer(nc, p):
+		l = nil
 	case l == nil:
 		h.warn("clusterclient: refusing register for a channel this leader does not host",
 			"remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
@@ -170,6 +172,31 @@ func (h *portHost) register(nc net.Conn) {
 	if l != nil {
 		l.serve(nc, br, p, rc)
 	}
+}
+
+// peerAllowed looks up the owner of the socket from port local to port
+// remote, and says whether cfg lets this process talk to it: yes when
+// the socket table cannot be read. uid is -1 if no socket matches.
+func peerAllowed(cfg *Config, local, remote int) (uid int, ok bool) {
+	if cfg.AllowAnyUser {
+		return -1, true
+	}
+	uid, err := socketOwner(local, remote)
+	return uid, err != nil || uid >= 0 && (uid == os.Getuid() || slices.Contains(cfg.AllowUIDs, uid))
+}
+
+// refusesPeer refuses the register_channel p on nc, and reports true,
+// if the follower's process runs as a user that the port does not
+// allow; ERR_CLUSTER_PEER_USER tells the follower.
+func (h *portHost) refusesPeer(nc net.Conn, p *Packet) bool {
+	uid, ok := peerAllowed(h.cfg, nc.RemoteAddr().(*net.TCPAddr).Port, h.cfg.Port)
+	if !ok {
+		h.warn("clusterclient: refusing follower of another user", "remote", nc.RemoteAddr(), "uid", uid, "port", h.cfg.Port)
+		msg := fmt.Sprintf("the leader on port %d refuses followers of uid %d (-1: their socket not found): "+
+			"set its Config.AllowUIDs or AllowAnyUser", h.cfg.Port, uid)
+		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterPeerUserError", Code: "ERR_CLUSTER_PEER_USER", Message: msg})
+	}
+	return !ok
 }
 
 // registerOf reads the register_channel that the first packet p of a
