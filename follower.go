@@ -64,8 +64,11 @@ func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key 
 	}
 	if uid, ok := peerAllowed(cfg, cfg.Port, nc.LocalAddr().(*net.TCPAddr).Port); !ok {
 		nc.Close()
-		return nil, &errNotLeader{fmt.Errorf("clusterclient: the leader on port %d runs as uid %d, another user's (-1: its "+
-			"socket not found): set Config.AllowUIDs or AllowAnyUser to follow it", cfg.Port, uid)}
+		if uid < 0 { // gone: the listener closed it, as a dying leader's does; the next attempt finds the new one
+			return nil, fmt.Errorf("clusterclient: connection to the leader on port %d closed before register_channel", cfg.Port)
+		}
+		return nil, &errNotLeader{fmt.Errorf("clusterclient: the leader on port %d runs as uid %d, another user's: "+
+			"set Config.AllowUIDs or AllowAnyUser to follow it", cfg.Port, uid)}
 	}
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	f := &follower{name: name, cfg: cfg, nc: nc, deliver: deliver, dead: make(chan struct{}),
