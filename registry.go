@@ -213,9 +213,9 @@ func peerAllowed(cfg *Config, local, remote int) (uid int, ok bool) {
 	return uid, err != nil || uid >= 0 && (uid == os.Getuid() || slices.Contains(cfg.AllowUIDs, uid))
 }
 
-// refusesPeer refuses the register_channel p on nc, and reports true,
-// if the follower's process runs as a user that the port does not
-// allow; ERR_CLUSTER_PEER_USER tells the follower.
+// refusesPeer refuses the register_channel p on nc, a TCP connection of
+// h.ln, and reports true, if the follower's process runs as a user that
+// the port does not allow; ERR_CLUSTER_PEER_USER tells the follower.
 func (h *portHost) refusesPeer(nc net.Conn, p *Packet) bool {
 	uid, ok := peerAllowed(h.cfg, nc.RemoteAddr().(*net.TCPAddr).Port, h.cfg.Port)
 	if !ok {
