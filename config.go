@@ -146,14 +146,16 @@ type Config struct {
 	// means Go peers only. Default empty: off.
 	Secret string
 
-	// AllowUIDs lists the users, besides the process's own, whose
-	// processes may join this leader as followers, or lead the port
-	// this client follows. Each end learns the owner of the other's
-	// socket from /proc/net/tcp and /proc/net/tcp6 once per connection;
-	// where that table cannot be read (outside Linux) the check is off
-	// and any local user may connect. On a leader, the first client
-	// that leads on a port sets it for the port. Default nil: own user
-	// only.
+	// AllowUIDs lists the users, besides the process's own (its
+	// effective uid), whose processes may join this leader as
+	// followers, or lead the port that this client follows; others are
+	// refused with ERR_CLUSTER_PEER_USER. Each end reads the owner of
+	// the other's socket from /proc/net/tcp and /proc/net/tcp6, once per
+	// connection, never per call: a few milliseconds with 10,000
+	// sockets on the host. Where that table cannot be read (outside
+	// Linux) the check is off and any local user may connect. On a
+	// leader, the first client that leads on a port sets it for the
+	// port. Default nil: own user only.
 	AllowUIDs []int
 
 	// AllowAnyUser turns that check off: any local user may join or

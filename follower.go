@@ -67,7 +67,7 @@ func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key 
 		if uid < 0 { // gone: the listener closed it, as a dying leader's does; the next attempt finds the new one
 			return nil, fmt.Errorf("clusterclient: connection to the leader on port %d closed before register_channel", cfg.Port)
 		}
-		return nil, &errNotLeader{fmt.Errorf("clusterclient: the leader on port %d runs as uid %d, another user's: "+
+		return nil, &errNotLeader{fmt.Errorf("clusterclient: the leader on port %d runs as uid %d, not as this process's user: "+
 			"set Config.AllowUIDs or AllowAnyUser to follow it", cfg.Port, uid)}
 	}
 	stop := context.AfterFunc(ctx, func() { nc.Close() })

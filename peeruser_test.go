@@ -38,7 +38,7 @@ func needProcNet(tb testing.TB) {
 func asNobody(t *testing.T) func(*exec.Cmd) {
 	t.Helper()
 	needProcNet(t)
-	if os.Getuid() != 0 {
+	if os.Geteuid() != 0 {
 		t.Skip("running a child as another user needs root")
 	}
 	dir, err := os.MkdirTemp("", "peeruser")
@@ -87,8 +87,8 @@ func TestSocketOwner(t *testing.T) {
 	}
 	lp, cp := ln.Addr().(*net.TCPAddr).Port, c.LocalAddr().(*net.TCPAddr).Port
 	for _, ports := range [][2]int{{cp, lp}, {lp, cp}} {
-		if uid, err := socketOwner(ports[0], ports[1]); err != nil || uid != os.Getuid() {
-			t.Fatalf("socket from port %d to %d: uid %d, %v; want %d", ports[0], ports[1], uid, err, os.Getuid())
+		if uid, err := socketOwner(ports[0], ports[1]); err != nil || uid != os.Geteuid() {
+			t.Fatalf("socket from port %d to %d: uid %d, %v; want %d", ports[0], ports[1], uid, err, os.Geteuid())
 		}
 	}
 	if uid, err := socketOwner(lp, 1); err != nil || uid != -1 {
@@ -244,7 +244,7 @@ func BenchmarkSocketOwner(b *testing.B) {
 	b.Run("found", func(b *testing.B) {
 		for i := 0; b.Loop(); i++ {
 			c := conns[2*(i%5000)].LocalAddr().(*net.TCPAddr).Port
-			if uid, err := socketOwner(c, port); err != nil || uid != os.Getuid() {
+			if uid, err := socketOwner(c, port); err != nil || uid != os.Geteuid() {
 				b.Fatal(uid, err)
 			}
 		}

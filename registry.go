@@ -210,7 +210,7 @@ func peerAllowed(cfg *Config, local, remote int) (uid int, ok bool) {
 		return -1, true
 	}
 	uid, err := socketOwner(local, remote)
-	return uid, err != nil || uid >= 0 && (uid == os.Getuid() || slices.Contains(cfg.AllowUIDs, uid))
+	return uid, err != nil || uid >= 0 && (uid == os.Geteuid() || slices.Contains(cfg.AllowUIDs, uid))
 }
 
 // refusesPeer refuses the register_channel p on nc, a TCP connection of
