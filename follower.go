@@ -62,6 +62,14 @@ func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key 
 	if err != nil {
 		return nil, err
 	}
+	if uid, ok := peerAllowed(cfg, nc.RemoteAddr(), nc.LocalAddr()); !ok {
+		nc.Close()
+		if uid < 0 { // gone: the listener closed it, as a dying leader's does; the next attempt finds the new one
+			return nil, fmt.Errorf("clusterclient: connection to the leader on port %d closed before register_channel", cfg.Port)
+		}
+		return nil, &errNotLeader{fmt.Errorf("clusterclient: the leader on port %d runs as uid %d, not as this process's user: "+
+			"set Config.AllowUIDs or AllowAnyUser to follow it", cfg.Port, uid)}
+	}
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	f := &follower{name: name, cfg: cfg, nc: nc, deliver: deliver, dead: make(chan struct{}),
 		closing: make(chan struct{}), pending: make(map[uint64]chan answer)}

@@ -352,6 +352,8 @@ type childSpec struct {
 	// member: see benchChildMain. Count is its number of connections.
 	Mode  string `json:"mode"`
 	Count int    `json:"count"`
+	// AllowUIDs is the child's Config.AllowUIDs.
+	AllowUIDs []int `json:"allowUIDs"`
 }
 
 // msg is one line between parent and child.
@@ -394,6 +396,7 @@ func childMain() int {
 	cfg.Role = spec.Role
 	cfg.SingleMode = spec.SingleMode
 	cfg.Secret = spec.Secret
+	cfg.AllowUIDs = spec.AllowUIDs
 	cfg.DisableBroadcast = spec.NoBroadcast
 	cfg.DisableHeartbeatCheck = spec.DisableHBCheck
 	cfg.MaxWaitTime = 10 * time.Second
@@ -763,14 +766,17 @@ type child struct {
 	logged chan struct{} // guarded by mu: closed and replaced when log grows
 }
 
-// startChild starts a cluster member with spec. It is killed when the
-// test ends.
-func startChild(t testing.TB, spec childSpec) *child {
+// startChild starts a cluster member with spec, its command changed by
+// each of opts. It is killed when the test ends.
+func startChild(t testing.TB, spec childSpec, opts ...func(*exec.Cmd)) *child {
 	t.Helper()
 	b, _ := json.Marshal(spec)
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"="+string(b))
 	cmd.Stderr = &childStderr{t: t}
+	for _, opt := range opts {
+		opt(cmd)
+	}
 	stdin, stdout := startPiped(t, cmd)
 	c := &child{lines: newLines(t, "child", stdin, cmd.Process.Pid), cmd: cmd,
 		events: make(chan msg, 1024), logged: make(chan struct{})}

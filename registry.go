@@ -2,6 +2,7 @@ package clusterclient
 
 import (
 	"bufio"
+	"encoding/binary"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,8 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -32,7 +35,7 @@ const codeTooManyConns = "ERR_CLUSTER_TOO_MANY_CONNECTIONS"
 // and hands the connection to the leader of the channel it names.
 type portHost struct {
 	ln  net.Listener
-	cfg *Config        // the first channel's: Port, Logger, MaxUnregistered, RegisterTimeout, MaxConns
+	cfg *Config        // the first channel's: Port, Logger, MaxUnregistered, RegisterTimeout, MaxConns, AllowUIDs, AllowAnyUser
 	wg  sync.WaitGroup // the accept loop and the connections it has not handed to a leader
 
 	mu       sync.Mutex
@@ -205,6 +208,8 @@ func (h *portHost) register(nc net.Conn) {
 		}
 		l = nil
 		nc.Close()
+	case h.refusesPeer(nc, p):
+		l = nil
 	case l == nil:
 		h.warn("clusterclient: refusing register for a channel this leader does not host",
 			"remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
@@ -233,6 +238,69 @@ func (h *portHost) count(d int) bool {
 		h.conns += d
 	}
 	return ok
+}
+
+// socketOwner returns the uid that owns the TCP socket of this host from
+// address local to address remote, both IPv4, read from /proc/net/tcp
+// and /proc/net/tcp6 (where an IPv4-mapped address ends as the IPv4 one
+// does), or -1 if there is none. TIME_WAIT lines (state 06), whose uid
+// always reads 0, are skipped. An error means that the table cannot be
+// read.
+func socketOwner(local, remote *net.TCPAddr) (int, error) {
+	f, err := os.Open("/proc/net/tcp")
+	if err != nil {
+		return -1, err
+	}
+	defer f.Close()
+	f6, _ := os.Open("/proc/net/tcp6") // nil without IPv6: reads and Close fail
+	defer f6.Close()
+	la, ra := procAddr(local), procAddr(remote)
+	for s := bufio.NewScanner(io.MultiReader(f, f6)); s.Scan(); {
+		fs := strings.Fields(s.Text()) // sl local remote st tx:rx tr:when retrnsmt uid ...
+		if len(fs) > 7 && fs[3] != "06" && strings.HasSuffix(fs[1], la) && strings.HasSuffix(fs[2], ra) {
+			if uid, err := strconv.Atoi(fs[7]); err == nil {
+				return uid, nil
+			}
+		}
+	}
+	return -1, nil
+}
+
+// procAddr writes an IPv4 address as the socket tables do: the four
+// bytes as one hexadecimal number in the host's byte order, a colon, the
+// port. An address that is not IPv4 matches no line.
+func procAddr(a *net.TCPAddr) string {
+	return fmt.Sprintf("%08X:%04X", binary.NativeEndian.Uint32(append(a.IP.To4(), 0, 0, 0, 0)), a.Port)
+}
+
+// peerAllowed looks up the owner of the socket from address local to
+// address remote, and says whether cfg lets this process talk to it: yes
+// when the socket table cannot be read. uid is -1 if no socket matches.
+func peerAllowed(cfg *Config, local, remote net.Addr) (uid int, ok bool) {
+	if cfg.AllowAnyUser {
+		return -1, true
+	}
+	la, _ := local.(*net.TCPAddr)
+	ra, _ := remote.(*net.TCPAddr)
+	if la == nil || ra == nil {
+		return -1, false
+	}
+	uid, err := socketOwner(la, ra)
+	return uid, err != nil || uid >= 0 && (uid == os.Geteuid() || slices.Contains(cfg.AllowUIDs, uid))
+}
+
+// refusesPeer refuses the register_channel p on nc, a TCP connection of
+// h.ln, and reports true, if the follower's process runs as a user that
+// the port does not allow; ERR_CLUSTER_PEER_USER tells the follower.
+func (h *portHost) refusesPeer(nc net.Conn, p *Packet) bool {
+	uid, ok := peerAllowed(h.cfg, nc.RemoteAddr(), nc.LocalAddr())
+	if !ok {
+		h.warn("clusterclient: refusing follower of another user", "remote", nc.RemoteAddr(), "uid", uid, "port", h.cfg.Port)
+		msg := fmt.Sprintf("the leader on port %d refuses followers of uid %d (-1: their socket not found): "+
+			"set its Config.AllowUIDs or AllowAnyUser", h.cfg.Port, uid)
+		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterPeerUserError", Code: "ERR_CLUSTER_PEER_USER", Message: msg})
+	}
+	return !ok
 }
 
 // registerOf reads the register_channel that the first packet p of a
