@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -94,7 +95,7 @@ func TestConfigZeroWorks(t *testing.T) {
 		t.Fatalf("Codec %v, Logger %v: want the defaults", got.Codec, got.Logger)
 	}
 	got.Codec, got.Logger, want.Codec, want.Logger = nil, nil, nil, nil
-	if got != want {
+	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("zero Config became\n%+v\nwant\n%+v", got, want)
 	}
 }

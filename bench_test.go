@@ -815,6 +815,7 @@ func measureIdleFollowers(tb testing.TB, n int) idleCost {
 	cfg := testConfig(tb, port)
 	cfg.Role = RoleLeader
 	cfg.MaxUnregistered = n + 1
+	cfg.MaxConns = n + 1
 	cfg.HeartbeatInterval = time.Hour
 	lc, err := New("TestChannel", cfg, buildTestReal(newTestReal()))
 	if err != nil {

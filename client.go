@@ -61,6 +61,7 @@ type localTopic struct {
 	subs    []*Subscription
 	latest  []byte // the last value received
 	version uint64 // counts values received; 0 = none yet
+	err     error  // the leader's refusal of the key since it was last sent
 }
 
 // Subscription is one listener on one key. Listeners of a client run one
@@ -71,6 +72,7 @@ type localTopic struct {
 type Subscription struct {
 	c       *Client
 	key     string
+	t       *localTopic
 	fn      func(Value)
 	seen    uint64 // guarded by Client.mu: the version last handed to the listener
 	next    Value  // delivery loop only: the value to hand it
@@ -181,7 +183,7 @@ func (c *Client) setRoute(r route) bool {
 	c.mu.Lock()
 	topics := make(map[string]json.RawMessage, len(c.topics))
 	for key, t := range c.topics {
-		topics[key] = t.reg
+		topics[key], t.err = t.reg, nil
 	}
 	published := slices.Clone(c.published)
 	c.mu.Unlock()
@@ -416,35 +418,41 @@ func (c *Client) publishOn(ctx context.Context, r route, reg json.RawMessage) er
 // whatever the number of listeners in all processes; a listener that
 // joins a key that already has a value gets that value at once. Listeners
 // survive failover. Subscribe does not wait for a leader.
+//
+// A Go leader that cannot serve reg (its real client has no Subscribe
+// method, or Subscribe failed or panicked, or a bound such as
+// Config.MaxKeysPerConn was reached) refuses it: this client logs a
+// warning naming reg and why, and Err of its listeners returns the
+// refusal. A later Subscribe of reg sends it again, as does every new
+// leader. A Node.js leader sends no refusal: the listener never fires.
 func (c *Client) Subscribe(reg any, listener func(Value)) (*Subscription, error) {
+	raw, err := c.registration(reg)
 	if listener == nil {
 		return nil, errors.New("clusterclient: nil listener")
-	}
-	raw, err := c.registration(reg)
-	if err != nil {
+	} else if err != nil {
 		return nil, err
 	}
 	key := subscriptionKey(raw)
 	s := &Subscription{c: c, key: key, fn: listener}
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
-	var first bool
+	var send bool
 	r, err := c.record(func() {
 		t := c.topics[key]
-		if first = t == nil; first {
+		if t == nil {
 			t = &localTopic{reg: raw}
-			c.topics[key] = t
 			if d := c.cfg.SubscribeTimeout; d > 0 {
 				time.AfterFunc(d, func() { c.subscribeTimedOut(key, t, d) })
 			}
 		}
-		t.subs = append(t.subs, s)
+		send, t.err = len(t.subs) == 0 || t.err != nil, nil // the first listener, or a refused key
+		c.topics[key], t.subs, s.t = t, append(t.subs, s), t
 	})
 	if err != nil {
 		return nil, err
 	}
 	c.wakeDelivery() // a late listener gets the latest value at once
-	if r != nil && first {
+	if r != nil && send {
 		r.routeSubscribe(key, raw) // a lost route replays it on the next
 	}
 	return s, nil
@@ -472,6 +480,16 @@ func (c *Client) subscribeTimedOut(key string, t *localTopic, d time.Duration) {
 	if late {
 		c.cfg.Logger.Warn("clusterclient: no value for a subscription within Config.SubscribeTimeout", "channel", c.name, "reg", string(t.reg), "timeout", d)
 	}
+}
+
+// Err returns the leader's refusal of the subscription, a *RemoteError
+// (see Client.Subscribe), or nil if the leader has not refused it since it
+// was last sent: Err clears when the registration is sent again, by a
+// later Subscribe of it or to a new leader.
+func (s *Subscription) Err() error {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return s.t.err
 }
 
 // Unsubscribe removes this listener. When it was the key's last listener
@@ -513,13 +531,18 @@ func (c *Client) unsubscribe(key string, s *Subscription) {
 	}
 }
 
-// deliver records a value of key and wakes the delivery loop.
-func (c *Client) deliver(key string, data []byte) {
+// deliver records a value of key and wakes the delivery loop, or with
+// err set, records and logs the leader's refusal of key, the first since
+// the key was last sent.
+func (c *Client) deliver(key string, data []byte, err error) {
 	c.mu.Lock()
-	if t := c.topics[key]; t != nil {
+	if t := c.topics[key]; t != nil && err != nil && t.err == nil { // one warning until it is sent again
+		t.err = err
+		defer c.cfg.Logger.Warn("clusterclient: the leader refused a subscription", "channel", c.name, "reg", string(t.reg), "err", err)
+	} else if t != nil && err == nil {
 		t.latest, t.version = data, t.version+1
 	}
-	c.mu.Unlock()
+	c.mu.Unlock() // before the deferred warning
 	c.wakeDelivery()
 }
 

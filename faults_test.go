@@ -940,7 +940,7 @@ func TestFaultReplayNeverStale(t *testing.T) {
 	var last string
 	var replaying atomic.Bool
 	blocked, release := make(chan struct{}), make(chan struct{})
-	l := newLeader("stale", withDefaultsPtr(), func(key string, data []byte) {
+	l := newLeader("stale", withDefaultsPtr(), func(key string, data []byte, _ error) {
 		if replaying.CompareAndSwap(true, false) {
 			close(blocked) // the replay of "1" waits here
 			<-release

@@ -37,10 +37,10 @@ type follower struct {
 	cfg      *Config
 	nc       net.Conn
 	w        *sender
-	deliver  func(key string, data []byte) // called by the reader for each pushed value
-	dead     chan struct{}                 // closed when the reader has stopped
-	closing  chan struct{}                 // closed when the leader sent leader_closing
-	lastRecv atomic.Int64                  // unix nanoseconds when the last packet arrived
+	deliver  func(key string, data []byte, err error) // called by the reader for each pushed value and refusal
+	dead     chan struct{}                            // closed when the reader has stopped
+	closing  chan struct{}                            // closed when the leader sent leader_closing
+	lastRecv atomic.Int64                             // unix nanoseconds when the last packet arrived
 
 	mu       sync.Mutex
 	pending  map[uint64]chan answer // guarded by mu: calls waiting for their answer, by request id
@@ -57,15 +57,23 @@ type answer struct {
 // dialLeader connects to the leader on cfg.Port and registers the channel
 // name. The leader answers only once its real client is ready. ctx ends
 // when the client closes, which closes the connection.
-func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key string, data []byte)) (*follower, error) {
+func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key string, data []byte, err error)) (*follower, error) {
 	nc, err := (&net.Dialer{Timeout: cfg.ResponseTimeout}).DialContext(ctx, "tcp", loopback(cfg.Port))
 	if err != nil {
 		return nil, err
 	}
+	if uid, ok := peerAllowed(cfg, nc.RemoteAddr(), nc.LocalAddr()); !ok {
+		nc.Close()
+		if uid < 0 { // gone: the listener closed it, as a dying leader's does; the next attempt finds the new one
+			return nil, fmt.Errorf("clusterclient: connection to the leader on port %d closed before register_channel", cfg.Port)
+		}
+		return nil, &errNotLeader{fmt.Errorf("clusterclient: the leader on port %d runs as uid %d, not as this process's user: "+
+			"set Config.AllowUIDs or AllowAnyUser to follow it", cfg.Port, uid)}
+	}
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	f := &follower{name: name, cfg: cfg, nc: nc, deliver: deliver, dead: make(chan struct{}),
 		closing: make(chan struct{}), pending: make(map[uint64]chan answer)}
-	f.w = newSender(nc, cfg.MaxQueuedBytes, cfg.ResponseTimeout, func(err error) { f.fail(err) })
+	f.w = newSender(nc, cfg.MaxQueuedBytes, cfg.ResponseTimeout, func(err error) { f.fail(err) }, func(int) {})
 	r := NewReader(bufio.NewReaderSize(nc, followerReadBuffer), cfg.MaxPacketSize)
 	err = f.register(r)
 	stop() // should ctx have ended, the client closes f at once
@@ -154,8 +162,9 @@ func (f *follower) readLoop(r *Reader) {
 }
 
 // handle handles one packet from the leader: an answer goes to its
-// pending call, a pushed value is acknowledged and delivered, and
-// leader_closing starts the drain. An error ends the connection.
+// pending call, a pushed value is acknowledged and delivered, so is a
+// subscribe_failed refusal (not acknowledged), and leader_closing starts
+// the drain. An error ends the connection.
 func (f *follower) handle(p *Packet) error {
 	f.lastRecv.Store(time.Now().UnixNano())
 	if p.Response {
@@ -170,10 +179,13 @@ func (f *follower) handle(p *Packet) error {
 		// The reference follower writes timeout 0 here: its decoded
 		// request has no timeout to repeat.
 		f.w.send(false, func(b []byte) ([]byte, error) { return appendPacket(b, true, p.ID, 0, subscribeResultRes{}, nil) })
-		f.deliver(c.Key, p.App)
+		f.deliver(c.Key, p.App, nil)
+	case subscribeFailed: // a Go leader refused to subscribe c.Key
+		e := invokeErrorObject{Name: "Error", Message: "subscription refused"}
+		f.cfg.Codec.Unmarshal(p.App, &e) // the leader's error object, or what decodes of it
+		f.deliver(c.Key, nil, &RemoteError{Name: e.Name, Message: e.Message, Code: string(e.Code), Stack: e.Stack})
 	case leaderClosing:
-		f.mu.Lock()
-		if !f.draining {
+		if f.mu.Lock(); !f.draining {
 			close(f.closing)
 		}
 		f.draining = true
@@ -367,6 +379,7 @@ type sender struct {
 	maxQueue int           // bound on len(buf), Config.MaxQueuedBytes
 	timeout  time.Duration // a write that takes longer fails
 	onFail   func(error)   // run once, on its own goroutine, when a write fails or the queue overflows
+	charge   func(n int)   // told of bytes queued (n > 0) and written or dropped (n < 0)
 
 	mu         sync.Mutex
 	buf, spare []byte // guarded by mu: encoded packets not yet written; the other buffer, empty
@@ -374,8 +387,8 @@ type sender struct {
 	err        error  // guarded by mu: why the connection takes no more packets
 }
 
-func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(error)) *sender {
-	return &sender{nc: nc, maxQueue: maxQueue, timeout: timeout, onFail: onFail}
+func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(error), charge func(n int)) *sender {
+	return &sender{nc: nc, maxQueue: maxQueue, timeout: timeout, onFail: onFail, charge: charge}
 }
 
 // send encodes a packet with encode and queues it. If no write is under
@@ -393,6 +406,7 @@ func (s *sender) send(inline bool, encode func(b []byte) ([]byte, error)) error 
 	}
 	start := err == nil && !s.writing
 	if err == nil {
+		s.charge(len(b) - len(s.buf))
 		s.buf, s.writing = b, true
 	}
 	s.mu.Unlock()
@@ -415,6 +429,7 @@ func (s *sender) write() (failed error) {
 		s.mu.Unlock()
 		s.nc.SetWriteDeadline(time.Now().Add(s.timeout))
 		_, err := s.nc.Write(b)
+		s.charge(-len(b))
 		s.mu.Lock()
 		if cap(b) <= keepBuffer {
 			s.spare = b[:0]
@@ -433,6 +448,8 @@ func (s *sender) write() (failed error) {
 // stopped it first.
 func (s *sender) fail(err error) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.err = cmp.Or(s.err, err)
-	s.mu.Unlock()
+	s.charge(-len(s.buf)) // never written
+	s.buf = s.buf[:0]
 }

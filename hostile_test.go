@@ -1004,6 +1004,7 @@ func FuzzLeaderInput(f *testing.F) {
 	cfg.MaxPacketSize = 64 << 10
 	cfg.MaxQueuedBytes = 256 << 10
 	cfg.RegisterTimeout = 10 * time.Second
+	cfg.AllowAnyUser = true // a net.Pipe has no owner in the socket table
 	c, err := New("TestChannel", cfg, func(context.Context) (RealClient, error) { return fuzzReal{}, nil })
 	if err != nil {
 		f.Fatal(err)
@@ -1079,3 +1080,7 @@ func (c *closeSignal) Close() error {
 	c.once.Do(func() { close(c.closed) })
 	return c.Conn.Close()
 }
+
+// RemoteAddr is a loopback address, as a follower's always is: the leader
+// takes the port of it to look up the follower's user.
+func (c *closeSignal) RemoteAddr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1} }

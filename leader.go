@@ -18,6 +18,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -27,11 +28,24 @@ import (
 const publishMethod = "publish"
 
 // maxConnInvokes bounds the invokes that one follower connection has
-// running on the leader; Config.MaxQueuedBytes bounds their app objects.
+// running on the leader; Config.MaxQueuedBytes bounds what they hold.
 // Past either bound the leader reads nothing more from that connection
 // until one ends, so a peer cannot make it hold unbounded goroutines or
 // memory: its socket pushes back.
 const maxConnInvokes = 1024
+
+// argCost is what the leader holds per argument of a running invoke on
+// top of the app object's bytes, at its peak while call builds the
+// []Value: a []byte in runInvoke's [][]byte (24 bytes) and a Value (40: a
+// []byte and a Codec). Measured with runtime.ReadMemStats after a
+// collection inside the real client's Invoke, when the [][]byte is gone,
+// 200,000 one-byte arguments held 40.1 bytes each beyond their frames
+// (TestInvokeArgCost).
+const argCost = 64
+
+// codeTooLarge is the error code of an invoke refused because it would
+// hold more than Config.MaxQueuedBytes once its arguments are decoded.
+const codeTooLarge = "ERR_CLUSTER_TOO_LARGE"
 
 // codePanic is the error code of a call whose user code panicked.
 const codePanic = "ERR_CLUSTER_PANIC"
@@ -54,8 +68,8 @@ const codeChannelNotHosted = "ERR_CLUSTER_CHANNEL_NOT_HOSTED"
 type leader struct {
 	name    string
 	cfg     *Config
-	deliver func(key string, data []byte) // hands a pushed value to the own Client's listeners
-	host    *portHost                     // nil in single mode; set by hostChannel
+	deliver func(key string, data []byte, err error) // hands a pushed value, or a refusal, to the own Client
+	host    *portHost                                // nil in single mode; set by hostChannel
 
 	ready chan struct{} // closed once build has returned
 	real  RealClient    // set before ready is closed
@@ -99,14 +113,16 @@ type serverConn struct {
 	cancel  context.CancelFunc
 	oddType sync.Once // logs the first request of unknown type
 	once    sync.Once
+	bytes   atomic.Int64 // held for the connection: the packet being read, queued writes, running invokes' app objects
 
 	gate  sync.Mutex
 	ended sync.Cond // on gate: signalled when an invoke ends, broadcast when the connection closes
-	// guarded by gate: invokes running, and the bytes of their app objects
-	running, held int
+	// guarded by gate: invokes running, and the bytes they hold (argCost);
+	// keys, guarded by the leader's mu: the keys it listens to
+	running, held, keys int
 }
 
-func newLeader(name string, cfg *Config, deliver func(key string, data []byte)) *leader {
+func newLeader(name string, cfg *Config, deliver func(key string, data []byte, err error)) *leader {
 	return &leader{name: name, cfg: cfg, deliver: deliver, ready: make(chan struct{}),
 		conns: make(map[*serverConn]struct{}), topics: make(map[string]*topic)}
 }
@@ -219,7 +235,7 @@ func (l *leader) admit(sc *serverConn) bool {
 	sc.ctx, sc.cancel = context.WithCancel(l.ctx)
 	sc.ended.L = &sc.gate
 	context.AfterFunc(sc.ctx, func() { sc.gate.Lock(); sc.ended.Broadcast(); sc.gate.Unlock() })
-	sc.w = newSender(sc.nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close)
+	sc.w = newSender(sc.nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close, sc.charge)
 	l.conns[sc] = struct{}{}
 	l.wg.Add(1)
 	return true
@@ -237,6 +253,7 @@ func secretsEqual(want, got string) bool {
 // intervals fails.
 func (l *leader) readLoop(sc *serverConn, br *bufio.Reader, reg *Packet) error {
 	r := NewReader(br, l.cfg.MaxPacketSize)
+	r.charge = sc.charge
 	idle := 3 * l.cfg.HeartbeatInterval
 	sc.nc.SetReadDeadline(time.Time{}) // RegisterTimeout's, until the heartbeat check's
 	for p := reg; ; {
@@ -268,6 +285,13 @@ func (sc *serverConn) close(err error) {
 			sc.l.warn("closing follower connection", "remote", sc.nc.RemoteAddr(), "err", err)
 		}
 	})
+}
+
+// charge counts n bytes more (or fewer) held for the connection, in its
+// own count and in its port's.
+func (sc *serverConn) charge(n int) {
+	sc.bytes.Add(int64(n))
+	sc.l.host.charge(n)
 }
 
 // reply answers the request p. The calling goroutine writes it, unless
@@ -312,16 +336,25 @@ func (l *leader) handle(sc *serverConn, p *Packet) error {
 }
 
 // invoke starts an invoke from a follower on a goroutine of its own, once
-// the connection's bounds let it: at most maxConnInvokes running, their
-// app objects within Config.MaxQueuedBytes (one is always let through).
-// Until then the reader waits, so the peer's socket pushes back. A
-// Node.js follower does not heed leader_closing and may call after the
-// drain: it is told so, as the reference would by closing the connection.
+// the connection's bounds let it: at most maxConnInvokes running, what
+// they hold (app objects, plus argCost per argument) within
+// Config.MaxQueuedBytes. Until then the reader waits, so the peer's
+// socket pushes back. An invoke that alone would hold more is refused
+// with a clear error before its arguments are decoded, and the
+// connection stays. A Node.js follower does not heed leader_closing and
+// may call after the drain: it is told so, as the reference would by
+// closing the connection.
 func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	if err := validArgs(p.App, c.ArgLength); err != nil {
 		return err
 	}
-	if err := l.enter(); err != nil {
+	cost, err := len(p.App)+c.ArgLength*argCost, l.enter()
+	if err == nil && cost > l.cfg.MaxQueuedBytes {
+		l.calls.Done()
+		err = &RemoteError{Name: "ClusterTooLargeError", Code: codeTooLarge, Message: fmt.Sprintf("invoke of %.64q would hold "+
+			"%d bytes with its %d arguments decoded, over the leader's Config.MaxQueuedBytes %d", c.Method, cost, c.ArgLength, l.cfg.MaxQueuedBytes)}
+	}
+	if err != nil {
 		if !c.Oneway {
 			l.answer(sc, p, nil, err)
 		}
@@ -329,15 +362,16 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	}
 	sc.gate.Lock()
 	defer sc.gate.Unlock()
-	for sc.ctx.Err() == nil && sc.running > 0 && (sc.running >= maxConnInvokes || sc.held+len(p.App) > l.cfg.MaxQueuedBytes) {
+	for sc.ctx.Err() == nil && (sc.running >= maxConnInvokes || sc.held+cost > l.cfg.MaxQueuedBytes) {
 		sc.ended.Wait()
 	}
 	if sc.ctx.Err() != nil {
 		l.calls.Done()
 		return net.ErrClosed
 	}
-	sc.running, sc.held = sc.running+1, sc.held+len(p.App)
-	go l.runInvoke(sc, p, c)
+	sc.running, sc.held = sc.running+1, sc.held+cost
+	sc.charge(cost)
+	go l.runInvoke(sc, p, c, cost)
 	return nil
 }
 
@@ -359,7 +393,7 @@ func (l *leader) enter() error {
 // method's deadline, bounded by the leader's Config.MaxInvokeTime; a
 // request without one (the reference never sends that) gets the leader's
 // ResponseTimeout, so no follower can hold the real client forever.
-func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
+func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke, cost int) {
 	defer l.calls.Done()
 	asked := time.Duration(max(p.Timeout, 0)) * time.Millisecond
 	limit := min(cmp.Or(asked, l.cfg.ResponseTimeout), l.cfg.MaxInvokeTime)
@@ -368,10 +402,15 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke) {
 		args[i], rest = nextArg(rest)
 	}
 	data, late, err := l.run(sc.ctx, limit, c, args)
-	sc.gate.Lock()
-	sc.running, sc.held = sc.running-1, sc.held-len(p.App)
-	sc.gate.Unlock()
-	sc.ended.Signal()
+	// The invoke counts until its answer is queued: a peer that does not
+	// read its answers runs no more invokes.
+	defer func() {
+		sc.gate.Lock()
+		sc.running, sc.held = sc.running-1, sc.held-cost
+		sc.gate.Unlock()
+		sc.charge(-cost)
+		sc.ended.Signal()
+	}()
 	// Past its timeout the follower has given up: no answer, as the
 	// reference. A method that returned its context's error did its job.
 	if !c.Oneway && (!late || limit != asked) {
@@ -447,33 +486,66 @@ func (l *leader) routeUnsubscribe(key string, _ json.RawMessage) { l.unsubscribe
 
 // subscribe adds sc (nil: the own Client) to the listeners of key and
 // subscribes the real client to it, once per key. When broadcasting, a
-// listener new to the key gets its latest value, if any, at once.
+// listener new to the key gets its latest value, if any, at once. A key
+// past Config.MaxKeysPerConn or MaxKeys, or one that the real client
+// cannot subscribe, is refused: sc is told why, with subscribe_failed (a
+// follower) or at once (the own Client, which logs it), and a key that
+// join created is forgotten, so that a later subscribe tries again.
+// realMu, held throughout, keeps every other listener out of that key
+// meanwhile.
 func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 	l.realMu.Lock()
 	defer l.realMu.Unlock()
 	if l.stopped { // the real client is closing
 		return
 	}
+	t, err := l.join(sc, key, reg)
+	if s, ok := l.real.(Subscriber); t != nil && ok {
+		push := func(v any) { l.safely("the push callback", func() error { l.pushValue(t, v); return nil }) }
+		err = l.safely("Subscriber.Subscribe", func() error { return s.Subscribe(reg, push) })
+	} else if t != nil {
+		err = &RemoteError{Name: "Error", Code: "ERR_CLUSTER_NO_SUBSCRIBE", Message: "the real client has no Subscribe method"}
+	}
+	if err == nil {
+		return
+	} else if t != nil {
+		l.leave(sc, []string{key}, true) // join created it: forgotten
+	}
+	if re := toRemote(err); sc == nil {
+		l.deliver(key, nil, re)
+	} else {
+		l.warn("subscription refused", "remote", sc.nc.RemoteAddr(), "reg", clip(string(reg)), "err", re)
+		data, _ := l.marshal(invokeErrorObject{Stack: re.Stack, Name: re.Name, Message: re.Message, Code: errorCode(re.Code)})
+		sc.notify(subscribeFailed{Key: key}, data)
+	}
+}
+
+// join adds sc to the listeners of key within the bounds on keys, and
+// returns the key's topic if it is new: the real client must subscribe.
+func (l *leader) join(sc *serverConn, key string, reg json.RawMessage) (created *topic, err error) {
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	t := l.topics[key]
-	created := t == nil
-	if created {
+	if t == nil {
 		t = &topic{key: key, reg: reg, subs: make(map[*serverConn]struct{})}
-		l.topics[key] = t
+		created = t
 	}
 	_, dup := t.subs[sc]
-	if t.subs[sc] = struct{}{}; !l.cfg.DisableBroadcast && t.latest != nil && (!dup || sc == nil) {
+	switch {
+	case created != nil && len(l.topics) >= l.cfg.MaxKeys:
+		return nil, &RemoteError{Name: "RangeError", Code: "ERR_CLUSTER_TOO_MANY_KEYS", Message: fmt.Sprintf("the leader holds Config.MaxKeys (%d) keys", l.cfg.MaxKeys)}
+	case sc == nil:
+	case dup:
+		return nil, nil // a follower that asks again gets nothing new
+	case sc.keys >= l.cfg.MaxKeysPerConn:
+		return nil, &RemoteError{Name: "RangeError", Code: "ERR_CLUSTER_TOO_MANY_KEYS", Message: fmt.Sprintf("the connection listens to Config.MaxKeysPerConn (%d) keys", l.cfg.MaxKeysPerConn)}
+	default:
+		sc.keys++
+	}
+	if l.topics[key], t.subs[sc] = t, struct{}{}; !l.cfg.DisableBroadcast && t.latest != nil {
 		l.push(sc, key, t.latest) // under mu: in order with pushValue's pushes
 	}
-	l.mu.Unlock()
-	if s, ok := l.real.(Subscriber); created && ok {
-		push := func(v any) { l.safely("the push callback", func() error { l.pushValue(t, v); return nil }) }
-		if err := l.safely("Subscriber.Subscribe", func() error { return s.Subscribe(reg, push) }); err != nil {
-			l.warn("real client subscribe failed", "key", key, "err", err)
-		}
-	} else if created {
-		l.warn("the real client cannot subscribe", "key", key)
-	}
+	return created, nil
 }
 
 // pushValue keeps v as t's latest value and pushes it to t's listeners:
@@ -506,7 +578,7 @@ func (l *leader) pushValue(t *topic, v any) {
 // is nil.
 func (l *leader) push(sc *serverConn, key string, data []byte) {
 	if sc == nil {
-		l.deliver(key, data)
+		l.deliver(key, data, nil)
 	} else {
 		sc.notify(subscribeResult{Key: key}, data)
 	}
@@ -519,23 +591,32 @@ func (l *leader) unsubscribe(sc *serverConn, keys ...string) {
 	l.realMu.Lock()
 	defer l.realMu.Unlock()
 	u, ok := l.real.(Unsubscriber)
-	var gone []*topic
+	for _, t := range l.leave(sc, keys, ok && !l.stopped) { // not once the real client is closing
+		if err := l.safely("Unsubscriber.Unsubscribe", func() error { return u.Unsubscribe(t.reg) }); err != nil {
+			l.warn("real client unsubscribe failed", "key", t.key, "err", err)
+		}
+	}
+}
+
+// leave removes sc (nil: the own Client) from the listeners of keys.
+// With forget, it forgets the keys left without listeners, and returns
+// their topics.
+func (l *leader) leave(sc *serverConn, keys []string, forget bool) (gone []*topic) {
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	for _, key := range keys {
 		if t := l.topics[key]; t != nil {
+			if _, in := t.subs[sc]; in && sc != nil {
+				sc.keys--
+			}
 			delete(t.subs, sc)
-			if ok && len(t.subs) == 0 && !l.stopped { // not once the real client is closing
+			if forget && len(t.subs) == 0 {
 				delete(l.topics, key)
 				gone = append(gone, t)
 			}
 		}
 	}
-	l.mu.Unlock()
-	for _, t := range gone {
-		if err := l.safely("Unsubscriber.Unsubscribe", func() error { return u.Unsubscribe(t.reg) }); err != nil {
-			l.warn("real client unsubscribe failed", "key", t.key, "err", err)
-		}
-	}
+	return gone
 }
 
 // waitFor waits until wg is done or ctx ends.

@@ -345,10 +345,15 @@ type childSpec struct {
 	MaxUnregistered int    `json:"maxUnregistered"`
 	// ValueEcho makes valueEcho the real client, in place of testReal.
 	ValueEcho bool `json:"valueEcho"`
+	// LogEvents prints each line the client logs as an event too:
+	// {"event":"log","line":text}.
+	LogEvents bool `json:"logEvents"`
 	// Mode, when set, runs a benchmark helper instead of a cluster
 	// member: see benchChildMain. Count is its number of connections.
 	Mode  string `json:"mode"`
 	Count int    `json:"count"`
+	// AllowUIDs is the child's Config.AllowUIDs.
+	AllowUIDs []int `json:"allowUIDs"`
 }
 
 // msg is one line between parent and child.
@@ -361,6 +366,7 @@ type msg = map[string]any
 //	{"op":"oneway","method":m,"args":[...]}
 //	{"op":"subscribe","reg":r,"as":l}         values arrive as {"event":"value","reg":r,"as":l,"value":v}
 //	{"op":"unsubscribe","as":l}               (or "reg":r when subscribed without "as")
+//	{"op":"subErr","as":l}                    reply {"err":e}, e the listener's Err()
 //	{"op":"publish","reg":r}
 //	{"op":"status"}                           reply {"leader":b,"pid":p}
 //	{"op":"failover","old":pid}               see childFailover
@@ -390,6 +396,7 @@ func childMain() int {
 	cfg.Role = spec.Role
 	cfg.SingleMode = spec.SingleMode
 	cfg.Secret = spec.Secret
+	cfg.AllowUIDs = spec.AllowUIDs
 	cfg.DisableBroadcast = spec.NoBroadcast
 	cfg.DisableHeartbeatCheck = spec.DisableHBCheck
 	cfg.MaxWaitTime = 10 * time.Second
@@ -418,6 +425,9 @@ func childMain() int {
 		outMu.Lock()
 		defer outMu.Unlock()
 		enc.Encode(m)
+	}
+	if spec.LogEvents {
+		cfg.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(os.Stderr, logEvents(out)), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	}
 	real := newTestReal()
 	real.name = "pid" + strconv.Itoa(os.Getpid())
@@ -473,6 +483,12 @@ func childMain() int {
 				subs[as] = s
 			}
 			reply(msg{"err": errString(err)})
+		case "subErr":
+			if s := subs[cmd.label()]; s != nil {
+				reply(msg{"err": errString(s.Err())})
+			} else {
+				reply(msg{"err": "no such listener"})
+			}
 		case "unsubscribe":
 			if s := subs[cmd.label()]; s != nil {
 				s.Unsubscribe()
@@ -521,6 +537,14 @@ func childMain() int {
 	}
 	c.Close()
 	return 0
+}
+
+// logEvents writes each line that a child logs as an event.
+type logEvents func(m msg)
+
+func (f logEvents) Write(p []byte) (int, error) {
+	f(msg{"event": "log", "line": string(p)})
+	return len(p), nil
 }
 
 // childCmd is one command to a child.
@@ -742,14 +766,17 @@ type child struct {
 	logged chan struct{} // guarded by mu: closed and replaced when log grows
 }
 
-// startChild starts a cluster member with spec. It is killed when the
-// test ends.
-func startChild(t testing.TB, spec childSpec) *child {
+// startChild starts a cluster member with spec, its command changed by
+// each of opts. It is killed when the test ends.
+func startChild(t testing.TB, spec childSpec, opts ...func(*exec.Cmd)) *child {
 	t.Helper()
 	b, _ := json.Marshal(spec)
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"="+string(b))
 	cmd.Stderr = &childStderr{t: t}
+	for _, opt := range opts {
+		opt(cmd)
+	}
 	stdin, stdout := startPiped(t, cmd)
 	c := &child{lines: newLines(t, "child", stdin, cmd.Process.Pid), cmd: cmd,
 		events: make(chan msg, 1024), logged: make(chan struct{})}

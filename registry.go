@@ -3,6 +3,7 @@ package clusterclient
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -10,7 +11,10 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -22,17 +26,25 @@ const registerMaxPacket = 64 << 10
 // leader, for the connection's whole life.
 const readBufferSize = 4 << 10
 
+// codeTooManyConns is the error code of a register refused because the
+// port has Config.MaxConns registered connections already.
+const codeTooManyConns = "ERR_CLUSTER_TOO_MANY_CONNECTIONS"
+
 // portHost is a listener on 127.0.0.1:port and the channels that this
 // process leads on it. It reads the first packet of each new connection
 // and hands the connection to the leader of the channel it names.
 type portHost struct {
 	ln  net.Listener
-	cfg *Config        // the first channel's: Port, Logger, MaxUnregistered, RegisterTimeout
+	cfg *Config        // the first channel's: Port, Logger, MaxUnregistered, RegisterTimeout, MaxConns, AllowUIDs, AllowAnyUser
 	wg  sync.WaitGroup // the accept loop and the connections it has not handed to a leader
 
 	mu       sync.Mutex
 	channels map[string]*leader // guarded by mu; nil once the host has closed
 	unreg    []net.Conn         // guarded by mu: not yet registered, or refused; oldest first
+	conns    int                // guarded by mu: connections handed to a leader whose serve has not returned
+
+	held     atomic.Int64 // bytes held for all registered connections; see serverConn.bytes
+	dropping atomic.Bool  // dropLargest is running
 
 	logMu    sync.Mutex
 	logStart time.Time // guarded by logMu: start of the current second of warn
@@ -65,6 +77,42 @@ func (h *portHost) log(to *slog.Logger, level slog.Level, msg string, args ...an
 		}
 	}
 	to.Log(context.Background(), level, msg, args...)
+}
+
+// charge counts n bytes more (or fewer) held for the port's registered
+// connections. Past Config.MaxTotalBytes, the connection that holds the
+// most is closed, on a goroutine of its own: charge runs under locks that
+// closing takes.
+func (h *portHost) charge(n int) {
+	if h.held.Add(int64(n)) > int64(h.cfg.MaxTotalBytes) && n > 0 && h.dropping.CompareAndSwap(false, true) {
+		go h.dropLargest()
+	}
+}
+
+// dropLargest closes the registered connections that hold the most
+// bytes until what they held no longer passes the bound.
+func (h *portHost) dropLargest() {
+	defer h.dropping.Store(false)
+	for excess := h.held.Load() - int64(h.cfg.MaxTotalBytes); excess > 0; {
+		var big *serverConn
+		h.mu.Lock()
+		for _, l := range h.channels {
+			l.mu.Lock()
+			for sc := range l.conns {
+				if sc.ctx.Err() == nil && (big == nil || sc.bytes.Load() > big.bytes.Load()) {
+					big = sc
+				}
+			}
+			l.mu.Unlock()
+		}
+		h.mu.Unlock()
+		if big == nil {
+			return
+		}
+		excess -= big.bytes.Load()
+		big.close(fmt.Errorf("the port's connections hold over Config.MaxTotalBytes (%d bytes); this one holds the most, %d",
+			h.cfg.MaxTotalBytes, big.bytes.Load()))
+	}
 }
 
 // unhost removes l from its port; the last channel to leave closes the
@@ -160,16 +208,99 @@ func (h *portHost) register(nc net.Conn) {
 		}
 		l = nil
 		nc.Close()
+	case h.refusesPeer(nc, p):
+		l = nil
 	case l == nil:
 		h.warn("clusterclient: refusing register for a channel this leader does not host",
 			"remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
 		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
 			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.cfg.Port, rc.ChannelName)})
+	case !h.count(1):
+		h.warn("clusterclient: refusing follower: too many connections", "remote", nc.RemoteAddr(), "limit", h.cfg.MaxConns)
+		refuse(h, nc, p, l.marshal, &RemoteError{Name: "ClusterTooManyConnectionsError", Code: codeTooManyConns, Message: fmt.Sprintf(
+			"the leader on port %d serves %d follower connections, its limit (Config.MaxConns)", h.cfg.Port, h.cfg.MaxConns)})
+		l = nil
 	}
 	h.wg.Done()
 	if l != nil {
 		l.serve(nc, br, p, rc)
+		h.count(-1)
 	}
+}
+
+// count adds d to the connections handed to a leader, unless that would
+// pass MaxConns; it reports whether it did.
+func (h *portHost) count(d int) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ok := h.conns+d <= h.cfg.MaxConns
+	if ok {
+		h.conns += d
+	}
+	return ok
+}
+
+// socketOwner returns the uid that owns the TCP socket of this host from
+// address local to address remote, both IPv4, read from /proc/net/tcp
+// and /proc/net/tcp6 (where an IPv4-mapped address ends as the IPv4 one
+// does), or -1 if there is none. TIME_WAIT lines (state 06), whose uid
+// always reads 0, are skipped. An error means that the table cannot be
+// read.
+func socketOwner(local, remote *net.TCPAddr) (int, error) {
+	f, err := os.Open("/proc/net/tcp")
+	if err != nil {
+		return -1, err
+	}
+	defer f.Close()
+	f6, _ := os.Open("/proc/net/tcp6") // nil without IPv6: reads and Close fail
+	defer f6.Close()
+	la, ra := procAddr(local), procAddr(remote)
+	for s := bufio.NewScanner(io.MultiReader(f, f6)); s.Scan(); {
+		fs := strings.Fields(s.Text()) // sl local remote st tx:rx tr:when retrnsmt uid ...
+		if len(fs) > 7 && fs[3] != "06" && strings.HasSuffix(fs[1], la) && strings.HasSuffix(fs[2], ra) {
+			if uid, err := strconv.Atoi(fs[7]); err == nil {
+				return uid, nil
+			}
+		}
+	}
+	return -1, nil
+}
+
+// procAddr writes an IPv4 address as the socket tables do: the four
+// bytes as one hexadecimal number in the host's byte order, a colon, the
+// port. An address that is not IPv4 matches no line.
+func procAddr(a *net.TCPAddr) string {
+	return fmt.Sprintf("%08X:%04X", binary.NativeEndian.Uint32(append(a.IP.To4(), 0, 0, 0, 0)), a.Port)
+}
+
+// peerAllowed looks up the owner of the socket from address local to
+// address remote, and says whether cfg lets this process talk to it: yes
+// when the socket table cannot be read. uid is -1 if no socket matches.
+func peerAllowed(cfg *Config, local, remote net.Addr) (uid int, ok bool) {
+	if cfg.AllowAnyUser {
+		return -1, true
+	}
+	la, _ := local.(*net.TCPAddr)
+	ra, _ := remote.(*net.TCPAddr)
+	if la == nil || ra == nil {
+		return -1, false
+	}
+	uid, err := socketOwner(la, ra)
+	return uid, err != nil || uid >= 0 && (uid == os.Geteuid() || slices.Contains(cfg.AllowUIDs, uid))
+}
+
+// refusesPeer refuses the register_channel p on nc, a TCP connection of
+// h.ln, and reports true, if the follower's process runs as a user that
+// the port does not allow; ERR_CLUSTER_PEER_USER tells the follower.
+func (h *portHost) refusesPeer(nc net.Conn, p *Packet) bool {
+	uid, ok := peerAllowed(h.cfg, nc.RemoteAddr(), nc.LocalAddr())
+	if !ok {
+		h.warn("clusterclient: refusing follower of another user", "remote", nc.RemoteAddr(), "uid", uid, "port", h.cfg.Port)
+		msg := fmt.Sprintf("the leader on port %d refuses followers of uid %d (-1: their socket not found): "+
+			"set its Config.AllowUIDs or AllowAnyUser", h.cfg.Port, uid)
+		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterPeerUserError", Code: "ERR_CLUSTER_PEER_USER", Message: msg})
+	}
+	return !ok
 }
 
 // registerOf reads the register_channel that the first packet p of a

@@ -140,9 +140,10 @@ func appendHeader(b []byte, response bool, id uint64, timeout int32, connLen, ap
 // Reader takes one packet at a time off a stream. It is not safe for
 // concurrent use.
 type Reader struct {
-	r   io.Reader
-	max int
-	hdr [HeaderSize]byte
+	r      io.Reader
+	max    int
+	hdr    [HeaderSize]byte
+	charge func(n int) // told of each body buffer allocated (n > 0) and let go (n < 0)
 }
 
 // NewReader returns a Reader of r that refuses packets whose conn length
@@ -150,7 +151,7 @@ type Reader struct {
 // maxPacketSize <= 0). Wrap a network connection in a bufio.Reader first
 // to save system calls.
 func NewReader(r io.Reader, maxPacketSize int) *Reader {
-	return &Reader{r: r, max: cmp.Or(max(maxPacketSize, 0), DefaultMaxPacketSize)} // 0 or less: the default
+	return &Reader{r: r, max: cmp.Or(max(maxPacketSize, 0), DefaultMaxPacketSize), charge: func(int) {}} // 0 or less: the default
 }
 
 // ReadPacket reads the next packet into p. Conn and App share one newly
@@ -209,6 +210,8 @@ func (r *Reader) readBody(h []byte) (body []byte, connLen int, err error) {
 	}
 	n := int(c) + int(a)
 	b := make([]byte, 0, min(n, readChunk))
+	r.charge(cap(b))
+	defer func() { r.charge(-cap(b)) }()
 	for {
 		m, err := io.ReadFull(r.r, b[len(b):cap(b)])
 		b = b[:len(b)+m]
@@ -220,7 +223,9 @@ func (r *Reader) readBody(h []byte) (body []byte, connLen int, err error) {
 		if len(b) == n {
 			return b, int(c), nil
 		}
-		b = append(make([]byte, 0, min(n, 2*cap(b))), b...)
+		grown := append(make([]byte, 0, min(n, 2*cap(b))), b...)
+		r.charge(cap(grown) - cap(b))
+		b = grown
 	}
 }
 
@@ -275,6 +280,14 @@ type heartbeatRes struct{}
 // does not know.
 type leaderClosing struct{}
 
+// subscribeFailed tells a follower that the leader refused to subscribe
+// Key: its real client has no Subscribe method, or Subscribe failed, or a
+// bound on keys was reached. The app object is the error object, as
+// invoke_result carries it. It is this package's own addition, as
+// leaderClosing is: a Node.js follower acts on subscribe_result alone
+// among the requests it gets, and ignores this one.
+type subscribeFailed struct{ Key string }
+
 func (c registerChannel) appendJSON(b []byte) []byte {
 	b = appendJSONString(append(b, `{"type":"register_channel","channelName":`...), c.ChannelName)
 	if c.Secret != "" {
@@ -322,6 +335,10 @@ func (heartbeatRes) appendJSON(b []byte) []byte { return typeOnly(b, "heartbeat_
 
 func (leaderClosing) appendJSON(b []byte) []byte { return typeOnly(b, "leader_closing") }
 
+func (c subscribeFailed) appendJSON(b []byte) []byte {
+	return appendKeyReg(b, "subscribe_failed", c.Key, nil)
+}
+
 // typeOnly writes a conn object that has no key but its type.
 func typeOnly(b []byte, t string) []byte {
 	return append(append(append(b, `{"type":"`...), t...), `"}`...)
@@ -367,6 +384,7 @@ var connTypes = map[string]func(f *connFields) connObject{
 	"heartbeat":            func(*connFields) connObject { return heartbeat{} },
 	"heartbeat_res":        func(*connFields) connObject { return heartbeatRes{} },
 	"leader_closing":       func(*connFields) connObject { return leaderClosing{} },
+	"subscribe_failed":     func(f *connFields) connObject { return subscribeFailed{Key: f.sub.Key} },
 }
 
 // parseConn decodes a conn object into its typed value. An unknown type

@@ -569,6 +569,7 @@ var parseConnCases = []struct {
 	{`{"type":"heartbeat"}`, heartbeat{}, "heartbeat", nil},
 	{" \t\r\n{ \"type\" : \"heartbeat\" } \n", heartbeat{}, "heartbeat", nil},
 	{`{"type":"leader_closing"}`, leaderClosing{}, "leader_closing", nil},
+	{`{"type":"subscribe_failed","key":"k"}`, subscribeFailed{Key: "k"}, "subscribe_failed", nil},
 	{`{"type":"invoke","method":"m","argLength":3,"oneway":true}`, invoke{Method: "m", ArgLength: 3, Oneway: true}, "invoke", nil},
 	{`{"oneway":true,"argLength":3,"method":"m","type":"invoke"}`, invoke{Method: "m", ArgLength: 3, Oneway: true}, "invoke", nil},
 	{`{"type":"invoke","method":"m","argLength":-0}`, invoke{Method: "m"}, "invoke", nil},
@@ -781,6 +782,8 @@ func parseConnOracle(b []byte) (connObject, string, error) {
 		return heartbeatRes{}, f.Type, nil
 	case "leader_closing":
 		return leaderClosing{}, f.Type, nil
+	case "subscribe_failed":
+		return subscribeFailed{Key: f.Key}, f.Type, nil
 	}
 	return nil, f.Type, nil
 }
