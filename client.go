@@ -587,8 +587,7 @@ func (c *Client) deliverLoop() {
 func (c *Client) listen(s *Subscription) {
 	defer func() {
 		if p := recover(); p != nil {
-			c.cfg.Logger.Error("clusterclient: a listener panicked", "channel", c.name, "key", s.key,
-				"panic", p, "stack", string(debug.Stack()))
+			c.cfg.Logger.Error("clusterclient: a listener panicked", "channel", c.name, "key", s.key, "panic", p, "stack", string(debug.Stack()))
 		}
 	}()
 	s.fn(s.next)

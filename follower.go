@@ -71,8 +71,7 @@ func dialLeader(ctx context.Context, name string, cfg *Config, deliver func(key 
 			"set Config.AllowUIDs or AllowAnyUser to follow it", cfg.Port, uid)}
 	}
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
-	f := &follower{name: name, cfg: cfg, nc: nc, deliver: deliver, dead: make(chan struct{}),
-		closing: make(chan struct{}), pending: make(map[uint64]chan answer)}
+	f := &follower{name: name, cfg: cfg, nc: nc, deliver: deliver, dead: make(chan struct{}), closing: make(chan struct{}), pending: make(map[uint64]chan answer)}
 	f.w = newSender(nc, cfg.MaxQueuedBytes, cfg.ResponseTimeout, func(err error) { f.fail(err) }, func(int) {})
 	r := NewReader(bufio.NewReaderSize(nc, followerReadBuffer), cfg.MaxPacketSize)
 	err = f.register(r)
@@ -121,8 +120,7 @@ func (f *follower) register(r *Reader) error {
 		return err
 	}
 	return &errNotLeader{fmt.Errorf("clusterclient: %s is not a cluster-client leader, or not yet: what answers there "+
-		"does not speak the protocol or did not answer; if another program holds the port, choose another "+
-		"Config.Port or %s: %w", addr, EnvPort, err)}
+		"does not speak the protocol or did not answer; if another program holds the port, choose another Config.Port or %s: %w", addr, EnvPort, err)}
 }
 
 // registerAnswer checks that p answers the register_channel request id,

@@ -123,8 +123,7 @@ type serverConn struct {
 }
 
 func newLeader(name string, cfg *Config, deliver func(key string, data []byte, err error)) *leader {
-	return &leader{name: name, cfg: cfg, deliver: deliver, ready: make(chan struct{}),
-		conns: make(map[*serverConn]struct{}), topics: make(map[string]*topic)}
+	return &leader{name: name, cfg: cfg, deliver: deliver, ready: make(chan struct{}), conns: make(map[*serverConn]struct{}), topics: make(map[string]*topic)}
 }
 
 // safely runs f, which calls user code (the build, the real client, the

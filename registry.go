@@ -110,8 +110,7 @@ func (h *portHost) dropLargest() {
 			return
 		}
 		excess -= big.bytes.Load()
-		big.close(fmt.Errorf("the port's connections hold over Config.MaxTotalBytes (%d bytes); this one holds the most, %d",
-			h.cfg.MaxTotalBytes, big.bytes.Load()))
+		big.close(fmt.Errorf("the port's connections hold over Config.MaxTotalBytes (%d bytes); this one holds the most, %d", h.cfg.MaxTotalBytes, big.bytes.Load()))
 	}
 }
 
@@ -171,8 +170,7 @@ func (h *portHost) track(nc net.Conn) bool {
 		return false
 	}
 	if h.unreg = append(h.unreg, nc); len(h.unreg) > h.cfg.MaxUnregistered {
-		h.warn("clusterclient: closing unregistered connection: too many connections have not registered",
-			"remote", h.unreg[0].RemoteAddr(), "limit", h.cfg.MaxUnregistered)
+		h.warn("clusterclient: closing unregistered connection: too many connections have not registered", "remote", h.unreg[0].RemoteAddr(), "limit", h.cfg.MaxUnregistered)
 		h.unreg[0].Close()
 		h.unreg = h.unreg[1:]
 	}
@@ -211,8 +209,7 @@ func (h *portHost) register(nc net.Conn) {
 	case h.refusesPeer(nc, p):
 		l = nil
 	case l == nil:
-		h.warn("clusterclient: refusing register for a channel this leader does not host",
-			"remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
+		h.warn("clusterclient: refusing register for a channel this leader does not host", "remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
 		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
 			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.cfg.Port, rc.ChannelName)})
 	case !h.count(1):
@@ -296,8 +293,7 @@ func (h *portHost) refusesPeer(nc net.Conn, p *Packet) bool {
 	uid, ok := peerAllowed(h.cfg, nc.RemoteAddr(), nc.LocalAddr())
 	if !ok {
 		h.warn("clusterclient: refusing follower of another user", "remote", nc.RemoteAddr(), "uid", uid, "port", h.cfg.Port)
-		msg := fmt.Sprintf("the leader on port %d refuses followers of uid %d (-1: their socket not found): "+
-			"set its Config.AllowUIDs or AllowAnyUser", h.cfg.Port, uid)
+		msg := fmt.Sprintf("the leader on port %d refuses followers of uid %d (-1: their socket not found): set its Config.AllowUIDs or AllowAnyUser", h.cfg.Port, uid)
 		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterPeerUserError", Code: "ERR_CLUSTER_PEER_USER", Message: msg})
 	}
 	return !ok
