@@ -50,7 +50,9 @@
 // listener that joins late gets the latest value at once. Listeners of a
 // client run one at a time and see the latest value: a listener still busy
 // when newer values arrive gets only the newest. When the last listener
-// anywhere leaves, the real client is told (an [Unsubscriber]).
+// anywhere leaves, the real client is told (an [Unsubscriber]). A Go
+// leader that cannot serve a registration tells the subscribing process,
+// which logs it; see [Subscription.Err].
 // [Client.Publish] hands a registration to the real client (a [Publisher])
 // and remembers it.
 //
@@ -71,9 +73,13 @@
 //
 // # Security
 //
-// Any local process, of any user, can connect to the port and, once it
-// has registered a channel, call the real client like any follower; a
-// process that holds the port first leads. The limits in [Config] bound
-// what one connection can cost, and [Config.Secret] makes followers
-// present a shared secret (Go peers only). See the README for details.
+// On Linux, only processes of the leader's own user may join it, and a
+// follower follows only a leader of its own user: each end reads the owner
+// of the other's socket from /proc/net/tcp once per connection
+// ([Config.AllowUIDs] and [Config.AllowAnyUser] widen this; elsewhere the
+// check is off). A registered follower can call the real client like any
+// other; a process that holds the port first leads. The limits in [Config]
+// bound what one connection, and all of them together, can cost the
+// leader, and [Config.Secret] makes followers present a shared secret (Go
+// peers only). See the README for details.
 package clusterclient
