@@ -47,38 +47,40 @@ const readChunk = 256 << 10
 // Errors of the packet codec. Each kind of protocol fault has its own
 // sentinel; the errors returned wrap one of them with details, so test
 // them with errors.Is.
-var (
-	// ErrBadVersion: the version byte is not ProtocolVersion.
-	ErrBadVersion = errors.New("clusterclient: unsupported protocol version")
-	// ErrBadType: the type byte is neither 0 (request) nor 1 (response).
-	ErrBadType = errors.New("clusterclient: bad packet type")
-	// ErrNegativeLength: the conn or app length in a header is negative.
-	ErrNegativeLength = errors.New("clusterclient: negative length in packet header")
-	// ErrPacketTooLarge: conn length plus app length exceed the maximum
-	// packet size.
-	ErrPacketTooLarge = errors.New("clusterclient: packet exceeds the maximum size")
-	// ErrBadConn: the conn object is not a JSON object of a known shape.
-	ErrBadConn = errors.New("clusterclient: conn object is not a valid JSON object")
-	// ErrTruncated: the input ended inside a header or a body. Errors
-	// that wrap it also wrap io.ErrUnexpectedEOF.
-	ErrTruncated = errors.New("clusterclient: truncated packet")
-	// ErrArgCount: an invoke's argLength disagrees with the arguments that
-	// its app object holds.
-	ErrArgCount = errors.New("clusterclient: argLength disagrees with the argument frame")
-	// ErrArgOverrun: an argument's length runs past the end of the frame.
-	ErrArgOverrun = errors.New("clusterclient: argument length runs past the end of the frame")
-	// ErrTrailingBytes: UnmarshalBinary was given bytes past the end of
-	// the packet.
-	ErrTrailingBytes = errors.New("clusterclient: bytes after the end of the packet")
-)
+
+// ErrBadVersion: the version byte is not ProtocolVersion.
+var ErrBadVersion = errors.New("clusterclient: unsupported protocol version")
+
+// ErrBadType: the type byte is neither 0 (request) nor 1 (response).
+var ErrBadType = errors.New("clusterclient: bad packet type")
+
+// ErrNegativeLength: the conn or app length in a header is negative.
+var ErrNegativeLength = errors.New("clusterclient: negative length in packet header")
+
+// ErrPacketTooLarge: conn length plus app length exceed the maximum
+// packet size.
+var ErrPacketTooLarge = errors.New("clusterclient: packet exceeds the maximum size")
+
+// ErrBadConn: the conn object is not a JSON object of a known shape.
+var ErrBadConn = errors.New("clusterclient: conn object is not a valid JSON object")
+
+// ErrTruncated: the input ended inside a header or a body. Errors
+// that wrap it also wrap io.ErrUnexpectedEOF.
+var ErrTruncated = errors.New("clusterclient: truncated packet")
+
+// ErrArgCount: an invoke's argLength disagrees with the arguments that
+// its app object holds.
+var ErrArgCount = errors.New("clusterclient: argLength disagrees with the argument frame")
+
+// ErrArgOverrun: an argument's length runs past the end of the frame.
+var ErrArgOverrun = errors.New("clusterclient: argument length runs past the end of the frame")
 
 // Packet is one protocol packet: a 24-byte header, a conn object that says
 // what the packet is for, and an optional app object.
 //
 // The codec always writes version 1 and refuses any other, so the version
-// has no field here. *Packet implements encoding.BinaryMarshaler,
-// encoding.BinaryAppender and encoding.BinaryUnmarshaler for one whole
-// packet in a byte slice; Reader takes packets off a stream.
+// has no field here. *Packet implements encoding.BinaryMarshaler and
+// encoding.BinaryAppender; Reader takes packets off a stream.
 type Packet struct {
 	// Response is true for a response (type 1), false for a request.
 	Response bool
@@ -101,22 +103,6 @@ func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
 
 // MarshalBinary returns the encoded packet.
 func (p *Packet) MarshalBinary() ([]byte, error) { return p.AppendBinary(nil) }
-
-// UnmarshalBinary decodes exactly one whole packet from data, as Reader
-// does with DefaultMaxPacketSize as the bound. Conn and App are copied
-// out of data.
-func (p *Packet) UnmarshalBinary(data []byte) error {
-	r, q := bytes.NewReader(data), Packet{}
-	err := NewReader(r, 0).ReadPacket(&q)
-	if err == io.EOF {
-		err = truncated("header", 0, HeaderSize)
-	} else if err == nil && r.Len() > 0 {
-		err = fmt.Errorf("%w: %d bytes", ErrTrailingBytes, r.Len())
-	} else if err == nil {
-		*p = q
-	}
-	return err
-}
 
 // truncated is the ErrTruncated for where, which ended after got of want
 // bytes.
