@@ -104,12 +104,6 @@ func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
 // MarshalBinary returns the encoded packet.
 func (p *Packet) MarshalBinary() ([]byte, error) { return p.AppendBinary(nil) }
 
-// truncated is the ErrTruncated for where, which ended after got of want
-// bytes.
-func truncated(where string, got, want int) error {
-	return fmt.Errorf("%w: %s has %d of %d bytes: %w", ErrTruncated, where, got, want, io.ErrUnexpectedEOF)
-}
-
 // appendHeader appends a header; appendPacket and appendInvoke write zero
 // lengths that finishPacket sets. They call the packet up to the end of
 // its conn object head, and leave b itself as it was, so len(b) is where
@@ -154,7 +148,7 @@ func NewReader(r io.Reader, maxPacketSize int) *Reader {
 func (r *Reader) ReadPacket(p *Packet) error {
 	h := r.hdr[:]
 	if n, err := io.ReadFull(r.r, h); err == io.ErrUnexpectedEOF {
-		return truncated("header", n, HeaderSize)
+		return fmt.Errorf("%w: header has %d of %d bytes: %w", ErrTruncated, n, HeaderSize, io.ErrUnexpectedEOF)
 	} else if err != nil {
 		return err // io.EOF at a clean end
 	}
@@ -198,21 +192,19 @@ func (r *Reader) readBody(h []byte) (body []byte, connLen int, err error) {
 	b := make([]byte, 0, min(n, readChunk))
 	r.charge(cap(b))
 	defer func() { r.charge(-cap(b)) }()
-	for {
-		m, err := io.ReadFull(r.r, b[len(b):cap(b)])
-		b = b[:len(b)+m]
-		if err == io.EOF || err == io.ErrUnexpectedEOF {
-			return nil, 0, truncated("body", len(b), n)
+	for len(b) < n {
+		if len(b) == cap(b) { // all that was asked for arrived: ask for more
+			r.charge(min(n, 2*cap(b)) - cap(b))
+			b = append(make([]byte, 0, min(n, 2*cap(b))), b...)
+		}
+		if m, err := io.ReadFull(r.r, b[len(b):cap(b)]); err == io.EOF || err == io.ErrUnexpectedEOF {
+			return nil, 0, fmt.Errorf("%w: body has %d of %d bytes: %w", ErrTruncated, len(b)+m, n, io.ErrUnexpectedEOF)
 		} else if err != nil {
 			return nil, 0, err
 		}
-		if len(b) == n {
-			return b, int(c), nil
-		}
-		grown := append(make([]byte, 0, min(n, 2*cap(b))), b...)
-		r.charge(cap(grown) - cap(b))
-		b = grown
+		b = b[:cap(b)]
 	}
+	return b, int(c), nil
 }
 
 // connObject is one of the typed conn objects below. appendJSON writes it
@@ -284,19 +276,17 @@ func (c registerChannel) appendJSON(b []byte) []byte {
 
 func (registerChannelRes) appendJSON(b []byte) []byte { return typeOnly(b, "register_channel_res") }
 
-func (c subscribe) appendJSON(b []byte) []byte { return appendKeyReg(b, "subscribe", c.Key, c.Reg) }
+func (c subscribe) appendJSON(b []byte) []byte { return keyReg(b, "subscribe", c.Key, c.Reg...) }
 
-func (c unSubscribe) appendJSON(b []byte) []byte { return appendKeyReg(b, "unSubscribe", c.Key, c.Reg) }
+func (c unSubscribe) appendJSON(b []byte) []byte { return keyReg(b, "unSubscribe", c.Key, c.Reg...) }
 
-func (c subscribeResult) appendJSON(b []byte) []byte {
-	return appendKeyReg(b, "subscribe_result", c.Key, nil)
-}
+func (c subscribeResult) appendJSON(b []byte) []byte { return keyReg(b, "subscribe_result", c.Key) }
 
-// appendKeyReg writes a conn object of type typ with a key and maybe a
-// reg. An empty reg is left out, as JSON.stringify leaves out a key whose
+// keyReg writes a conn object of type typ with a key and maybe a reg.
+// An empty reg is left out, as JSON.stringify leaves out a key whose
 // value is undefined, so that parseConn gives back a nil Reg; reg is
 // written as it is and must be valid JSON.
-func appendKeyReg(b []byte, typ, key string, reg json.RawMessage) []byte {
+func keyReg(b []byte, typ, key string, reg ...byte) []byte {
 	b = appendJSONString(append(append(append(b, `{"type":"`...), typ...), `","key":`...), key)
 	if len(reg) > 0 {
 		b = append(append(b, `,"reg":`...), reg...)
@@ -321,9 +311,7 @@ func (heartbeatRes) appendJSON(b []byte) []byte { return typeOnly(b, "heartbeat_
 
 func (leaderClosing) appendJSON(b []byte) []byte { return typeOnly(b, "leader_closing") }
 
-func (c subscribeFailed) appendJSON(b []byte) []byte {
-	return appendKeyReg(b, "subscribe_failed", c.Key, nil)
-}
+func (c subscribeFailed) appendJSON(b []byte) []byte { return keyReg(b, "subscribe_failed", c.Key) }
 
 // typeOnly writes a conn object that has no key but its type.
 func typeOnly(b []byte, t string) []byte {
@@ -532,15 +520,13 @@ func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 		return appendJSONString(b, x), nil
 	case json.Number:
 		// As JSON.stringify writes the number that JSON.parse makes of x.
-		f, _ := strconv.ParseFloat(string(x), 64) // x is valid: the only error is range, ±Inf or 0
-		switch abs := math.Abs(f); {
-		case f == 0:
+		// encoding/json writes a float64 as JavaScript does (1e+21, 1e-7,
+		// 0.000001), but for -0, which JavaScript writes as 0, and ±Inf,
+		// which it cannot write and JSON.stringify writes as null, below.
+		if f, _ := strconv.ParseFloat(string(x), 64); f == 0 { // x is valid: the only error is range, ±Inf or 0
 			return append(b, '0'), nil // -0 too
-		case abs >= 1e-6 && abs < 1e21:
-			return strconv.AppendFloat(b, f, 'f', -1, 64), nil
-		case !math.IsInf(f, 0): // JSON.stringify writes Infinity as null, below
-			// JavaScript writes the exponent with no leading zero: 1e-7, not 1e-07.
-			return append(b, bytes.Replace(strconv.AppendFloat(nil, f, 'e', -1, 64), []byte("e-0"), []byte("e-"), 1)...), nil
+		} else if n, err := json.Marshal(f); err == nil {
+			return append(b, n...), nil
 		}
 	case bool:
 		return strconv.AppendBool(b, x), nil
