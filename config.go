@@ -285,11 +285,10 @@ type RemoteError struct {
 
 // Error describes the remote error with its name, message and code.
 func (e *RemoteError) Error() string {
-	s := "clusterclient: remote " + e.Name + ": " + e.Message
 	if e.Code != "" {
-		s += " (" + e.Code + ")"
+		return "clusterclient: remote " + e.Name + ": " + e.Message + " (" + e.Code + ")"
 	}
-	return s
+	return "clusterclient: remote " + e.Name + ": " + e.Message
 }
 
 // Unwrap returns the original error in the leader's own process, nil
@@ -299,11 +298,10 @@ func (e *RemoteError) Unwrap() error { return e.err }
 // toRemote turns an error of the real client into a *RemoteError, as
 // RealClient's doc says.
 func toRemote(err error) *RemoteError {
-	var re *RemoteError
-	if errors.As(err, &re) {
+	re := &RemoteError{Name: "Error", Message: err.Error(), err: err}
+	if errors.As(err, &re) { // re is left as it was unless err holds a *RemoteError
 		return re
 	}
-	re = &RemoteError{Name: "Error", Message: err.Error(), err: err}
 	var namer interface{ ErrorName() string }
 	if errors.As(err, &namer) && namer.ErrorName() != "" {
 		re.Name = namer.ErrorName()

@@ -189,14 +189,13 @@ func (r *Reader) readBody(h []byte) (body []byte, connLen int, err error) {
 		return nil, 0, fmt.Errorf("%w: conn %d + app %d bytes, maximum %d", ErrPacketTooLarge, c, a, r.max)
 	}
 	n := int(c) + int(a)
-	b := make([]byte, 0, min(n, readChunk))
-	r.charge(cap(b))
+	var b []byte
 	defer func() { r.charge(-cap(b)) }()
 	for len(b) < n {
-		if len(b) == cap(b) { // all that was asked for arrived: ask for more
-			r.charge(min(n, 2*cap(b)) - cap(b))
-			b = append(make([]byte, 0, min(n, 2*cap(b))), b...)
-		}
+		// Ask for readChunk, then, each time all that was asked for has
+		// arrived, for twice as much: a new buffer, with b copied in.
+		r.charge(min(n, max(readChunk, 2*cap(b))) - cap(b))
+		b = append(make([]byte, 0, min(n, max(readChunk, 2*cap(b)))), b...)
 		if m, err := io.ReadFull(r.r, b[len(b):cap(b)]); err == io.EOF || err == io.ErrUnexpectedEOF {
 			return nil, 0, fmt.Errorf("%w: body has %d of %d bytes: %w", ErrTruncated, len(b)+m, n, io.ErrUnexpectedEOF)
 		} else if err != nil {
@@ -382,14 +381,11 @@ func parseConn(b []byte) (connObject, string, error) {
 		return nil, "", fmt.Errorf("%w: %.64q", ErrBadConn, b)
 	}
 	var f connFields
-	for _, k := range [...]struct {
-		key string
-		dst any
-	}{{"type", &f.typ}, {"channelName", &f.rc.ChannelName}, {"secret", &f.rc.Secret}, {"key", &f.sub.Key},
-		{"reg", &f.sub.Reg}, {"method", &f.inv.Method}, {"argLength", &f.inv.ArgLength}, {"oneway", &f.inv.Oneway},
-		{"success", &f.res.Success}} {
-		if raw, ok := m[k.key]; ok && json.Unmarshal(raw, k.dst) != nil {
-			return nil, "", fmt.Errorf("%w: key %q has a value of the wrong type: %.64s", ErrBadConn, k.key, raw)
+	// Each key decodes into the field at the same place in dsts.
+	dsts := [...]any{&f.typ, &f.rc.ChannelName, &f.rc.Secret, &f.sub.Key, &f.sub.Reg, &f.inv.Method, &f.inv.ArgLength, &f.inv.Oneway, &f.res.Success}
+	for i, key := range [...]string{"type", "channelName", "secret", "key", "reg", "method", "argLength", "oneway", "success"} {
+		if raw, ok := m[key]; ok && json.Unmarshal(raw, dsts[i]) != nil {
+			return nil, "", fmt.Errorf("%w: key %q has a value of the wrong type: %.64s", ErrBadConn, key, raw)
 		}
 	}
 	if f.typ == "invoke" && f.inv.ArgLength < 0 {
