@@ -574,9 +574,8 @@ func appendJSContainer(b []byte, dec *json.Decoder, depth int, open json.Delim) 
 // an array index (the canonical decimal form of an integer below
 // 2^32-1) by its value, any other key after every index.
 func jsKeyRank(k string) uint64 {
-	n, err := strconv.ParseUint(k, 10, 32)
-	if err != nil || n == 1<<32-1 || strconv.FormatUint(n, 10) != k {
-		return 1 << 32
+	if n, err := strconv.ParseUint(k, 10, 32); err == nil && n < 1<<32-1 && strconv.FormatUint(n, 10) == k {
+		return n
 	}
-	return n
+	return 1 << 32
 }
