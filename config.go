@@ -15,33 +15,25 @@ import (
 
 // Environment variables read by DefaultConfig. They are the reference's
 // names, so one setting serves Node.js and Go processes alike.
-const (
-	// EnvPort overrides the default port (7777).
-	EnvPort = "NODE_CLUSTER_CLIENT_PORT"
-	// EnvSingleMode set to "1" turns single mode on.
-	EnvSingleMode = "NODE_CLUSTER_CLIENT_SINGLE_MODE"
-)
+
+// EnvPort overrides the default port (7777).
+const EnvPort = "NODE_CLUSTER_CLIENT_PORT"
+
+// EnvSingleMode set to "1" turns single mode on.
+const EnvSingleMode = "NODE_CLUSTER_CLIENT_SINGLE_MODE"
 
 // Role says how a client takes part in the election.
 type Role int
 
-const (
-	// RoleAuto competes for the port: the winner leads, the others follow.
-	RoleAuto Role = iota
-	// RoleLeader must lead: New fails at once if the port is taken.
-	RoleLeader
-	// RoleFollower never listens: it dials until a leader answers or
-	// Config.MaxWaitTime runs out.
-	RoleFollower
-)
+// RoleAuto competes for the port: the winner leads, the others follow.
+const RoleAuto Role = 0
 
-// String returns the role's name: "auto", "leader" or "follower".
-func (r Role) String() string {
-	if r >= RoleAuto && r <= RoleFollower {
-		return [...]string{"auto", "leader", "follower"}[r]
-	}
-	return "Role(" + strconv.Itoa(int(r)) + ")"
-}
+// RoleLeader must lead: New fails at once if the port is taken.
+const RoleLeader Role = 1
+
+// RoleFollower never listens: it dials until a leader answers or
+// Config.MaxWaitTime runs out.
+const RoleFollower Role = 2
 
 // Config tunes a Client. A zero field means its default, as in
 // http.Server, so &Config{Port: 7800} is a complete configuration; New
@@ -265,18 +257,20 @@ func VerifyConfig(c *Config) error {
 
 // Errors of the cluster runtime. Errors returned by calls wrap these with
 // details; test them with errors.Is.
-var (
-	// ErrClosed: the client was closed.
-	ErrClosed = errors.New("clusterclient: client closed")
-	// ErrTimeout: the leader did not answer within the call's timeout.
-	ErrTimeout = errors.New("clusterclient: the leader did not answer in time")
-	// ErrLeaderLost: the connection to the leader broke while the call
-	// was in flight. The call may or may not have run on the leader.
-	ErrLeaderLost = errors.New("clusterclient: connection to the leader lost")
-	// ErrNoLeader: no leader could be found or elected within
-	// Config.MaxWaitTime.
-	ErrNoLeader = errors.New("clusterclient: no leader")
-)
+
+// ErrClosed: the client was closed.
+var ErrClosed = errors.New("clusterclient: client closed")
+
+// ErrTimeout: the leader did not answer within the call's timeout.
+var ErrTimeout = errors.New("clusterclient: the leader did not answer in time")
+
+// ErrLeaderLost: the connection to the leader broke while the call
+// was in flight. The call may or may not have run on the leader.
+var ErrLeaderLost = errors.New("clusterclient: connection to the leader lost")
+
+// ErrNoLeader: no leader could be found or elected within
+// Config.MaxWaitTime.
+var ErrNoLeader = errors.New("clusterclient: no leader")
 
 // RemoteError is an error raised by the leader's real client. It keeps the
 // four fields the protocol carries: Name, the error's name, such as "Error"
@@ -291,11 +285,10 @@ type RemoteError struct {
 
 // Error describes the remote error with its name, message and code.
 func (e *RemoteError) Error() string {
-	s := "clusterclient: remote " + e.Name + ": " + e.Message
 	if e.Code != "" {
-		s += " (" + e.Code + ")"
+		return "clusterclient: remote " + e.Name + ": " + e.Message + " (" + e.Code + ")"
 	}
-	return s
+	return "clusterclient: remote " + e.Name + ": " + e.Message
 }
 
 // Unwrap returns the original error in the leader's own process, nil
@@ -305,11 +298,10 @@ func (e *RemoteError) Unwrap() error { return e.err }
 // toRemote turns an error of the real client into a *RemoteError, as
 // RealClient's doc says.
 func toRemote(err error) *RemoteError {
-	var re *RemoteError
-	if errors.As(err, &re) {
+	re := &RemoteError{Name: "Error", Message: err.Error(), err: err}
+	if errors.As(err, &re) { // re is left as it was unless err holds a *RemoteError
 		return re
 	}
-	re = &RemoteError{Name: "Error", Message: err.Error(), err: err}
 	var namer interface{ ErrorName() string }
 	if errors.As(err, &namer) && namer.ErrorName() != "" {
 		re.Name = namer.ErrorName()

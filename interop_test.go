@@ -785,7 +785,7 @@ func readRaw(r io.Reader) (rawPacket, error) {
 		return rawPacket{}, err
 	}
 	rp := rawPacket{raw: raw}
-	if err := rp.p.UnmarshalBinary(raw); err != nil {
+	if err := decodePacket(raw, &rp.p); err != nil {
 		return rawPacket{}, err
 	}
 	_, typ, err := parseConn(rp.p.Conn)

@@ -47,38 +47,40 @@ const readChunk = 256 << 10
 // Errors of the packet codec. Each kind of protocol fault has its own
 // sentinel; the errors returned wrap one of them with details, so test
 // them with errors.Is.
-var (
-	// ErrBadVersion: the version byte is not ProtocolVersion.
-	ErrBadVersion = errors.New("clusterclient: unsupported protocol version")
-	// ErrBadType: the type byte is neither 0 (request) nor 1 (response).
-	ErrBadType = errors.New("clusterclient: bad packet type")
-	// ErrNegativeLength: the conn or app length in a header is negative.
-	ErrNegativeLength = errors.New("clusterclient: negative length in packet header")
-	// ErrPacketTooLarge: conn length plus app length exceed the maximum
-	// packet size.
-	ErrPacketTooLarge = errors.New("clusterclient: packet exceeds the maximum size")
-	// ErrBadConn: the conn object is not a JSON object of a known shape.
-	ErrBadConn = errors.New("clusterclient: conn object is not a valid JSON object")
-	// ErrTruncated: the input ended inside a header or a body. Errors
-	// that wrap it also wrap io.ErrUnexpectedEOF.
-	ErrTruncated = errors.New("clusterclient: truncated packet")
-	// ErrArgCount: an invoke's argLength disagrees with the arguments that
-	// its app object holds.
-	ErrArgCount = errors.New("clusterclient: argLength disagrees with the argument frame")
-	// ErrArgOverrun: an argument's length runs past the end of the frame.
-	ErrArgOverrun = errors.New("clusterclient: argument length runs past the end of the frame")
-	// ErrTrailingBytes: UnmarshalBinary was given bytes past the end of
-	// the packet.
-	ErrTrailingBytes = errors.New("clusterclient: bytes after the end of the packet")
-)
+
+// ErrBadVersion: the version byte is not ProtocolVersion.
+var ErrBadVersion = errors.New("clusterclient: unsupported protocol version")
+
+// ErrBadType: the type byte is neither 0 (request) nor 1 (response).
+var ErrBadType = errors.New("clusterclient: bad packet type")
+
+// ErrNegativeLength: the conn or app length in a header is negative.
+var ErrNegativeLength = errors.New("clusterclient: negative length in packet header")
+
+// ErrPacketTooLarge: conn length plus app length exceed the maximum
+// packet size.
+var ErrPacketTooLarge = errors.New("clusterclient: packet exceeds the maximum size")
+
+// ErrBadConn: the conn object is not a JSON object of a known shape.
+var ErrBadConn = errors.New("clusterclient: conn object is not a valid JSON object")
+
+// ErrTruncated: the input ended inside a header or a body. Errors
+// that wrap it also wrap io.ErrUnexpectedEOF.
+var ErrTruncated = errors.New("clusterclient: truncated packet")
+
+// ErrArgCount: an invoke's argLength disagrees with the arguments that
+// its app object holds.
+var ErrArgCount = errors.New("clusterclient: argLength disagrees with the argument frame")
+
+// ErrArgOverrun: an argument's length runs past the end of the frame.
+var ErrArgOverrun = errors.New("clusterclient: argument length runs past the end of the frame")
 
 // Packet is one protocol packet: a 24-byte header, a conn object that says
 // what the packet is for, and an optional app object.
 //
 // The codec always writes version 1 and refuses any other, so the version
-// has no field here. *Packet implements encoding.BinaryMarshaler,
-// encoding.BinaryAppender and encoding.BinaryUnmarshaler for one whole
-// packet in a byte slice; Reader takes packets off a stream.
+// has no field here. *Packet implements encoding.BinaryMarshaler and
+// encoding.BinaryAppender; Reader takes packets off a stream.
 type Packet struct {
 	// Response is true for a response (type 1), false for a request.
 	Response bool
@@ -101,28 +103,6 @@ func (p *Packet) AppendBinary(b []byte) ([]byte, error) {
 
 // MarshalBinary returns the encoded packet.
 func (p *Packet) MarshalBinary() ([]byte, error) { return p.AppendBinary(nil) }
-
-// UnmarshalBinary decodes exactly one whole packet from data, as Reader
-// does with DefaultMaxPacketSize as the bound. Conn and App are copied
-// out of data.
-func (p *Packet) UnmarshalBinary(data []byte) error {
-	r, q := bytes.NewReader(data), Packet{}
-	err := NewReader(r, 0).ReadPacket(&q)
-	if err == io.EOF {
-		err = truncated("header", 0, HeaderSize)
-	} else if err == nil && r.Len() > 0 {
-		err = fmt.Errorf("%w: %d bytes", ErrTrailingBytes, r.Len())
-	} else if err == nil {
-		*p = q
-	}
-	return err
-}
-
-// truncated is the ErrTruncated for where, which ended after got of want
-// bytes.
-func truncated(where string, got, want int) error {
-	return fmt.Errorf("%w: %s has %d of %d bytes: %w", ErrTruncated, where, got, want, io.ErrUnexpectedEOF)
-}
 
 // appendHeader appends a header; appendPacket and appendInvoke write zero
 // lengths that finishPacket sets. They call the packet up to the end of
@@ -168,7 +148,7 @@ func NewReader(r io.Reader, maxPacketSize int) *Reader {
 func (r *Reader) ReadPacket(p *Packet) error {
 	h := r.hdr[:]
 	if n, err := io.ReadFull(r.r, h); err == io.ErrUnexpectedEOF {
-		return truncated("header", n, HeaderSize)
+		return fmt.Errorf("%w: header has %d of %d bytes: %w", ErrTruncated, n, HeaderSize, io.ErrUnexpectedEOF)
 	} else if err != nil {
 		return err // io.EOF at a clean end
 	}
@@ -209,24 +189,21 @@ func (r *Reader) readBody(h []byte) (body []byte, connLen int, err error) {
 		return nil, 0, fmt.Errorf("%w: conn %d + app %d bytes, maximum %d", ErrPacketTooLarge, c, a, r.max)
 	}
 	n := int(c) + int(a)
-	b := make([]byte, 0, min(n, readChunk))
-	r.charge(cap(b))
+	var b []byte
 	defer func() { r.charge(-cap(b)) }()
-	for {
-		m, err := io.ReadFull(r.r, b[len(b):cap(b)])
-		b = b[:len(b)+m]
-		if err == io.EOF || err == io.ErrUnexpectedEOF {
-			return nil, 0, truncated("body", len(b), n)
+	for len(b) < n {
+		// Ask for readChunk, then, each time all that was asked for has
+		// arrived, for twice as much: a new buffer, with b copied in.
+		r.charge(min(n, max(readChunk, 2*cap(b))) - cap(b))
+		b = append(make([]byte, 0, min(n, max(readChunk, 2*cap(b)))), b...)
+		if m, err := io.ReadFull(r.r, b[len(b):cap(b)]); err == io.EOF || err == io.ErrUnexpectedEOF {
+			return nil, 0, fmt.Errorf("%w: body has %d of %d bytes: %w", ErrTruncated, len(b)+m, n, io.ErrUnexpectedEOF)
 		} else if err != nil {
 			return nil, 0, err
 		}
-		if len(b) == n {
-			return b, int(c), nil
-		}
-		grown := append(make([]byte, 0, min(n, 2*cap(b))), b...)
-		r.charge(cap(grown) - cap(b))
-		b = grown
+		b = b[:cap(b)]
 	}
+	return b, int(c), nil
 }
 
 // connObject is one of the typed conn objects below. appendJSON writes it
@@ -298,19 +275,17 @@ func (c registerChannel) appendJSON(b []byte) []byte {
 
 func (registerChannelRes) appendJSON(b []byte) []byte { return typeOnly(b, "register_channel_res") }
 
-func (c subscribe) appendJSON(b []byte) []byte { return appendKeyReg(b, "subscribe", c.Key, c.Reg) }
+func (c subscribe) appendJSON(b []byte) []byte { return keyReg(b, "subscribe", c.Key, c.Reg...) }
 
-func (c unSubscribe) appendJSON(b []byte) []byte { return appendKeyReg(b, "unSubscribe", c.Key, c.Reg) }
+func (c unSubscribe) appendJSON(b []byte) []byte { return keyReg(b, "unSubscribe", c.Key, c.Reg...) }
 
-func (c subscribeResult) appendJSON(b []byte) []byte {
-	return appendKeyReg(b, "subscribe_result", c.Key, nil)
-}
+func (c subscribeResult) appendJSON(b []byte) []byte { return keyReg(b, "subscribe_result", c.Key) }
 
-// appendKeyReg writes a conn object of type typ with a key and maybe a
-// reg. An empty reg is left out, as JSON.stringify leaves out a key whose
+// keyReg writes a conn object of type typ with a key and maybe a reg.
+// An empty reg is left out, as JSON.stringify leaves out a key whose
 // value is undefined, so that parseConn gives back a nil Reg; reg is
 // written as it is and must be valid JSON.
-func appendKeyReg(b []byte, typ, key string, reg json.RawMessage) []byte {
+func keyReg(b []byte, typ, key string, reg ...byte) []byte {
 	b = appendJSONString(append(append(append(b, `{"type":"`...), typ...), `","key":`...), key)
 	if len(reg) > 0 {
 		b = append(append(b, `,"reg":`...), reg...)
@@ -335,9 +310,7 @@ func (heartbeatRes) appendJSON(b []byte) []byte { return typeOnly(b, "heartbeat_
 
 func (leaderClosing) appendJSON(b []byte) []byte { return typeOnly(b, "leader_closing") }
 
-func (c subscribeFailed) appendJSON(b []byte) []byte {
-	return appendKeyReg(b, "subscribe_failed", c.Key, nil)
-}
+func (c subscribeFailed) appendJSON(b []byte) []byte { return keyReg(b, "subscribe_failed", c.Key) }
 
 // typeOnly writes a conn object that has no key but its type.
 func typeOnly(b []byte, t string) []byte {
@@ -408,14 +381,11 @@ func parseConn(b []byte) (connObject, string, error) {
 		return nil, "", fmt.Errorf("%w: %.64q", ErrBadConn, b)
 	}
 	var f connFields
-	for _, k := range [...]struct {
-		key string
-		dst any
-	}{{"type", &f.typ}, {"channelName", &f.rc.ChannelName}, {"secret", &f.rc.Secret}, {"key", &f.sub.Key},
-		{"reg", &f.sub.Reg}, {"method", &f.inv.Method}, {"argLength", &f.inv.ArgLength}, {"oneway", &f.inv.Oneway},
-		{"success", &f.res.Success}} {
-		if raw, ok := m[k.key]; ok && json.Unmarshal(raw, k.dst) != nil {
-			return nil, "", fmt.Errorf("%w: key %q has a value of the wrong type: %.64s", ErrBadConn, k.key, raw)
+	// Each key decodes into the field at the same place in dsts.
+	dsts := [...]any{&f.typ, &f.rc.ChannelName, &f.rc.Secret, &f.sub.Key, &f.sub.Reg, &f.inv.Method, &f.inv.ArgLength, &f.inv.Oneway, &f.res.Success}
+	for i, key := range [...]string{"type", "channelName", "secret", "key", "reg", "method", "argLength", "oneway", "success"} {
+		if raw, ok := m[key]; ok && json.Unmarshal(raw, dsts[i]) != nil {
+			return nil, "", fmt.Errorf("%w: key %q has a value of the wrong type: %.64s", ErrBadConn, key, raw)
 		}
 	}
 	if f.typ == "invoke" && f.inv.ArgLength < 0 {
@@ -546,15 +516,13 @@ func appendJSValue(b []byte, dec *json.Decoder, depth int) ([]byte, error) {
 		return appendJSONString(b, x), nil
 	case json.Number:
 		// As JSON.stringify writes the number that JSON.parse makes of x.
-		f, _ := strconv.ParseFloat(string(x), 64) // x is valid: the only error is range, ±Inf or 0
-		switch abs := math.Abs(f); {
-		case f == 0:
+		// encoding/json writes a float64 as JavaScript does (1e+21, 1e-7,
+		// 0.000001), but for -0, which JavaScript writes as 0, and ±Inf,
+		// which it cannot write and JSON.stringify writes as null, below.
+		if f, _ := strconv.ParseFloat(string(x), 64); f == 0 { // x is valid: the only error is range, ±Inf or 0
 			return append(b, '0'), nil // -0 too
-		case abs >= 1e-6 && abs < 1e21:
-			return strconv.AppendFloat(b, f, 'f', -1, 64), nil
-		case !math.IsInf(f, 0): // JSON.stringify writes Infinity as null, below
-			// JavaScript writes the exponent with no leading zero: 1e-7, not 1e-07.
-			return append(b, bytes.Replace(strconv.AppendFloat(nil, f, 'e', -1, 64), []byte("e-0"), []byte("e-"), 1)...), nil
+		} else if n, err := json.Marshal(f); err == nil {
+			return append(b, n...), nil
 		}
 	case bool:
 		return strconv.AppendBool(b, x), nil
@@ -606,9 +574,8 @@ func appendJSContainer(b []byte, dec *json.Decoder, depth int, open json.Delim) 
 // an array index (the canonical decimal form of an integer below
 // 2^32-1) by its value, any other key after every index.
 func jsKeyRank(k string) uint64 {
-	n, err := strconv.ParseUint(k, 10, 32)
-	if err != nil || n == 1<<32-1 || strconv.FormatUint(n, 10) != k {
-		return 1 << 32
+	if n, err := strconv.ParseUint(k, 10, 32); err == nil && n < 1<<32-1 && strconv.FormatUint(n, 10) == k {
+		return n
 	}
-	return n
+	return 1 << 32
 }

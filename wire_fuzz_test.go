@@ -56,7 +56,7 @@ func checkDecoded(t *testing.T, raw []byte, p *Packet) {
 		t.Fatalf("%s re-encodes to %x, %v; want %x", describe(p), enc, err, want)
 	}
 	var q Packet
-	if err := q.UnmarshalBinary(enc); err != nil || !samePacket(&q, p) {
+	if err := decodePacket(enc, &q); err != nil || !samePacket(&q, p) {
 		t.Fatalf("re-encoding decodes to %s, %v; want %s", describe(&q), err, describe(p))
 	}
 
@@ -71,7 +71,7 @@ func checkDecoded(t *testing.T, raw []byte, p *Packet) {
 		return
 	}
 	enc, err = appendPacket(nil, p.Response, p.ID, p.Timeout, c, p.App)
-	if err != nil || q.UnmarshalBinary(enc) != nil || !bytes.Equal(q.App, p.App) {
+	if err != nil || decodePacket(enc, &q) != nil || !bytes.Equal(q.App, p.App) {
 		t.Fatalf("appendPacket of %#v: %x, %v", c, enc, err)
 	}
 	if c2, typ2, err := parseConn(q.Conn); err != nil || typ2 != typ || !reflect.DeepEqual(c2, c) {
@@ -89,7 +89,7 @@ func checkDecoded(t *testing.T, raw []byte, p *Packet) {
 		return
 	}
 	enc, err = appendInvoke(nil, p.ID, p.Timeout, inv.Method, inv.Oneway, args, math.MaxInt32)
-	if err != nil || q.UnmarshalBinary(enc) != nil || !bytes.Equal(q.App, p.App) || q.ID != p.ID || q.Timeout != p.Timeout || q.Response {
+	if err != nil || decodePacket(enc, &q) != nil || !bytes.Equal(q.App, p.App) || q.ID != p.ID || q.Timeout != p.Timeout || q.Response {
 		t.Fatalf("appendInvoke of %#v, %q: %x, %v", inv, args, enc, err)
 	}
 }
@@ -124,51 +124,6 @@ func FuzzReadPacket(f *testing.F) {
 				return
 			default:
 				t.Fatalf("error %v is none of the codec's", err)
-			}
-		}
-	})
-}
-
-// FuzzUnmarshalBinary decodes arbitrary bytes as one packet and checks
-// that UnmarshalBinary and Reader agree: same packet, or same error.
-func FuzzUnmarshalBinary(f *testing.F) {
-	addGoldenPackets(f)
-	f.Fuzz(func(t *testing.T, data []byte) {
-		data = bytes.Clone(data) // changed below
-		var p Packet
-		err := p.UnmarshalBinary(data)
-		var q Packet
-		rerr := NewReader(bytes.NewReader(data), 0).ReadPacket(&q)
-		switch {
-		case err == nil:
-			if rerr != nil || !samePacket(&p, &q) {
-				t.Fatalf("UnmarshalBinary %s; Reader %s, %v", describe(&p), describe(&q), rerr)
-			}
-			checkDecoded(t, data, &p)
-			if len(data) > 0 {
-				// The packet does not alias its input.
-				data[len(data)-1]++
-				if !samePacket(&p, &q) {
-					t.Fatalf("packet changed with its input")
-				}
-			}
-		case errors.Is(err, ErrTrailingBytes):
-			if rerr != nil {
-				t.Fatalf("UnmarshalBinary %v; Reader %v", err, rerr)
-			}
-		case len(data) == 0:
-			if !errors.Is(err, ErrTruncated) || rerr != io.EOF {
-				t.Fatalf("empty: UnmarshalBinary %v; Reader %v", err, rerr)
-			}
-		default:
-			same := false
-			for _, e := range codecErrors {
-				if errors.Is(err, e) {
-					same = errors.Is(rerr, e)
-				}
-			}
-			if !same || !isCodecError(err) {
-				t.Fatalf("UnmarshalBinary %v; Reader %v", err, rerr)
 			}
 		}
 	})

@@ -21,11 +21,10 @@ import (
 	"unicode/utf8"
 )
 
-// *Packet is a binary marshaler, appender and unmarshaler.
+// *Packet is a binary marshaler and appender.
 var (
-	_ encoding.BinaryMarshaler   = (*Packet)(nil)
-	_ encoding.BinaryAppender    = (*Packet)(nil)
-	_ encoding.BinaryUnmarshaler = (*Packet)(nil)
+	_ encoding.BinaryMarshaler = (*Packet)(nil)
+	_ encoding.BinaryAppender  = (*Packet)(nil)
 )
 
 // goldenVector is one packet written by the reference encoder, with the
@@ -102,6 +101,24 @@ func samePacket(a, b *Packet) bool {
 		(a.App == nil) == (b.App == nil)
 }
 
+// errTrailing is decodePacket's error for bytes after the packet.
+var errTrailing = errors.New("bytes after the end of the packet")
+
+// decodePacket decodes data, which must hold exactly one whole packet, with
+// a Reader and the default bound: bytes after the packet are errTrailing.
+// p is left as it was on error.
+func decodePacket(data []byte, p *Packet) error {
+	r, q := bytes.NewReader(data), Packet{}
+	err := NewReader(r, 0).ReadPacket(&q)
+	if err == nil && r.Len() > 0 {
+		return fmt.Errorf("%w: %d bytes", errTrailing, r.Len())
+	}
+	if err == nil {
+		*p = q
+	}
+	return err
+}
+
 func describe(p *Packet) string {
 	return fmt.Sprintf("{Response:%v ID:%d Timeout:%d Conn:%q App:%d bytes (nil %v)}",
 		p.Response, p.ID, p.Timeout, p.Conn, len(p.App), p.App == nil)
@@ -134,11 +151,11 @@ func TestGoldenDecode(t *testing.T) {
 			}
 
 			var p Packet
-			if err := p.UnmarshalBinary(raw); err != nil {
-				t.Fatalf("UnmarshalBinary: %v", err)
+			if err := decodePacket(raw, &p); err != nil {
+				t.Fatalf("decodePacket: %v", err)
 			}
 			if !samePacket(&p, &want) {
-				t.Errorf("UnmarshalBinary = %s\nwant %s", describe(&p), describe(&want))
+				t.Errorf("decodePacket = %s\nwant %s", describe(&p), describe(&want))
 			}
 
 			r := NewReader(bytes.NewReader(raw), 0)
@@ -410,7 +427,7 @@ func TestReadPacketEOF(t *testing.T) {
 // codecErrors lists every sentinel of the codec.
 var codecErrors = []error{
 	ErrBadVersion, ErrBadType, ErrNegativeLength, ErrPacketTooLarge, ErrBadConn,
-	ErrTruncated, ErrArgCount, ErrArgOverrun, ErrTrailingBytes,
+	ErrTruncated, ErrArgCount, ErrArgOverrun,
 }
 
 // checkErr fails unless err is want and no other codec sentinel.
@@ -475,13 +492,13 @@ func TestBadPackets(t *testing.T) {
 		{"header cut at 23", raw[:23], ErrTruncated, nil},
 		{"body missing", raw[:HeaderSize], ErrTruncated, nil},
 		{"body cut short", raw[:len(raw)-1], ErrTruncated, nil},
-		{"trailing byte", append(bytes.Clone(raw), 1), ErrTrailingBytes, ErrTruncated},
+		{"trailing byte", append(bytes.Clone(raw), 1), errTrailing, ErrTruncated},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var p Packet
-			checkErr(t, "UnmarshalBinary", p.UnmarshalBinary(tc.data), tc.want)
+			checkErr(t, "decodePacket", decodePacket(tc.data, &p), tc.want)
 			if p.Conn != nil {
-				t.Errorf("UnmarshalBinary changed the packet on error")
+				t.Errorf("decodePacket changed the packet on error")
 			}
 			want := tc.want
 			if tc.readerWant != nil {
@@ -1059,8 +1076,8 @@ func TestQuickPacketRoundTrip(t *testing.T) {
 			return false
 		}
 		var p Packet
-		if err := p.UnmarshalBinary(raw); err != nil || !samePacket(&p, &q.p) {
-			t.Logf("UnmarshalBinary: %s, %v", describe(&p), err)
+		if err := decodePacket(raw, &p); err != nil || !samePacket(&p, &q.p) {
+			t.Logf("decodePacket: %s, %v", describe(&p), err)
 			return false
 		}
 		got, err := readAll(iotest.HalfReader(bytes.NewReader(raw)))
