@@ -87,11 +87,9 @@ type Subscription struct {
 func New(name string, cfg *Config, build BuildFunc) (*Client, error) {
 	if err := VerifyConfig(cfg); err != nil {
 		return nil, err
-	}
-	if name == "" || len(name) > maxChannelName {
+	} else if name == "" || len(name) > maxChannelName {
 		return nil, fmt.Errorf("clusterclient: channel name must have 1 to %d bytes", maxChannelName)
-	}
-	if build == nil {
+	} else if build == nil {
 		return nil, errors.New("clusterclient: nil BuildFunc")
 	}
 	c := &Client{name: name, cfg: withDefaults(cfg), build: build, done: make(chan struct{}),
@@ -138,41 +136,35 @@ func (c *Client) Ready(ctx context.Context) error {
 func (c *Client) route(ctx context.Context) (route, error) {
 	for {
 		c.mu.Lock()
-		r, err, ready, closed := c.cur, c.readyErr, c.ready, c.closed
+		r, err, ready := c.cur, c.readyErr, c.ready
 		c.mu.Unlock()
-		if closed {
-			return nil, ErrClosed
-		} else if r != nil || err != nil { // never both: setState sets one
+		if r != nil || err != nil { // never both: reroute sets one; Close sets ErrClosed
 			return r, err
 		}
 		select {
 		case <-ready:
 		case <-ctx.Done():
 			return nil, ctx.Err()
-		case <-c.done: // closed is set by now
+		case <-c.done: // readyErr is ErrClosed by now
 		}
 	}
 }
 
-// setState sets the route, or why there is none, and wakes every call
-// waiting in route. Called with mu held.
-func (c *Client) setState(r route, err error) {
-	c.cur, c.readyErr = r, err
-	c.lead, _ = r.(*leader)
-	c.fol, _ = r.(*follower)
-	close(c.ready)
-	c.ready = make(chan struct{})
-}
-
-// unroute stops routing calls to r, if it is the route, and records err
-// as why there is none: calls wait for the next route, or fail with err.
-// With r nil, it records why no route can be had now.
-func (c *Client) unroute(r route, err error) {
+// reroute replaces the route of calls, if it is still from, with to, or
+// with err, why there is none (nil err: calls wait for the next route),
+// and wakes every call waiting in route. Once the client is closed it
+// changes nothing and reports false.
+func (c *Client) reroute(from, to route, err error) bool {
 	c.mu.Lock()
-	if c.cur == r {
-		c.setState(nil, err)
+	defer c.mu.Unlock()
+	if c.cur == from && !c.closed {
+		c.cur, c.readyErr = to, err
+		c.lead, _ = to.(*leader)
+		c.fol, _ = to.(*follower)
+		close(c.ready)
+		c.ready = make(chan struct{})
 	}
-	c.mu.Unlock()
+	return !c.closed
 }
 
 // setRoute replays subscriptions and publications on a new route, then
@@ -195,12 +187,7 @@ func (c *Client) setRoute(r route) bool {
 			c.cfg.Logger.Warn("clusterclient: publishing again on the new leader", "channel", c.name, "err", err)
 		}
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if !c.closed {
-		c.setState(r, nil)
-	}
-	return !c.closed
+	return c.reroute(nil, r, nil) // the route was nil: a route is set only here, and run unroutes it first
 }
 
 // run elects and re-elects until the client closes.
@@ -260,7 +247,7 @@ func (c *Client) retryAfter(err error, failures int, deadline time.Time) time.Du
 	default:
 		return min(time.Millisecond<<min(failures-2, 7), 100*time.Millisecond)
 	}
-	c.unroute(nil, err) // errors that waiting calls must see now
+	c.reroute(nil, nil, err) // errors that waiting calls must see now
 	return wait
 }
 
@@ -273,7 +260,7 @@ func (c *Client) follow(f *follower) bool {
 	case <-c.done:
 		return false
 	}
-	c.unroute(f, nil)
+	c.reroute(f, nil, nil)
 	select {
 	case <-f.dead:
 		return true
@@ -288,7 +275,7 @@ func (c *Client) runLeader(l *leader) {
 	select {
 	case <-l.ready:
 		if l.err != nil {
-			c.unroute(nil, toRemote(l.err))
+			c.reroute(nil, nil, toRemote(l.err))
 		} else if !c.setRoute(l) {
 			return
 		}
@@ -307,7 +294,7 @@ func (c *Client) Close() error {
 		c.mu.Unlock()
 		return nil
 	}
-	c.closed, c.lead, c.fol, c.cur = true, nil, nil, nil
+	c.closed, c.lead, c.fol, c.cur, c.readyErr = true, nil, nil, nil, ErrClosed
 	close(c.done)
 	c.mu.Unlock()
 	c.wg.Wait()
@@ -349,7 +336,7 @@ func (c *Client) invoke(ctx context.Context, method string, args []any, oneway b
 		if !errors.Is(err, errDraining) && !errors.Is(err, errGone) {
 			return v, err
 		}
-		c.unroute(r, nil)
+		c.reroute(r, nil, nil)
 	}
 }
 
@@ -357,10 +344,10 @@ func (c *Client) invoke(ctx context.Context, method string, args []any, oneway b
 func Invoke[T any](ctx context.Context, c *Client, method string, args ...any) (T, error) {
 	var out T
 	v, err := c.Invoke(ctx, method, args...)
-	if err != nil {
-		return out, err
+	if err == nil {
+		err = v.Decode(&out)
 	}
-	return out, v.Decode(&out)
+	return out, err
 }
 
 // Publish hands a registration to the real client (Publisher.Publish, or
@@ -387,7 +374,7 @@ func (c *Client) Publish(ctx context.Context, reg any) error {
 		return err // closed, or no leader yet: it gets the record when it is ready
 	}
 	if err = c.publishOn(ctx, r, raw); errors.Is(err, errDraining) || errors.Is(err, errGone) {
-		c.unroute(r, nil) // the next leader gets it with the rest of the record
+		c.reroute(r, nil, nil) // the next leader gets it with the rest of the record
 		err = nil
 	}
 	return err
@@ -513,13 +500,10 @@ func (c *Client) unsubscribe(key string, s *Subscription) {
 	var last *localTopic
 	r, _ := c.record(func() {
 		if t := c.topics[key]; t != nil {
-			t.subs = slices.DeleteFunc(t.subs, func(x *Subscription) bool {
-				if s == nil || x == s {
-					x.removed.Store(true)
-					return true
-				}
-				return false
-			})
+			for _, x := range t.subs {
+				x.removed.Store(s == nil || x == s) // false before: a listener is marked only as it leaves t.subs
+			}
+			t.subs = slices.DeleteFunc(t.subs, func(x *Subscription) bool { return x.removed.Load() })
 			if len(t.subs) == 0 {
 				delete(c.topics, key)
 				last = t
