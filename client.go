@@ -196,14 +196,10 @@ func (c *Client) run(l *leader) {
 	ctx, cancel := context.WithCancel(context.Background()) // ends when the client closes
 	go func() { <-c.done; cancel() }()
 	deadline := time.Now().Add(c.cfg.MaxWaitTime)
-	for failures := 0; ; {
-		if l == nil {
-			l, _ = claim(c) // only a forced leader's claim fails, and it leads from New on
-		}
-		if l != nil {
-			c.runLeader(l)
-			return
-		}
+	if l == nil {
+		l, _ = claim(c) // only a forced leader's claim fails, and it leads from New on
+	}
+	for failures := 0; l == nil; l, _ = claim(c) {
 		f, err := dialLeader(ctx, c.name, &c.cfg, c.deliver)
 		if err == nil {
 			if !c.setRoute(f) || !c.follow(f) {
@@ -221,6 +217,7 @@ func (c *Client) run(l *leader) {
 			return
 		}
 	}
+	c.runLeader(l)
 }
 
 // retryAfter says how long to wait before the next attempt to follow,
@@ -332,8 +329,7 @@ func (c *Client) invoke(ctx context.Context, method string, args []any, oneway b
 		if err != nil {
 			return Value{}, err
 		}
-		v, err := r.routeInvoke(ctx, method, raw, oneway)
-		if !errors.Is(err, errDraining) && !errors.Is(err, errGone) {
+		if v, err := r.routeInvoke(ctx, method, raw, oneway); !errors.Is(err, errDraining) && !errors.Is(err, errGone) {
 			return v, err
 		}
 		c.reroute(r, nil, nil)
@@ -419,28 +415,27 @@ func (c *Client) Subscribe(reg any, listener func(Value)) (*Subscription, error)
 	} else if err != nil {
 		return nil, err
 	}
-	key := subscriptionKey(raw)
-	s := &Subscription{c: c, key: key, fn: listener}
+	s := &Subscription{c: c, key: subscriptionKey(raw), fn: listener}
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
 	var send bool
 	r, err := c.record(func() {
-		t := c.topics[key]
+		t := c.topics[s.key]
 		if t == nil {
 			t = &localTopic{reg: raw}
 			if d := c.cfg.SubscribeTimeout; d > 0 {
-				time.AfterFunc(d, func() { c.subscribeTimedOut(key, t, d) })
+				time.AfterFunc(d, func() { c.subscribeTimedOut(s.key, t, d) })
 			}
 		}
 		send, t.err = len(t.subs) == 0 || t.err != nil, nil // the first listener, or a refused key
-		c.topics[key], t.subs, s.t = t, append(t.subs, s), t
+		c.topics[s.key], t.subs, s.t = t, append(t.subs, s), t
 	})
 	if err != nil {
 		return nil, err
 	}
 	c.wakeDelivery() // a late listener gets the latest value at once
 	if r != nil && send {
-		r.routeSubscribe(key, raw) // a lost route replays it on the next
+		r.routeSubscribe(s.key, raw) // a lost route replays it on the next
 	}
 	return s, nil
 }
