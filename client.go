@@ -33,14 +33,12 @@ type Client struct {
 	subMu sync.Mutex
 
 	mu        sync.Mutex
-	lead      *leader                // guarded by mu: set while this client leads
-	fol       *follower              // guarded by mu: set while it follows a registered leader
 	cur       route                  // guarded by mu: the route of calls now, lead or fol; nil if none
 	readyErr  error                  // guarded by mu: why there is no route, if known
 	ready     chan struct{}          // guarded by mu: closed at every change of the route or readyErr
 	closed    bool                   // guarded by mu
-	topics    map[string]*localTopic // guarded by mu: keys with local listeners
-	published []json.RawMessage      // guarded by mu: registrations published, to publish again
+	topics    map[string]*localTopic // guarded by mu, and changed with subMu held too: keys with local listeners
+	published []json.RawMessage      // guarded by mu, and changed with subMu held too: registrations published, to publish again
 	wake      chan struct{}          // wakes the delivery loop; capacity 1
 }
 
@@ -111,7 +109,8 @@ func (c *Client) Name() string { return c.name }
 func (c *Client) IsLeader() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.lead != nil
+	_, ok := c.cur.(*leader)
+	return ok
 }
 
 // Ready waits until the client can serve calls: as leader once the real
@@ -159,8 +158,6 @@ func (c *Client) reroute(from, to route, err error) bool {
 	defer c.mu.Unlock()
 	if c.cur == from && !c.closed {
 		c.cur, c.readyErr = to, err
-		c.lead, _ = to.(*leader)
-		c.fol, _ = to.(*follower)
 		close(c.ready)
 		c.ready = make(chan struct{})
 	}
@@ -173,16 +170,14 @@ func (c *Client) setRoute(r route) bool {
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
 	c.mu.Lock()
-	topics := make(map[string]json.RawMessage, len(c.topics))
-	for key, t := range c.topics {
-		topics[key], t.err = t.reg, nil
+	for _, t := range c.topics {
+		t.err = nil // a refusal holds until the key is sent again
 	}
-	published := slices.Clone(c.published)
 	c.mu.Unlock()
-	for key, reg := range topics {
-		r.routeSubscribe(key, reg)
+	for key, t := range c.topics { // subMu keeps the record as it is; a topic's reg never changes
+		r.routeSubscribe(key, t.reg)
 	}
-	for _, reg := range published {
+	for _, reg := range c.published {
 		if err := c.publishOn(context.Background(), r, reg); err != nil {
 			c.cfg.Logger.Warn("clusterclient: publishing again on the new leader", "channel", c.name, "err", err)
 		}
@@ -190,16 +185,14 @@ func (c *Client) setRoute(r route) bool {
 	return c.reroute(nil, r, nil) // the route was nil: a route is set only here, and run unroutes it first
 }
 
-// run elects and re-elects until the client closes.
+// run follows the leader of the channel, and the next, until it claims
+// the port; then it leads until the client closes.
 func (c *Client) run(l *leader) {
 	defer c.wg.Done()
 	ctx, cancel := context.WithCancel(context.Background()) // ends when the client closes
 	go func() { <-c.done; cancel() }()
-	deadline := time.Now().Add(c.cfg.MaxWaitTime)
-	if l == nil {
-		l, _ = claim(c) // only a forced leader's claim fails, and it leads from New on
-	}
-	for failures := 0; l == nil; l, _ = claim(c) {
+	// New claimed the port first; only a forced leader's claim fails, and it leads from New on.
+	for failures, deadline := 0, time.Now().Add(c.cfg.MaxWaitTime); l == nil; l, _ = claim(c) {
 		f, err := dialLeader(ctx, c.name, &c.cfg, c.deliver)
 		if err == nil {
 			if !c.setRoute(f) || !c.follow(f) {
@@ -217,14 +210,23 @@ func (c *Client) run(l *leader) {
 			return
 		}
 	}
-	c.runLeader(l)
+	defer l.close()
+	select {
+	case <-l.ready:
+		if l.err != nil {
+			c.reroute(nil, nil, toRemote(l.err))
+		} else {
+			c.setRoute(l) // false: the client closed, and c.done is closed
+		}
+		<-c.done
+	case <-c.done:
+	}
 }
 
 // retryAfter says how long to wait before the next attempt to follow,
 // after failures failed ones; errors that waiting calls must see now are
 // recorded.
 func (c *Client) retryAfter(err error, failures int, deadline time.Time) time.Duration {
-	var notLeader *errNotLeader
 	var re *RemoteError
 	wait := 100 * time.Millisecond
 	switch {
@@ -234,7 +236,7 @@ func (c *Client) retryAfter(err error, failures int, deadline time.Time) time.Du
 		wait = time.Second
 	case time.Now().After(deadline):
 		err = fmt.Errorf("%w on port %d after %v: %w", ErrNoLeader, c.cfg.Port, c.cfg.MaxWaitTime, err)
-	case errors.Is(err, ErrTimeout), errors.As(err, &notLeader):
+	case errors.Is(err, ErrTimeout), errors.As(err, new(*errNotLeader)):
 		// Something holds the port and is not, or not yet, a leader
 		// that answers: waiting calls fail now.
 	case failures == 1:
@@ -251,33 +253,15 @@ func (c *Client) retryAfter(err error, failures int, deadline time.Time) time.Du
 // follow waits until f's connection has ended; calls leave f as soon as
 // its leader announces its close. It reports false if the client closed.
 func (c *Client) follow(f *follower) bool {
-	select {
-	case <-f.closing:
-	case <-f.dead:
-	case <-c.done:
-		return false
-	}
-	c.reroute(f, nil, nil)
-	select {
-	case <-f.dead:
-		return true
-	case <-c.done:
-		return false
-	}
-}
-
-// runLeader serves as leader until the client closes.
-func (c *Client) runLeader(l *leader) {
-	defer l.close()
-	select {
-	case <-l.ready:
-		if l.err != nil {
-			c.reroute(nil, nil, toRemote(l.err))
-		} else if !c.setRoute(l) {
-			return
+	for closing := f.closing; ; closing = nil {
+		select {
+		case <-closing:
+		case <-f.dead:
+			return c.reroute(f, nil, nil)
+		case <-c.done:
+			return false
 		}
-		<-c.done
-	case <-c.done:
+		c.reroute(f, nil, nil)
 	}
 }
 
@@ -287,14 +271,13 @@ func (c *Client) runLeader(l *leader) {
 // if it is an io.Closer. Close waits for the client's goroutines to end.
 func (c *Client) Close() error {
 	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		return nil
-	}
-	c.closed, c.lead, c.fol, c.cur, c.readyErr = true, nil, nil, nil, ErrClosed
-	close(c.done)
+	first := !c.closed
+	c.closed, c.cur, c.readyErr = true, nil, ErrClosed
 	c.mu.Unlock()
-	c.wg.Wait()
+	if first {
+		close(c.done)
+		c.wg.Wait()
+	}
 	return nil
 }
 
@@ -314,10 +297,9 @@ func (c *Client) InvokeOneway(ctx context.Context, method string, args ...any) e
 	return err
 }
 
-func (c *Client) invoke(ctx context.Context, method string, args []any, oneway bool) (Value, error) {
+func (c *Client) invoke(ctx context.Context, method string, args []any, oneway bool) (_ Value, err error) {
 	raw := make([][]byte, len(args))
 	for i, a := range args {
-		var err error
 		if raw[i], err = c.cfg.Codec.Marshal(a); err != nil {
 			return Value{}, fmt.Errorf("clusterclient: encode argument %d: %w", i, err)
 		}
@@ -337,8 +319,7 @@ func (c *Client) invoke(ctx context.Context, method string, args []any, oneway b
 }
 
 // Invoke calls method like Client.Invoke and decodes the result into a T.
-func Invoke[T any](ctx context.Context, c *Client, method string, args ...any) (T, error) {
-	var out T
+func Invoke[T any](ctx context.Context, c *Client, method string, args ...any) (out T, err error) {
 	v, err := c.Invoke(ctx, method, args...)
 	if err == nil {
 		err = v.Decode(&out)
@@ -457,11 +438,10 @@ func (c *Client) record(change func()) (route, error) {
 
 func (c *Client) subscribeTimedOut(key string, t *localTopic, d time.Duration) {
 	c.mu.Lock()
-	late := c.topics[key] == t && t.version == 0 && !c.closed
-	c.mu.Unlock()
-	if late {
-		c.cfg.Logger.Warn("clusterclient: no value for a subscription within Config.SubscribeTimeout", "channel", c.name, "reg", string(t.reg), "timeout", d)
+	if c.topics[key] == t && t.version == 0 && !c.closed {
+		defer c.cfg.Logger.Warn("clusterclient: no value for a subscription within Config.SubscribeTimeout", "channel", c.name, "reg", string(t.reg), "timeout", d)
 	}
+	c.mu.Unlock() // before the deferred warning
 }
 
 // Err returns the leader's refusal of the subscription, a *RemoteError

@@ -320,8 +320,7 @@ func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte
 func (f *follower) heartbeat() {
 	t := time.NewTicker(f.cfg.HeartbeatInterval)
 	defer t.Stop()
-	var sent int64 // unix nanoseconds when the last heartbeat went out
-	for {
+	for sent := int64(0); ; { // sent: unix nanoseconds when the last heartbeat went out
 		select {
 		case <-f.dead:
 			return
@@ -386,16 +385,15 @@ func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(err
 func (s *sender) send(inline bool, encode func(b []byte) ([]byte, error)) error {
 	s.mu.Lock()
 	b, err := encode(s.buf)
+	start := false // whether this send starts a write
 	if s.err != nil {
 		err = errGone // a stopped sender drops the packet
 	} else if err == nil && len(b) > s.maxQueue && len(s.buf) > 0 {
 		s.err, err = errQueueFull, errQueueFull
 		go s.onFail(err)
-	}
-	start := err == nil && !s.writing
-	if err == nil {
+	} else if err == nil {
 		s.charge(len(b) - len(s.buf))
-		s.buf, s.writing = b, true
+		s.buf, s.writing, start = b, true, !s.writing
 	}
 	s.mu.Unlock()
 	if start && !inline {
