@@ -305,7 +305,7 @@ func (c *Client) invoke(ctx context.Context, method string, args []any, oneway b
 		}
 	}
 	// The call goes on the route of calls, waiting for one first, and on
-	// the next route when its was gone or closing before it sent anything.
+	// the next route when its route was gone or closing before it sent anything.
 	for {
 		r, err := c.route(ctx)
 		if err != nil {
