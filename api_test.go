@@ -49,7 +49,7 @@ func apiPair(t *testing.T, cfg Config, build BuildFunc) (lead, fol *Client) {
 	}
 	lead = start(RoleLeader)
 	fol = start(RoleFollower)
-	if !lead.IsLeader() || fol.IsLeader() || fol.fol == nil {
+	if !lead.IsLeader() || fol.IsLeader() || fol.fol() == nil {
 		t.Fatalf("leader leads: %v, follower leads: %v", lead.IsLeader(), fol.IsLeader())
 	}
 	return lead, fol

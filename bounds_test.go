@@ -117,13 +117,13 @@ func TestInvokeArgCost(t *testing.T) {
 	got := waitStarted(t, real)
 	runtime.KeepAlive(b)
 	var counted int
-	c.lead.mu.Lock()
-	for sc := range c.lead.conns {
+	c.lead().mu.Lock()
+	for sc := range c.lead().conns {
 		sc.gate.Lock()
 		counted += sc.held
 		sc.gate.Unlock()
 	}
-	c.lead.mu.Unlock()
+	c.lead().mu.Unlock()
 	held := int64(got) - int64(base)
 	t.Logf("%d one-byte arguments: %d bytes held in the method, %.1f per argument beyond its 5 bytes of frame; %d counted",
 		n, held, float64(held-5*n)/n, counted)
@@ -188,7 +188,7 @@ func waitFollowing(t testing.TB, c *Client, timeout time.Duration) {
 	deadline := time.After(timeout)
 	for {
 		c.mu.Lock()
-		fol, ready := c.fol, c.ready
+		fol, ready := c.fol(), c.ready
 		c.mu.Unlock()
 		if fol != nil {
 			return

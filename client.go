@@ -33,14 +33,12 @@ type Client struct {
 	subMu sync.Mutex
 
 	mu        sync.Mutex
-	lead      *leader                // guarded by mu: set while this client leads
-	fol       *follower              // guarded by mu: set while it follows a registered leader
 	cur       route                  // guarded by mu: the route of calls now, lead or fol; nil if none
 	readyErr  error                  // guarded by mu: why there is no route, if known
 	ready     chan struct{}          // guarded by mu: closed at every change of the route or readyErr
 	closed    bool                   // guarded by mu
-	topics    map[string]*localTopic // guarded by mu: keys with local listeners
-	published []json.RawMessage      // guarded by mu: registrations published, to publish again
+	topics    map[string]*localTopic // guarded by mu, and changed with subMu held too: keys with local listeners
+	published []json.RawMessage      // guarded by mu, and changed with subMu held too: registrations published, to publish again
 	wake      chan struct{}          // wakes the delivery loop; capacity 1
 }
 
@@ -87,11 +85,9 @@ type Subscription struct {
 func New(name string, cfg *Config, build BuildFunc) (*Client, error) {
 	if err := VerifyConfig(cfg); err != nil {
 		return nil, err
-	}
-	if name == "" || len(name) > maxChannelName {
+	} else if name == "" || len(name) > maxChannelName {
 		return nil, fmt.Errorf("clusterclient: channel name must have 1 to %d bytes", maxChannelName)
-	}
-	if build == nil {
+	} else if build == nil {
 		return nil, errors.New("clusterclient: nil BuildFunc")
 	}
 	c := &Client{name: name, cfg: withDefaults(cfg), build: build, done: make(chan struct{}),
@@ -113,7 +109,8 @@ func (c *Client) Name() string { return c.name }
 func (c *Client) IsLeader() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.lead != nil
+	_, ok := c.cur.(*leader)
+	return ok
 }
 
 // Ready waits until the client can serve calls: as leader once the real
@@ -138,41 +135,33 @@ func (c *Client) Ready(ctx context.Context) error {
 func (c *Client) route(ctx context.Context) (route, error) {
 	for {
 		c.mu.Lock()
-		r, err, ready, closed := c.cur, c.readyErr, c.ready, c.closed
+		r, err, ready := c.cur, c.readyErr, c.ready
 		c.mu.Unlock()
-		if closed {
-			return nil, ErrClosed
-		} else if r != nil || err != nil { // never both: setState sets one
+		if r != nil || err != nil { // never both: reroute sets one; Close sets ErrClosed
 			return r, err
 		}
 		select {
 		case <-ready:
 		case <-ctx.Done():
 			return nil, ctx.Err()
-		case <-c.done: // closed is set by now
+		case <-c.done: // readyErr is ErrClosed by now
 		}
 	}
 }
 
-// setState sets the route, or why there is none, and wakes every call
-// waiting in route. Called with mu held.
-func (c *Client) setState(r route, err error) {
-	c.cur, c.readyErr = r, err
-	c.lead, _ = r.(*leader)
-	c.fol, _ = r.(*follower)
-	close(c.ready)
-	c.ready = make(chan struct{})
-}
-
-// unroute stops routing calls to r, if it is the route, and records err
-// as why there is none: calls wait for the next route, or fail with err.
-// With r nil, it records why no route can be had now.
-func (c *Client) unroute(r route, err error) {
+// reroute replaces the route of calls, if it is still from, with to, or
+// with err, why there is none (nil err: calls wait for the next route),
+// and wakes every call waiting in route. Once the client is closed it
+// changes nothing and reports false.
+func (c *Client) reroute(from, to route, err error) bool {
 	c.mu.Lock()
-	if c.cur == r {
-		c.setState(nil, err)
+	defer c.mu.Unlock()
+	if c.cur == from && !c.closed {
+		c.cur, c.readyErr = to, err
+		close(c.ready)
+		c.ready = make(chan struct{})
 	}
-	c.mu.Unlock()
+	return !c.closed
 }
 
 // setRoute replays subscriptions and publications on a new route, then
@@ -181,42 +170,29 @@ func (c *Client) setRoute(r route) bool {
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
 	c.mu.Lock()
-	topics := make(map[string]json.RawMessage, len(c.topics))
-	for key, t := range c.topics {
-		topics[key], t.err = t.reg, nil
+	for _, t := range c.topics {
+		t.err = nil // a refusal holds until the key is sent again
 	}
-	published := slices.Clone(c.published)
 	c.mu.Unlock()
-	for key, reg := range topics {
-		r.routeSubscribe(key, reg)
+	for key, t := range c.topics { // subMu keeps the record as it is; a topic's reg never changes
+		r.routeSubscribe(key, t.reg)
 	}
-	for _, reg := range published {
+	for _, reg := range c.published {
 		if err := c.publishOn(context.Background(), r, reg); err != nil {
 			c.cfg.Logger.Warn("clusterclient: publishing again on the new leader", "channel", c.name, "err", err)
 		}
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if !c.closed {
-		c.setState(r, nil)
-	}
-	return !c.closed
+	return c.reroute(nil, r, nil) // the route was nil: a route is set only here, and run unroutes it first
 }
 
-// run elects and re-elects until the client closes.
+// run follows the leader of the channel, and the next, until it claims
+// the port; then it leads until the client closes.
 func (c *Client) run(l *leader) {
 	defer c.wg.Done()
 	ctx, cancel := context.WithCancel(context.Background()) // ends when the client closes
 	go func() { <-c.done; cancel() }()
-	deadline := time.Now().Add(c.cfg.MaxWaitTime)
-	for failures := 0; ; {
-		if l == nil {
-			l, _ = claim(c) // only a forced leader's claim fails, and it leads from New on
-		}
-		if l != nil {
-			c.runLeader(l)
-			return
-		}
+	// New claimed the port first; only a forced leader's claim fails, and it leads from New on.
+	for failures, deadline := 0, time.Now().Add(c.cfg.MaxWaitTime); l == nil; l, _ = claim(c) {
 		f, err := dialLeader(ctx, c.name, &c.cfg, c.deliver)
 		if err == nil {
 			if !c.setRoute(f) || !c.follow(f) {
@@ -234,13 +210,23 @@ func (c *Client) run(l *leader) {
 			return
 		}
 	}
+	defer l.close()
+	select {
+	case <-l.ready:
+		if l.err != nil {
+			c.reroute(nil, nil, toRemote(l.err))
+		} else {
+			c.setRoute(l) // false: the client closed, and c.done is closed
+		}
+		<-c.done
+	case <-c.done:
+	}
 }
 
 // retryAfter says how long to wait before the next attempt to follow,
 // after failures failed ones; errors that waiting calls must see now are
 // recorded.
 func (c *Client) retryAfter(err error, failures int, deadline time.Time) time.Duration {
-	var notLeader *errNotLeader
 	var re *RemoteError
 	wait := 100 * time.Millisecond
 	switch {
@@ -250,7 +236,7 @@ func (c *Client) retryAfter(err error, failures int, deadline time.Time) time.Du
 		wait = time.Second
 	case time.Now().After(deadline):
 		err = fmt.Errorf("%w on port %d after %v: %w", ErrNoLeader, c.cfg.Port, c.cfg.MaxWaitTime, err)
-	case errors.Is(err, ErrTimeout), errors.As(err, &notLeader):
+	case errors.Is(err, ErrTimeout), errors.As(err, new(*errNotLeader)):
 		// Something holds the port and is not, or not yet, a leader
 		// that answers: waiting calls fail now.
 	case failures == 1:
@@ -260,40 +246,22 @@ func (c *Client) retryAfter(err error, failures int, deadline time.Time) time.Du
 	default:
 		return min(time.Millisecond<<min(failures-2, 7), 100*time.Millisecond)
 	}
-	c.unroute(nil, err) // errors that waiting calls must see now
+	c.reroute(nil, nil, err) // errors that waiting calls must see now
 	return wait
 }
 
 // follow waits until f's connection has ended; calls leave f as soon as
 // its leader announces its close. It reports false if the client closed.
 func (c *Client) follow(f *follower) bool {
-	select {
-	case <-f.closing:
-	case <-f.dead:
-	case <-c.done:
-		return false
-	}
-	c.unroute(f, nil)
-	select {
-	case <-f.dead:
-		return true
-	case <-c.done:
-		return false
-	}
-}
-
-// runLeader serves as leader until the client closes.
-func (c *Client) runLeader(l *leader) {
-	defer l.close()
-	select {
-	case <-l.ready:
-		if l.err != nil {
-			c.unroute(nil, toRemote(l.err))
-		} else if !c.setRoute(l) {
-			return
+	for closing := f.closing; ; closing = nil {
+		select {
+		case <-closing:
+		case <-f.dead:
+			return c.reroute(f, nil, nil)
+		case <-c.done:
+			return false
 		}
-		<-c.done
-	case <-c.done:
+		c.reroute(f, nil, nil)
 	}
 }
 
@@ -303,14 +271,13 @@ func (c *Client) runLeader(l *leader) {
 // if it is an io.Closer. Close waits for the client's goroutines to end.
 func (c *Client) Close() error {
 	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		return nil
-	}
-	c.closed, c.lead, c.fol, c.cur = true, nil, nil, nil
-	close(c.done)
+	first := !c.closed
+	c.closed, c.cur, c.readyErr = true, nil, ErrClosed
 	c.mu.Unlock()
-	c.wg.Wait()
+	if first {
+		close(c.done)
+		c.wg.Wait()
+	}
 	return nil
 }
 
@@ -330,37 +297,34 @@ func (c *Client) InvokeOneway(ctx context.Context, method string, args ...any) e
 	return err
 }
 
-func (c *Client) invoke(ctx context.Context, method string, args []any, oneway bool) (Value, error) {
+func (c *Client) invoke(ctx context.Context, method string, args []any, oneway bool) (_ Value, err error) {
 	raw := make([][]byte, len(args))
 	for i, a := range args {
-		var err error
 		if raw[i], err = c.cfg.Codec.Marshal(a); err != nil {
 			return Value{}, fmt.Errorf("clusterclient: encode argument %d: %w", i, err)
 		}
 	}
 	// The call goes on the route of calls, waiting for one first, and on
-	// the next route when its was gone or closing before it sent anything.
+	// the next route when its route was gone or closing before it sent anything.
 	for {
 		r, err := c.route(ctx)
 		if err != nil {
 			return Value{}, err
 		}
-		v, err := r.routeInvoke(ctx, method, raw, oneway)
-		if !errors.Is(err, errDraining) && !errors.Is(err, errGone) {
+		if v, err := r.routeInvoke(ctx, method, raw, oneway); !errors.Is(err, errDraining) && !errors.Is(err, errGone) {
 			return v, err
 		}
-		c.unroute(r, nil)
+		c.reroute(r, nil, nil)
 	}
 }
 
 // Invoke calls method like Client.Invoke and decodes the result into a T.
-func Invoke[T any](ctx context.Context, c *Client, method string, args ...any) (T, error) {
-	var out T
+func Invoke[T any](ctx context.Context, c *Client, method string, args ...any) (out T, err error) {
 	v, err := c.Invoke(ctx, method, args...)
-	if err != nil {
-		return out, err
+	if err == nil {
+		err = v.Decode(&out)
 	}
-	return out, v.Decode(&out)
+	return out, err
 }
 
 // Publish hands a registration to the real client (Publisher.Publish, or
@@ -387,7 +351,7 @@ func (c *Client) Publish(ctx context.Context, reg any) error {
 		return err // closed, or no leader yet: it gets the record when it is ready
 	}
 	if err = c.publishOn(ctx, r, raw); errors.Is(err, errDraining) || errors.Is(err, errGone) {
-		c.unroute(r, nil) // the next leader gets it with the rest of the record
+		c.reroute(r, nil, nil) // the next leader gets it with the rest of the record
 		err = nil
 	}
 	return err
@@ -432,28 +396,27 @@ func (c *Client) Subscribe(reg any, listener func(Value)) (*Subscription, error)
 	} else if err != nil {
 		return nil, err
 	}
-	key := subscriptionKey(raw)
-	s := &Subscription{c: c, key: key, fn: listener}
+	s := &Subscription{c: c, key: subscriptionKey(raw), fn: listener}
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
 	var send bool
 	r, err := c.record(func() {
-		t := c.topics[key]
+		t := c.topics[s.key]
 		if t == nil {
 			t = &localTopic{reg: raw}
 			if d := c.cfg.SubscribeTimeout; d > 0 {
-				time.AfterFunc(d, func() { c.subscribeTimedOut(key, t, d) })
+				time.AfterFunc(d, func() { c.subscribeTimedOut(s.key, t, d) })
 			}
 		}
 		send, t.err = len(t.subs) == 0 || t.err != nil, nil // the first listener, or a refused key
-		c.topics[key], t.subs, s.t = t, append(t.subs, s), t
+		c.topics[s.key], t.subs, s.t = t, append(t.subs, s), t
 	})
 	if err != nil {
 		return nil, err
 	}
 	c.wakeDelivery() // a late listener gets the latest value at once
 	if r != nil && send {
-		r.routeSubscribe(key, raw) // a lost route replays it on the next
+		r.routeSubscribe(s.key, raw) // a lost route replays it on the next
 	}
 	return s, nil
 }
@@ -475,11 +438,10 @@ func (c *Client) record(change func()) (route, error) {
 
 func (c *Client) subscribeTimedOut(key string, t *localTopic, d time.Duration) {
 	c.mu.Lock()
-	late := c.topics[key] == t && t.version == 0 && !c.closed
-	c.mu.Unlock()
-	if late {
-		c.cfg.Logger.Warn("clusterclient: no value for a subscription within Config.SubscribeTimeout", "channel", c.name, "reg", string(t.reg), "timeout", d)
+	if c.topics[key] == t && t.version == 0 && !c.closed {
+		defer c.cfg.Logger.Warn("clusterclient: no value for a subscription within Config.SubscribeTimeout", "channel", c.name, "reg", string(t.reg), "timeout", d)
 	}
+	c.mu.Unlock() // before the deferred warning
 }
 
 // Err returns the leader's refusal of the subscription, a *RemoteError
@@ -513,13 +475,10 @@ func (c *Client) unsubscribe(key string, s *Subscription) {
 	var last *localTopic
 	r, _ := c.record(func() {
 		if t := c.topics[key]; t != nil {
-			t.subs = slices.DeleteFunc(t.subs, func(x *Subscription) bool {
-				if s == nil || x == s {
-					x.removed.Store(true)
-					return true
-				}
-				return false
-			})
+			for _, x := range t.subs {
+				x.removed.Store(s == nil || x == s) // false before: a listener is marked only as it leaves t.subs
+			}
+			t.subs = slices.DeleteFunc(t.subs, func(x *Subscription) bool { return x.removed.Load() })
 			if len(t.subs) == 0 {
 				delete(c.topics, key)
 				last = t

@@ -416,7 +416,20 @@ func inProcessPair(t *testing.T, name string, tune func(fcfg *Config)) (lead, fo
 func leadOf(c *Client) *leader {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.lead
+	return c.lead()
+}
+
+// lead and fol return the route of c's calls as a leader or as a follower,
+// nil if it is not one. The caller holds c.mu, or knows that the route is
+// settled.
+func (c *Client) lead() *leader {
+	l, _ := c.cur.(*leader)
+	return l
+}
+
+func (c *Client) fol() *follower {
+	f, _ := c.cur.(*follower)
+	return f
 }
 
 func mustReady(t testing.TB, c *Client) {
@@ -581,7 +594,7 @@ func TestThreeClientsOneProcess(t *testing.T) {
 			t.Fatalf("client %d served by %s, want %s", i, got, want)
 		}
 	}
-	l := cs[lead].lead
+	l := cs[lead].lead()
 	l.mu.Lock()
 	conns := len(l.conns)
 	l.mu.Unlock()
@@ -721,7 +734,7 @@ func TestCallsWaitForLeaderAfterLoss(t *testing.T) {
 	inflight := sleepInFlight(t, lead, fol)
 	// Break the connection under the follower, as a dying leader does.
 	fol.mu.Lock()
-	f := fol.fol
+	f := fol.fol()
 	fol.mu.Unlock()
 	start := time.Now()
 	f.nc.Close()
@@ -903,7 +916,7 @@ func TestHeartbeatBusyFollower(t *testing.T) {
 	fol := newClient(t, "busy", cfg, newTestReal())
 	mustReady(t, fol)
 	fol.mu.Lock()
-	f := fol.fol
+	f := fol.fol()
 	fol.mu.Unlock()
 
 	const intervals = 5
@@ -938,7 +951,7 @@ func TestHeartbeatBusyFollower(t *testing.T) {
 		t.Fatalf("%d calls failed, first: %v", len(errs), errs[0])
 	}
 	fol.mu.Lock()
-	same := fol.fol == f
+	same := fol.fol() == f
 	fol.mu.Unlock()
 	if !same {
 		t.Fatal("the busy follower changed connection")
@@ -1175,7 +1188,7 @@ func sleepInFlight(t *testing.T, lead, fol *Client) <-chan error {
 		_, err := fol.Invoke(context.Background(), "sleep", 60000)
 		inflight <- err
 	}()
-	real := lead.lead.real.(*testReal)
+	real := lead.lead().real.(*testReal)
 	waitUntil(t, 5*time.Second, "call in flight", func() bool {
 		real.mu.Lock()
 		defer real.mu.Unlock()

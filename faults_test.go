@@ -417,9 +417,9 @@ func TestFaultFollowerDies(t *testing.T) {
 	waitUntil(t, 10*time.Second, "the dead follower's subscriptions dropped", func() bool {
 		return topicConns(lead, shared) == 1
 	})
-	lead.lead.mu.Lock()
-	conns := len(lead.lead.conns)
-	lead.lead.mu.Unlock()
+	lead.lead().mu.Lock()
+	conns := len(lead.lead().conns)
+	lead.lead().mu.Unlock()
 	if conns != 1 {
 		t.Fatalf("leader holds %d connections, want 1", conns)
 	}
@@ -433,7 +433,7 @@ func TestFaultFollowerDies(t *testing.T) {
 // c's leader.
 func topicConns(c *Client, reg msg) int {
 	raw, _ := marshalReg(reg)
-	l := c.lead
+	l := c.lead()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	t := l.topics[subscriptionKey(raw)]

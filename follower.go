@@ -42,10 +42,10 @@ type follower struct {
 	closing  chan struct{}                            // closed when the leader sent leader_closing
 	lastRecv atomic.Int64                             // unix nanoseconds when the last packet arrived
 
-	mu       sync.Mutex
-	pending  map[uint64]chan answer // guarded by mu: calls waiting for their answer, by request id
-	err      error                  // guarded by mu: why the connection ended; nil while it serves
-	draining bool                   // guarded by mu: the leader is closing; no new calls
+	mu      sync.Mutex
+	pending map[uint64]chan answer // guarded by mu: calls waiting for their answer, by request id
+	err     error                  // guarded by mu: why the connection ended; nil while it serves
+	refusal error                  // guarded by mu: errDraining once the leader is closing, else errGone once err is set
 }
 
 // answer is the outcome of a call: its response, or why it has none.
@@ -146,51 +146,45 @@ func registerAnswer(p *Packet, id uint64, codec Codec) error {
 }
 
 // readLoop reads packets until the connection ends, then fails the
-// pending calls. It is the only reader of r.
+// pending calls. It is the only reader of r. An answer goes to its
+// pending call, a pushed value is acknowledged and delivered, so is a
+// subscribe_failed refusal (not acknowledged), and leader_closing starts
+// the drain. A packet that does not parse ends the connection.
 func (f *follower) readLoop(r *Reader) {
 	defer close(f.dead)
 	var err error
 	for err == nil {
 		var p Packet
-		if err = r.ReadPacket(&p); err == nil {
-			err = f.handle(&p)
+		if err = r.ReadPacket(&p); err != nil {
+			break
+		}
+		f.lastRecv.Store(time.Now().UnixNano())
+		var c connObject
+		if !p.Response {
+			c, _, err = parseConn(p.Conn)
+		} else if ch := f.take(p.ID); ch != nil {
+			ch <- answer{p: p}
+		}
+		switch c := c.(type) {
+		case subscribeResult:
+			// The reference follower writes timeout 0 here: its decoded
+			// request has no timeout to repeat.
+			f.w.send(false, func(b []byte) ([]byte, error) { return appendPacket(b, true, p.ID, 0, subscribeResultRes{}, nil) })
+			f.deliver(c.Key, p.App, nil)
+		case subscribeFailed: // a Go leader refused to subscribe c.Key
+			e := invokeErrorObject{Name: "Error", Message: "subscription refused"}
+			f.cfg.Codec.Unmarshal(p.App, &e) // the leader's error object, or what decodes of it
+			f.deliver(c.Key, nil, &RemoteError{Name: e.Name, Message: e.Message, Code: string(e.Code), Stack: e.Stack})
+		case leaderClosing:
+			if f.mu.Lock(); f.refusal != errDraining {
+				close(f.closing)
+			}
+			f.refusal = errDraining
+			f.mu.Unlock()
+			f.take(0) // no call has id 0: this leaves now if no call is pending
 		}
 	}
 	f.fail(err)
-}
-
-// handle handles one packet from the leader: an answer goes to its
-// pending call, a pushed value is acknowledged and delivered, so is a
-// subscribe_failed refusal (not acknowledged), and leader_closing starts
-// the drain. An error ends the connection.
-func (f *follower) handle(p *Packet) error {
-	f.lastRecv.Store(time.Now().UnixNano())
-	if p.Response {
-		if ch := f.take(p.ID); ch != nil {
-			ch <- answer{p: *p}
-		}
-		return nil
-	}
-	c, _, err := parseConn(p.Conn)
-	switch c := c.(type) {
-	case subscribeResult:
-		// The reference follower writes timeout 0 here: its decoded
-		// request has no timeout to repeat.
-		f.w.send(false, func(b []byte) ([]byte, error) { return appendPacket(b, true, p.ID, 0, subscribeResultRes{}, nil) })
-		f.deliver(c.Key, p.App, nil)
-	case subscribeFailed: // a Go leader refused to subscribe c.Key
-		e := invokeErrorObject{Name: "Error", Message: "subscription refused"}
-		f.cfg.Codec.Unmarshal(p.App, &e) // the leader's error object, or what decodes of it
-		f.deliver(c.Key, nil, &RemoteError{Name: e.Name, Message: e.Message, Code: string(e.Code), Stack: e.Stack})
-	case leaderClosing:
-		if f.mu.Lock(); !f.draining {
-			close(f.closing)
-		}
-		f.draining = true
-		f.mu.Unlock()
-		f.take(0) // no call has id 0: this leaves now if no call is pending
-	}
-	return err
 }
 
 // take removes the pending call id and returns its channel, nil if it
@@ -200,7 +194,7 @@ func (f *follower) take(id uint64) chan answer {
 	f.mu.Lock()
 	ch := f.pending[id]
 	delete(f.pending, id)
-	leave := f.draining && f.err == nil && len(f.pending) == 0
+	leave := f.refusal == errDraining && f.err == nil && len(f.pending) == 0
 	f.mu.Unlock()
 	if leave {
 		f.fail(errDraining)
@@ -214,13 +208,12 @@ func (f *follower) take(id uint64) chan answer {
 func (f *follower) fail(cause error) error {
 	f.mu.Lock()
 	err, pending := f.err, f.pending
-	if err == nil {
+	if err == nil && cause == ErrClosed {
 		err = ErrClosed
-		if cause != ErrClosed {
-			err = fmt.Errorf("%w: %v", ErrLeaderLost, cause)
-		}
-		f.err, f.pending = err, nil
+	} else if err == nil {
+		err = fmt.Errorf("%w: %v", ErrLeaderLost, cause)
 	}
+	f.err, f.pending, f.refusal = err, nil, cmp.Or(f.refusal, errGone) // pending is already nil if err was set
 	f.mu.Unlock()
 	f.w.fail(err)
 	f.nc.Close()
@@ -302,17 +295,15 @@ func (f *follower) timeoutMS() int32 { return int32(f.cfg.ResponseTimeout / time
 // may have reached the leader.
 func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte, error)) error {
 	f.mu.Lock()
-	gone, draining := f.err != nil, f.draining
-	if !gone && !draining && ch != nil {
+	err := f.refusal
+	if err == nil && ch != nil {
 		f.pending[id] = ch
 	}
 	f.mu.Unlock()
-	if draining {
-		return errDraining
-	} else if gone {
-		return errGone
+	if err != nil {
+		return err
 	}
-	err := f.w.send(true, encode)
+	err = f.w.send(true, encode)
 	if errors.Is(err, ErrPacketTooLarge) || err == errGone {
 		f.take(id) // refused, or dropped by a sender already stopped: nothing was written
 	} else if err != nil {
@@ -329,8 +320,7 @@ func (f *follower) send(id uint64, ch chan answer, encode func(b []byte) ([]byte
 func (f *follower) heartbeat() {
 	t := time.NewTicker(f.cfg.HeartbeatInterval)
 	defer t.Stop()
-	var sent int64 // unix nanoseconds when the last heartbeat went out
-	for {
+	for sent := int64(0); ; { // sent: unix nanoseconds when the last heartbeat went out
 		select {
 		case <-f.dead:
 			return
@@ -395,17 +385,15 @@ func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(err
 func (s *sender) send(inline bool, encode func(b []byte) ([]byte, error)) error {
 	s.mu.Lock()
 	b, err := encode(s.buf)
+	start := false // whether this send starts a write
 	if s.err != nil {
 		err = errGone // a stopped sender drops the packet
-	}
-	if err == nil && len(b) > s.maxQueue && len(s.buf) > 0 {
+	} else if err == nil && len(b) > s.maxQueue && len(s.buf) > 0 {
 		s.err, err = errQueueFull, errQueueFull
 		go s.onFail(err)
-	}
-	start := err == nil && !s.writing
-	if err == nil {
+	} else if err == nil {
 		s.charge(len(b) - len(s.buf))
-		s.buf, s.writing = b, true
+		s.buf, s.writing, start = b, true, !s.writing
 	}
 	s.mu.Unlock()
 	if start && !inline {

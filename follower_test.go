@@ -188,7 +188,7 @@ func newFollowerRig(t *testing.T, tune func(*Config)) *followerRig {
 		t.Fatal("the follower did not connect")
 	}
 	c.mu.Lock()
-	r.f = c.fol
+	r.f = c.fol()
 	c.mu.Unlock()
 	if r.f == nil {
 		t.Fatal("the client has no follower connection")
@@ -299,7 +299,7 @@ func TestFollowerTimeout(t *testing.T) {
 	r.push(1001, `"after timeout"`)
 	r.works(context.Background(), `"next"`)
 	r.c.mu.Lock()
-	same := r.c.fol == r.f
+	same := r.c.fol() == r.f
 	r.c.mu.Unlock()
 	if !same {
 		t.Fatal("the follower lost its connection")

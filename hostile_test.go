@@ -184,7 +184,7 @@ func newRig(t *testing.T, tune func(*Config)) *rig {
 		t.Fatal(err)
 	}
 	r.good.mu.Lock()
-	r.fol = r.good.fol
+	r.fol = r.good.fol()
 	r.good.mu.Unlock()
 	if r.fol == nil {
 		t.Fatal("follower has no connection")
@@ -207,7 +207,7 @@ func (r *rig) ready(c *Client) {
 func (r *rig) serving() {
 	r.t.Helper()
 	r.good.mu.Lock()
-	fol := r.good.fol
+	fol := r.good.fol()
 	r.good.mu.Unlock()
 	if fol != r.fol {
 		r.t.Fatalf("the well-behaved follower lost its connection to the leader")
@@ -867,9 +867,9 @@ func TestHostileStuckReader(t *testing.T) {
 	closedByPeer(t, nc, 10*time.Second) // after what the kernel had buffered
 	nc.Close()
 	waitUntil(t, 10*time.Second, "the stuck follower forgotten", func() bool {
-		r.lead.lead.mu.Lock()
-		defer r.lead.lead.mu.Unlock()
-		return len(r.lead.lead.conns) == 1
+		r.lead.lead().mu.Lock()
+		defer r.lead.lead().mu.Unlock()
+		return len(r.lead.lead().conns) == 1
 	})
 	r.serving()
 	noLeak(t, base, heapSlack)
@@ -1013,7 +1013,7 @@ func FuzzLeaderInput(f *testing.F) {
 	if err := c.Ready(context.Background()); err != nil {
 		f.Fatal(err)
 	}
-	h := c.lead.host
+	h := c.lead().host
 
 	pk := func(c connObject, app []byte) []byte {
 		b, _ := appendPacket(nil, false, 7, 1000, c, app)

@@ -384,14 +384,14 @@ func TestInteropGoFollowerNodeLeader(t *testing.T) {
 		// connection silent for 1.5 s. Stay idle for 2 s: the Go
 		// follower's heartbeats must keep the same connection.
 		c.mu.Lock()
-		f := c.fol
+		f := c.fol()
 		c.mu.Unlock()
 		time.Sleep(2 * time.Second)
 		if _, err := c.Invoke(ctx, "echo", 1); err != nil {
 			t.Fatal(err)
 		}
 		c.mu.Lock()
-		same := c.fol == f
+		same := c.fol() == f
 		c.mu.Unlock()
 		if !same {
 			t.Error("the follower connected again: heartbeats did not keep the connection")

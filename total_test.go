@@ -148,7 +148,7 @@ var raceSlowdown = 1
 // by their local addresses: -1 for one it has closed.
 func attackerBytes(r *rig, ncs []net.Conn) []int64 {
 	r.lead.mu.Lock()
-	l := r.lead.lead
+	l := r.lead.lead()
 	r.lead.mu.Unlock()
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -169,7 +169,7 @@ func attackerBytes(r *rig, ncs []net.Conn) []int64 {
 // stays in the leader's heap rather than in the kernel's buffers.
 func smallSendBuffer(r *rig, nc net.Conn) {
 	r.lead.mu.Lock()
-	l := r.lead.lead
+	l := r.lead.lead()
 	r.lead.mu.Unlock()
 	l.mu.Lock()
 	defer l.mu.Unlock()
