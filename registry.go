@@ -41,9 +41,9 @@ type portHost struct {
 	mu       sync.Mutex
 	channels map[string]*leader // guarded by mu; nil once the host has closed
 	unreg    []net.Conn         // guarded by mu: not yet registered, or refused; oldest first
-	conns    int                // guarded by mu: connections handed to a leader whose serve has not returned
 
 	held     atomic.Int64 // bytes held for all registered connections; see serverConn.bytes
+	conns    atomic.Int64 // connections handed to a leader, see register
 	dropping atomic.Bool  // dropLargest is running
 
 	logMu    sync.Mutex
@@ -190,8 +190,12 @@ func (h *portHost) registered(nc net.Conn, channel string) (*leader, bool) {
 
 // register reads the first packet of a connection, which must register a
 // channel that this process leads, and hands the connection to that
-// channel's leader; it closes or refuses any other.
+// channel's leader, on a goroutine of its own; it closes or refuses any
+// other. The port counts the connections handed to a leader until their
+// serve returns, at most MaxConns; an attempt past the bound counts for
+// an instant, until it undoes its count.
 func (h *portHost) register(nc net.Conn) {
+	defer h.wg.Done()
 	nc.SetReadDeadline(time.Now().Add(h.cfg.RegisterTimeout))
 	br := bufio.NewReaderSize(nc, readBufferSize)
 	p := new(Packet)
@@ -204,37 +208,20 @@ func (h *portHost) register(nc net.Conn) {
 		if tracked && err != io.EOF {
 			h.warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
 		}
-		l = nil
 		nc.Close()
 	case h.refusesPeer(nc, p):
-		l = nil
 	case l == nil:
 		h.warn("clusterclient: refusing register for a channel this leader does not host", "remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
 		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
 			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.cfg.Port, rc.ChannelName)})
-	case !h.count(1):
+	case h.conns.Add(1) > int64(h.cfg.MaxConns):
+		h.conns.Add(-1)
 		h.warn("clusterclient: refusing follower: too many connections", "remote", nc.RemoteAddr(), "limit", h.cfg.MaxConns)
 		refuse(h, nc, p, l.marshal, &RemoteError{Name: "ClusterTooManyConnectionsError", Code: codeTooManyConns, Message: fmt.Sprintf(
 			"the leader on port %d serves %d follower connections, its limit (Config.MaxConns)", h.cfg.Port, h.cfg.MaxConns)})
-		l = nil
+	default:
+		go func() { l.serve(nc, br, p, rc); h.conns.Add(-1) }()
 	}
-	h.wg.Done()
-	if l != nil {
-		l.serve(nc, br, p, rc)
-		h.count(-1)
-	}
-}
-
-// count adds d to the connections handed to a leader, unless that would
-// pass MaxConns; it reports whether it did.
-func (h *portHost) count(d int) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	ok := h.conns+d <= h.cfg.MaxConns
-	if ok {
-		h.conns += d
-	}
-	return ok
 }
 
 // socketOwner returns the uid that owns the TCP socket of this host from
