@@ -109,7 +109,7 @@ type serverConn struct {
 	l       *leader
 	nc      net.Conn
 	w       *sender
-	ctx     context.Context // ends when the connection closes; its invokes' contexts derive from it
+	ctx     context.Context // ends when the connection closes, or the leader's ctx: then it closes; its invokes' contexts derive from it
 	cancel  context.CancelFunc
 	oddType sync.Once // logs the first request of unknown type
 	once    sync.Once
@@ -193,27 +193,35 @@ func (l *leader) start(build BuildFunc) {
 }
 
 // serve runs one follower connection, from its register_channel packet
-// until it closes, or refuses it. br, the connection's read buffer of
-// readBufferSize bytes, serves it for its whole life.
+// reg until it closes, or refuses it. br, the connection's read buffer of
+// readBufferSize bytes, serves it for its whole life. Unless the
+// heartbeat check is off, a connection that sends no whole packet for
+// three heartbeat intervals fails.
 func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerChannel) {
 	<-l.ready // a leader closed while building waits for the build too
-	sc := &serverConn{l: l, nc: nc}
-	var re *RemoteError
-	switch {
-	case l.cfg.Secret != "" && !secretsEqual(l.cfg.Secret, rc.Secret):
-		l.warn("refusing follower with a wrong secret", "remote", nc.RemoteAddr())
-		re = &RemoteError{Name: "ClusterAuthError", Message: "wrong secret", Code: "ERR_CLUSTER_AUTH"}
-	case l.err != nil:
-		re = toRemote(l.err)
-	case !l.admit(sc):
-		re = &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted, Message: "the leader is closing"}
-	}
+	sc, re := l.admit(nc, rc.Secret)
 	if re != nil {
 		refuse(l.host, nc, reg, l.marshal, re)
 		return
 	}
 	defer l.wg.Done()
-	sc.close(l.readLoop(sc, br, reg))
+	r := NewReader(br, l.cfg.MaxPacketSize)
+	r.charge = sc.charge
+	idle := 3 * l.cfg.HeartbeatInterval
+	nc.SetReadDeadline(time.Time{}) // RegisterTimeout's, until the heartbeat check's
+	err := l.handle(sc, reg)
+	for err == nil {
+		if !l.cfg.DisableHeartbeatCheck {
+			nc.SetReadDeadline(time.Now().Add(idle))
+		}
+		p := new(Packet) // an invoke's goroutine keeps the last one
+		if err = r.ReadPacket(p); errors.Is(err, os.ErrDeadlineExceeded) {
+			err = fmt.Errorf("no packet for %v, three heartbeat intervals: %w", idle, err)
+		} else if err == nil {
+			err = l.handle(sc, p)
+		}
+	}
+	sc.close(err)
 	// Forget the connection and its subscriptions. Its reader has ended,
 	// so it subscribes to nothing new meanwhile.
 	l.mu.Lock()
@@ -223,52 +231,35 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerCh
 	l.unsubscribe(sc, keys...)
 }
 
-// admit adds sc to the leader's connections, unless the leader is
-// closing: it must then not miss the leader_closing notice.
-func (l *leader) admit(sc *serverConn) bool {
+// admit adds nc to the leader's connections, or returns why it refuses
+// it: a wrong secret, the build's error, or the leader closing (nc must
+// then not miss the leader_closing notice).
+func (l *leader) admit(nc net.Conn, secret string) (*serverConn, *RemoteError) {
+	if l.cfg.Secret != "" && !secretsEqual(l.cfg.Secret, secret) {
+		l.warn("refusing follower with a wrong secret", "remote", nc.RemoteAddr())
+		return nil, &RemoteError{Name: "ClusterAuthError", Message: "wrong secret", Code: "ERR_CLUSTER_AUTH"}
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.closing {
-		return false
+	if l.err != nil {
+		return nil, toRemote(l.err)
+	} else if l.closing {
+		return nil, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted, Message: "the leader is closing"}
 	}
+	sc := &serverConn{l: l, nc: nc}
 	sc.ctx, sc.cancel = context.WithCancel(l.ctx)
 	sc.ended.L = &sc.gate
-	context.AfterFunc(sc.ctx, func() { sc.gate.Lock(); sc.ended.Broadcast(); sc.gate.Unlock() })
+	context.AfterFunc(sc.ctx, func() { sc.close(ErrClosed); sc.gate.Lock(); sc.ended.Broadcast(); sc.gate.Unlock() })
 	sc.w = newSender(sc.nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close, sc.charge)
 	l.conns[sc] = struct{}{}
 	l.wg.Add(1)
-	return true
+	return sc, nil
 }
 
 // secretsEqual compares in constant time, whatever the lengths.
 func secretsEqual(want, got string) bool {
 	a, b := sha256.Sum256([]byte(want)), sha256.Sum256([]byte(got))
 	return subtle.ConstantTimeCompare(a[:], b[:]) == 1
-}
-
-// readLoop handles the register packet reg, then the packets of sc until
-// the connection fails, and returns why. Unless the heartbeat check is
-// off, a connection that sends no whole packet for three heartbeat
-// intervals fails.
-func (l *leader) readLoop(sc *serverConn, br *bufio.Reader, reg *Packet) error {
-	r := NewReader(br, l.cfg.MaxPacketSize)
-	r.charge = sc.charge
-	idle := 3 * l.cfg.HeartbeatInterval
-	sc.nc.SetReadDeadline(time.Time{}) // RegisterTimeout's, until the heartbeat check's
-	for p := reg; ; {
-		if err := l.handle(sc, p); err != nil {
-			return err
-		}
-		if !l.cfg.DisableHeartbeatCheck {
-			sc.nc.SetReadDeadline(time.Now().Add(idle))
-		}
-		p = new(Packet) // an invoke's goroutine keeps the last one
-		if err := r.ReadPacket(p); errors.Is(err, os.ErrDeadlineExceeded) {
-			return fmt.Errorf("no packet for %v, three heartbeat intervals: %w", idle, err)
-		} else if err != nil {
-			return err
-		}
-	}
 }
 
 // close closes the connection once, which cancels its invokes. It logs
@@ -401,15 +392,6 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke, cost int) {
 		args[i], rest = nextArg(rest)
 	}
 	data, late, err := l.run(sc.ctx, limit, c, args)
-	// The invoke counts until its answer is queued: a peer that does not
-	// read its answers runs no more invokes.
-	defer func() {
-		sc.gate.Lock()
-		sc.running, sc.held = sc.running-1, sc.held-cost
-		sc.gate.Unlock()
-		sc.charge(-cost)
-		sc.ended.Signal()
-	}()
 	// Past its timeout the follower has given up: no answer, as the
 	// reference. A method that returned its context's error did its job.
 	if !c.Oneway && (!late || limit != asked) {
@@ -417,6 +399,13 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke, cost int) {
 	} else if !c.Oneway && !errors.Is(err, context.DeadlineExceeded) {
 		l.warn("invoke outlasted its timeout; no answer sent", "method", clip(c.Method), "timeout", limit, "err", err)
 	}
+	// The invoke counts until its answer is queued: a peer that does not
+	// read its answers runs no more invokes.
+	sc.gate.Lock()
+	sc.running, sc.held = sc.running-1, sc.held-cost
+	sc.gate.Unlock()
+	sc.charge(-cost)
+	sc.ended.Signal()
 }
 
 // answer sends the invoke_result of p: the result data, or err.
@@ -651,14 +640,11 @@ func (l *leader) close() {
 	waitFor(ctx, &l.wg)
 	l.realMu.Lock() // a Subscribe or Unsubscribe under way ends first
 	l.mu.Lock()
-	l.stopped, conns = true, slices.Collect(maps.Keys(l.conns)) // from here on no call starts
+	l.stopped = true // from here on no call starts
 	l.mu.Unlock()
 	l.realMu.Unlock()
 	waitFor(ctx, &l.calls)
-	for _, sc := range conns {
-		sc.close(ErrClosed)
-	}
-	l.cancel()
+	l.cancel() // closes the connections left: their contexts derive from l.ctx
 	<-l.ready
 	l.wg.Wait()
 	l.calls.Wait()
