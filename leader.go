@@ -278,10 +278,14 @@ func (sc *serverConn) close(err error) {
 }
 
 // charge counts n bytes more (or fewer) held for the connection, in its
-// own count and in its port's.
+// own count and in its port's. Past Config.MaxTotalBytes, the port's
+// connection that holds the most is closed, on a goroutine of its own:
+// charge runs under locks that closing takes.
 func (sc *serverConn) charge(n int) {
 	sc.bytes.Add(int64(n))
-	sc.l.host.charge(n)
+	if h := sc.l.host; h.held.Add(int64(n)) > int64(h.cfg.MaxTotalBytes) && n > 0 && h.dropping.CompareAndSwap(false, true) {
+		go h.dropLargest()
+	}
 }
 
 // reply answers the request p. The calling goroutine writes it, unless
@@ -484,9 +488,6 @@ func (l *leader) routeUnsubscribe(key string, _ json.RawMessage) { l.unsubscribe
 func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 	l.realMu.Lock()
 	defer l.realMu.Unlock()
-	if l.stopped { // the real client is closing
-		return
-	}
 	t, err := l.join(sc, key, reg)
 	if s, ok := l.real.(Subscriber); t != nil && ok {
 		push := func(v any) { l.safely("the push callback", func() error { l.pushValue(t, v); return nil }) }
@@ -508,8 +509,9 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 	}
 }
 
-// join adds sc to the listeners of key within the bounds on keys, and
-// returns the key's topic if it is new: the real client must subscribe.
+// join adds sc to the listeners of key within the bounds on keys, unless
+// the real client is closing, and returns the key's topic if it is new:
+// the real client must subscribe.
 func (l *leader) join(sc *serverConn, key string, reg json.RawMessage) (created *topic, err error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -520,6 +522,8 @@ func (l *leader) join(sc *serverConn, key string, reg json.RawMessage) (created 
 	}
 	_, dup := t.subs[sc]
 	switch {
+	case l.stopped:
+		return nil, nil
 	case created != nil && len(l.topics) >= l.cfg.MaxKeys:
 		return nil, &RemoteError{Name: "RangeError", Code: "ERR_CLUSTER_TOO_MANY_KEYS", Message: fmt.Sprintf("the leader holds Config.MaxKeys (%d) keys", l.cfg.MaxKeys)}
 	case sc == nil:
@@ -625,16 +629,15 @@ func waitFor(ctx context.Context, wg *sync.WaitGroup) {
 // outlasted the drain, and closes the real client. The Client calls it
 // once, as its run loop ends.
 func (l *leader) close() {
+	if l.host != nil {
+		l.host.unhost(l) // first: a follower told may elect at once
+	}
 	l.mu.Lock()
 	l.closing = true // from here on no connection is admitted
-	conns := slices.Collect(maps.Keys(l.conns))
+	for sc := range l.conns {
+		sc.notify(leaderClosing{}, nil) // never waits on the socket
+	}
 	l.mu.Unlock()
-	if l.host != nil {
-		l.host.unhost(l)
-	}
-	for _, sc := range conns {
-		sc.notify(leaderClosing{}, nil)
-	}
 	ctx, stop := context.WithTimeout(context.Background(), l.cfg.DrainTimeout)
 	defer stop()
 	waitFor(ctx, &l.wg)

@@ -79,16 +79,6 @@ func (h *portHost) log(to *slog.Logger, level slog.Level, msg string, args ...an
 	to.Log(context.Background(), level, msg, args...)
 }
 
-// charge counts n bytes more (or fewer) held for the port's registered
-// connections. Past Config.MaxTotalBytes, the connection that holds the
-// most is closed, on a goroutine of its own: charge runs under locks that
-// closing takes.
-func (h *portHost) charge(n int) {
-	if h.held.Add(int64(n)) > int64(h.cfg.MaxTotalBytes) && n > 0 && h.dropping.CompareAndSwap(false, true) {
-		go h.dropLargest()
-	}
-}
-
 // dropLargest closes the registered connections that hold the most
 // bytes until what they held no longer passes the bound.
 func (h *portHost) dropLargest() {
