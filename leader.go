@@ -1,7 +1,6 @@
 package clusterclient
 
 import (
-	"bufio"
 	"cmp"
 	"context"
 	"crypto/sha256"
@@ -193,11 +192,11 @@ func (l *leader) start(build BuildFunc) {
 }
 
 // serve runs one follower connection, from its register_channel packet
-// reg until it closes, or refuses it. br, the connection's read buffer of
-// readBufferSize bytes, serves it for its whole life. Unless the
-// heartbeat check is off, a connection that sends no whole packet for
-// three heartbeat intervals fails.
-func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerChannel) {
+// reg until it closes, or refuses it. r, which read reg, reads the rest:
+// its buffer of readBufferSize bytes serves the connection for its whole
+// life. Unless the heartbeat check is off, a connection that sends no
+// whole packet for three heartbeat intervals fails.
+func (l *leader) serve(nc net.Conn, r *Reader, reg *Packet, rc registerChannel) {
 	<-l.ready // a leader closed while building waits for the build too
 	sc, re := l.admit(nc, rc.Secret)
 	if re != nil {
@@ -205,8 +204,7 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerCh
 		return
 	}
 	defer l.wg.Done()
-	r := NewReader(br, l.cfg.MaxPacketSize)
-	r.charge = sc.charge
+	r.max, r.charge = l.cfg.MaxPacketSize, sc.charge // registerMaxPacket bounded reg
 	idle := 3 * l.cfg.HeartbeatInterval
 	nc.SetReadDeadline(time.Time{}) // RegisterTimeout's, until the heartbeat check's
 	err := l.handle(sc, reg)
@@ -611,13 +609,13 @@ func (l *leader) leave(sc *serverConn, keys []string, forget bool) (gone []*topi
 	return gone
 }
 
-// waitFor waits until wg is done or ctx ends.
-func waitFor(ctx context.Context, wg *sync.WaitGroup) {
+// waitFor waits until wg is done or the deadline passes.
+func waitFor(deadline time.Time, wg *sync.WaitGroup) {
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
 	select {
 	case <-done:
-	case <-ctx.Done():
+	case <-time.After(time.Until(deadline)):
 	}
 }
 
@@ -638,15 +636,14 @@ func (l *leader) close() {
 		sc.notify(leaderClosing{}, nil) // never waits on the socket
 	}
 	l.mu.Unlock()
-	ctx, stop := context.WithTimeout(context.Background(), l.cfg.DrainTimeout)
-	defer stop()
-	waitFor(ctx, &l.wg)
+	deadline := time.Now().Add(l.cfg.DrainTimeout)
+	waitFor(deadline, &l.wg)
 	l.realMu.Lock() // a Subscribe or Unsubscribe under way ends first
 	l.mu.Lock()
 	l.stopped = true // from here on no call starts
 	l.mu.Unlock()
 	l.realMu.Unlock()
-	waitFor(ctx, &l.calls)
+	waitFor(deadline, &l.calls)
 	l.cancel() // closes the connections left: their contexts derive from l.ctx
 	<-l.ready
 	l.wg.Wait()

@@ -83,25 +83,28 @@ func (h *portHost) log(to *slog.Logger, level slog.Level, msg string, args ...an
 // bytes until what they held no longer passes the bound.
 func (h *portHost) dropLargest() {
 	defer h.dropping.Store(false)
-	for excess := h.held.Load() - int64(h.cfg.MaxTotalBytes); excess > 0; {
-		var big *serverConn
-		h.mu.Lock()
-		for _, l := range h.channels {
-			l.mu.Lock()
-			for sc := range l.conns {
-				if sc.ctx.Err() == nil && (big == nil || sc.bytes.Load() > big.bytes.Load()) {
-					big = sc
-				}
-			}
-			l.mu.Unlock()
-		}
-		h.mu.Unlock()
-		if big == nil {
-			return
-		}
+	excess := h.held.Load() - int64(h.cfg.MaxTotalBytes)
+	for big := h.largest(); excess > 0 && big != nil; big = h.largest() {
 		excess -= big.bytes.Load()
 		big.close(fmt.Errorf("the port's connections hold over Config.MaxTotalBytes (%d bytes); this one holds the most, %d", h.cfg.MaxTotalBytes, big.bytes.Load()))
 	}
+}
+
+// largest returns the open registered connection that holds the most
+// bytes, nil if there is none.
+func (h *portHost) largest() (big *serverConn) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, l := range h.channels {
+		l.mu.Lock()
+		for sc := range l.conns {
+			if sc.ctx.Err() == nil && (big == nil || sc.bytes.Load() > big.bytes.Load()) {
+				big = sc
+			}
+		}
+		l.mu.Unlock()
+	}
+	return big
 }
 
 // unhost removes l from its port; the last channel to leave closes the
@@ -187,9 +190,8 @@ func (h *portHost) registered(nc net.Conn, channel string) (*leader, bool) {
 func (h *portHost) register(nc net.Conn) {
 	defer h.wg.Done()
 	nc.SetReadDeadline(time.Now().Add(h.cfg.RegisterTimeout))
-	br := bufio.NewReaderSize(nc, readBufferSize)
-	p := new(Packet)
-	rc, err := h.registerOf(NewReader(br, registerMaxPacket).ReadPacket(p), p)
+	r, p := NewReader(bufio.NewReaderSize(nc, readBufferSize), registerMaxPacket), new(Packet)
+	rc, err := h.registerOf(r.ReadPacket(p), p)
 	l, tracked := h.registered(nc, rc.ChannelName)
 	switch {
 	case !tracked || err != nil: // an untracked one was evicted, or the host closed
@@ -210,7 +212,7 @@ func (h *portHost) register(nc net.Conn) {
 		refuse(h, nc, p, l.marshal, &RemoteError{Name: "ClusterTooManyConnectionsError", Code: codeTooManyConns, Message: fmt.Sprintf(
 			"the leader on port %d serves %d follower connections, its limit (Config.MaxConns)", h.cfg.Port, h.cfg.MaxConns)})
 	default:
-		go func() { l.serve(nc, br, p, rc); h.conns.Add(-1) }()
+		go func() { l.serve(nc, r, p, rc); h.conns.Add(-1) }()
 	}
 }
 
@@ -251,13 +253,10 @@ func procAddr(a *net.TCPAddr) string {
 // address remote, and says whether cfg lets this process talk to it: yes
 // when the socket table cannot be read. uid is -1 if no socket matches.
 func peerAllowed(cfg *Config, local, remote net.Addr) (uid int, ok bool) {
-	if cfg.AllowAnyUser {
-		return -1, true
-	}
 	la, _ := local.(*net.TCPAddr)
 	ra, _ := remote.(*net.TCPAddr)
-	if la == nil || ra == nil {
-		return -1, false
+	if cfg.AllowAnyUser || la == nil || ra == nil { // not TCP: no socket to look up
+		return -1, cfg.AllowAnyUser
 	}
 	uid, err := socketOwner(la, ra)
 	return uid, err != nil || uid >= 0 && (uid == os.Geteuid() || slices.Contains(cfg.AllowUIDs, uid))
