@@ -196,25 +196,24 @@ func (l *leader) start(build BuildFunc) {
 // its buffer of readBufferSize bytes serves the connection for its whole
 // life. Unless the heartbeat check is off, a connection that sends no
 // whole packet for three heartbeat intervals fails.
-func (l *leader) serve(nc net.Conn, r *Reader, reg *Packet, rc registerChannel) {
+func (l *leader) serve(nc net.Conn, r *Reader, reg *Packet) {
 	<-l.ready // a leader closed while building waits for the build too
-	sc, re := l.admit(nc, rc.Secret)
+	sc, re := l.admit(nc)
 	if re != nil {
 		refuse(l.host, nc, reg, l.marshal, re)
 		return
 	}
 	defer l.wg.Done()
 	r.max, r.charge = l.cfg.MaxPacketSize, sc.charge // registerMaxPacket bounded reg
-	idle := 3 * l.cfg.HeartbeatInterval
-	nc.SetReadDeadline(time.Time{}) // RegisterTimeout's, until the heartbeat check's
+	nc.SetReadDeadline(time.Time{})                  // RegisterTimeout's, until the heartbeat check's
 	err := l.handle(sc, reg)
 	for err == nil {
 		if !l.cfg.DisableHeartbeatCheck {
-			nc.SetReadDeadline(time.Now().Add(idle))
+			nc.SetReadDeadline(time.Now().Add(3 * l.cfg.HeartbeatInterval))
 		}
 		p := new(Packet) // an invoke's goroutine keeps the last one
 		if err = r.ReadPacket(p); errors.Is(err, os.ErrDeadlineExceeded) {
-			err = fmt.Errorf("no packet for %v, three heartbeat intervals: %w", idle, err)
+			err = fmt.Errorf("no packet for %v, three heartbeat intervals: %w", 3*l.cfg.HeartbeatInterval, err)
 		} else if err == nil {
 			err = l.handle(sc, p)
 		}
@@ -230,13 +229,9 @@ func (l *leader) serve(nc net.Conn, r *Reader, reg *Packet, rc registerChannel) 
 }
 
 // admit adds nc to the leader's connections, or returns why it refuses
-// it: a wrong secret, the build's error, or the leader closing (nc must
-// then not miss the leader_closing notice).
-func (l *leader) admit(nc net.Conn, secret string) (*serverConn, *RemoteError) {
-	if l.cfg.Secret != "" && !secretsEqual(l.cfg.Secret, secret) {
-		l.warn("refusing follower with a wrong secret", "remote", nc.RemoteAddr())
-		return nil, &RemoteError{Name: "ClusterAuthError", Message: "wrong secret", Code: "ERR_CLUSTER_AUTH"}
-	}
+// it: the build's error, or the leader closing (nc must then not miss
+// the leader_closing notice).
+func (l *leader) admit(nc net.Conn) (*serverConn, *RemoteError) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.err != nil {
@@ -340,13 +335,8 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	if err := validArgs(p.App, c.ArgLength); err != nil {
 		return err
 	}
-	cost, err := len(p.App)+c.ArgLength*argCost, l.enter()
-	if err == nil && cost > l.cfg.MaxQueuedBytes {
-		l.calls.Done()
-		err = &RemoteError{Name: "ClusterTooLargeError", Code: codeTooLarge, Message: fmt.Sprintf("invoke of %.64q would hold "+
-			"%d bytes with its %d arguments decoded, over the leader's Config.MaxQueuedBytes %d", c.Method, cost, c.ArgLength, l.cfg.MaxQueuedBytes)}
-	}
-	if err != nil {
+	cost := len(p.App) + c.ArgLength*argCost
+	if err := l.enter(c, cost); err != nil {
 		if !c.Oneway {
 			l.answer(sc, p, nil, err)
 		}
@@ -367,13 +357,18 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	return nil
 }
 
-// enter counts a call in calls, unless the leader has stopped taking
-// calls: then it returns the error that a follower gets.
-func (l *leader) enter() error {
+// enter counts the call c in calls, unless the leader has stopped taking
+// calls or c alone would hold cost bytes, more than MaxQueuedBytes (the
+// own Client's calls cost 0): then it returns the error that a follower
+// gets.
+func (l *leader) enter(c invoke, cost int) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.stopped {
 		return &RemoteError{Name: "ClusterLeaderClosingError", Code: "ERR_CLUSTER_LEADER_CLOSING", Message: "leader closing"}
+	} else if cost > l.cfg.MaxQueuedBytes {
+		return &RemoteError{Name: "ClusterTooLargeError", Code: codeTooLarge, Message: fmt.Sprintf("invoke of %.64q would hold "+
+			"%d bytes with its %d arguments decoded, over the leader's Config.MaxQueuedBytes %d", c.Method, cost, c.ArgLength, l.cfg.MaxQueuedBytes)}
 	}
 	l.calls.Add(1)
 	return nil
@@ -450,10 +445,10 @@ func clip(s string) string { return fmt.Sprintf("%.64s", s) }
 // A oneway call runs on a goroutine of its own; routeInvoke returns at
 // once.
 func (l *leader) routeInvoke(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
-	if l.enter() != nil {
+	c := invoke{Method: method, ArgLength: len(args), Oneway: oneway}
+	if l.enter(c, 0) != nil {
 		return Value{}, ErrClosed
 	}
-	c := invoke{Method: method, ArgLength: len(args), Oneway: oneway}
 	if oneway {
 		go func() { defer l.calls.Done(); l.run(l.ctx, l.cfg.ResponseTimeout, c, args) }()
 		return Value{}, nil

@@ -116,13 +116,12 @@ func (h *portHost) unhost(l *leader) {
 	delete(h.channels, l.name)
 	last := len(h.channels) == 0 // once: a closed host is no longer in hosts
 	if last {
-		h.channels = nil
 		delete(hosts, h.cfg.Port)
 		h.ln.Close()
 		for _, nc := range h.unreg {
 			nc.Close()
 		}
-		h.unreg = nil // their readers find them gone and log nothing
+		h.channels, h.unreg = nil, nil // closed; the readers of unreg find their connections gone and log nothing
 	}
 	h.mu.Unlock()
 	hostsMu.Unlock()
@@ -182,9 +181,9 @@ func (h *portHost) registered(nc net.Conn, channel string) (*leader, bool) {
 }
 
 // register reads the first packet of a connection, which must register a
-// channel that this process leads, and hands the connection to that
-// channel's leader, on a goroutine of its own; it closes or refuses any
-// other. The port counts the connections handed to a leader until their
+// channel that this process leads (with its Config.Secret, if any), and
+// hands the connection to that channel's leader, on a goroutine of its
+// own; it closes or refuses any other. The port counts the connections handed to a leader until their
 // serve returns, at most MaxConns; an attempt past the bound counts for
 // an instant, until it undoes its count.
 func (h *portHost) register(nc net.Conn) {
@@ -206,13 +205,16 @@ func (h *portHost) register(nc net.Conn) {
 		h.warn("clusterclient: refusing register for a channel this leader does not host", "remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
 		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
 			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.cfg.Port, rc.ChannelName)})
+	case l.cfg.Secret != "" && !secretsEqual(l.cfg.Secret, rc.Secret):
+		l.warn("refusing follower with a wrong secret", "remote", nc.RemoteAddr())
+		refuse(h, nc, p, l.marshal, &RemoteError{Name: "ClusterAuthError", Message: "wrong secret", Code: "ERR_CLUSTER_AUTH"})
 	case h.conns.Add(1) > int64(h.cfg.MaxConns):
 		h.conns.Add(-1)
 		h.warn("clusterclient: refusing follower: too many connections", "remote", nc.RemoteAddr(), "limit", h.cfg.MaxConns)
 		refuse(h, nc, p, l.marshal, &RemoteError{Name: "ClusterTooManyConnectionsError", Code: codeTooManyConns, Message: fmt.Sprintf(
 			"the leader on port %d serves %d follower connections, its limit (Config.MaxConns)", h.cfg.Port, h.cfg.MaxConns)})
 	default:
-		go func() { l.serve(nc, r, p, rc); h.conns.Add(-1) }()
+		go func() { l.serve(nc, r, p); h.conns.Add(-1) }()
 	}
 }
 
