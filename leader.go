@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"maps"
 	"math/rand/v2"
 	"net"
@@ -131,7 +130,7 @@ func newLeader(name string, cfg *Config, deliver func(key string, data []byte, e
 func (l *leader) safely(what string, f func() error) (err error) {
 	defer func() {
 		if v := recover(); v != nil {
-			l.host.log(l.cfg.Logger, slog.LevelError, "clusterclient: "+what+" panicked", "channel", l.name, "panic", v, "stack", string(debug.Stack()))
+			l.host.log(l.cfg.Logger.Error, "clusterclient: "+what+" panicked", "channel", l.name, "panic", v, "stack", string(debug.Stack()))
 			err = &RemoteError{Name: "Error", Code: codePanic, Message: fmt.Sprintf("%s panicked: %v", what, v)}
 		}
 	}()
@@ -176,7 +175,7 @@ func (l *leader) call(ctx context.Context, c invoke, raw [][]byte) (result any, 
 // warn logs a warning about the channel, rate-limited with the port's
 // other lines: most warnings are a peer's doing.
 func (l *leader) warn(msg string, args ...any) {
-	l.host.log(l.cfg.Logger, slog.LevelWarn, "clusterclient: "+msg, append([]any{"channel", l.name}, args...)...)
+	l.host.log(l.cfg.Logger.Warn, "clusterclient: "+msg, append([]any{"channel", l.name}, args...)...)
 }
 
 // start builds the real client in the background.
@@ -515,13 +514,11 @@ func (l *leader) join(sc *serverConn, key string, reg json.RawMessage) (created 
 	}
 	_, dup := t.subs[sc]
 	switch {
-	case l.stopped:
+	case l.stopped, sc != nil && dup: // a follower that asks again gets nothing new
 		return nil, nil
 	case created != nil && len(l.topics) >= l.cfg.MaxKeys:
 		return nil, &RemoteError{Name: "RangeError", Code: "ERR_CLUSTER_TOO_MANY_KEYS", Message: fmt.Sprintf("the leader holds Config.MaxKeys (%d) keys", l.cfg.MaxKeys)}
 	case sc == nil:
-	case dup:
-		return nil, nil // a follower that asks again gets nothing new
 	case sc.keys >= l.cfg.MaxKeysPerConn:
 		return nil, &RemoteError{Name: "RangeError", Code: "ERR_CLUSTER_TOO_MANY_KEYS", Message: fmt.Sprintf("the connection listens to Config.MaxKeysPerConn (%d) keys", l.cfg.MaxKeysPerConn)}
 	default:

@@ -2,12 +2,10 @@ package clusterclient
 
 import (
 	"bufio"
-	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"slices"
@@ -57,12 +55,13 @@ type portHost struct {
 const warnPerSecond = 10
 
 // warn logs a warning of the port that a peer can cause.
-func (h *portHost) warn(msg string, args ...any) { h.log(h.cfg.Logger, slog.LevelWarn, msg, args...) }
+func (h *portHost) warn(msg string, args ...any) { h.log(h.cfg.Logger.Warn, msg, args...) }
 
-// log logs a line that a peer can cause, at most warnPerSecond lines a
-// second for the port; the first line of the next second counts those
-// left out as "suppressed". A nil host (single mode) logs every line.
-func (h *portHost) log(to *slog.Logger, level slog.Level, msg string, args ...any) {
+// log logs a line that a peer can cause with out (a Logger's Warn or
+// Error), at most warnPerSecond lines a second for the port; the first
+// line of the next second counts those left out as "suppressed". A nil
+// host (single mode) logs every line.
+func (h *portHost) log(out func(msg string, args ...any), msg string, args ...any) {
 	if h != nil {
 		h.logMu.Lock()
 		defer h.logMu.Unlock()
@@ -76,7 +75,7 @@ func (h *portHost) log(to *slog.Logger, level slog.Level, msg string, args ...an
 			return
 		}
 	}
-	to.Log(context.Background(), level, msg, args...)
+	out(msg, args...)
 }
 
 // dropLargest closes the registered connections that hold the most
