@@ -107,7 +107,7 @@ type serverConn struct {
 	l       *leader
 	nc      net.Conn
 	w       *sender
-	ctx     context.Context // ends when the connection closes, or the leader's ctx: then it closes; its invokes' contexts derive from it
+	ctx     context.Context // ends when the connection closes or the leader's ctx ends (which closes it); its invokes' contexts derive from it
 	cancel  context.CancelFunc
 	oddType sync.Once // logs the first request of unknown type
 	once    sync.Once
