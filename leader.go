@@ -1,7 +1,6 @@
 package clusterclient
 
 import (
-	"bufio"
 	"cmp"
 	"context"
 	"crypto/sha256"
@@ -10,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"maps"
 	"math/rand/v2"
 	"net"
@@ -109,7 +107,7 @@ type serverConn struct {
 	l       *leader
 	nc      net.Conn
 	w       *sender
-	ctx     context.Context // ends when the connection closes; its invokes' contexts derive from it
+	ctx     context.Context // ends when the connection closes or the leader's ctx ends (which closes it); its invokes' contexts derive from it
 	cancel  context.CancelFunc
 	oddType sync.Once // logs the first request of unknown type
 	once    sync.Once
@@ -132,7 +130,7 @@ func newLeader(name string, cfg *Config, deliver func(key string, data []byte, e
 func (l *leader) safely(what string, f func() error) (err error) {
 	defer func() {
 		if v := recover(); v != nil {
-			l.host.log(l.cfg.Logger, slog.LevelError, "clusterclient: "+what+" panicked", "channel", l.name, "panic", v, "stack", string(debug.Stack()))
+			l.host.log(l.cfg.Logger.Error, "clusterclient: "+what+" panicked", "channel", l.name, "panic", v, "stack", string(debug.Stack()))
 			err = &RemoteError{Name: "Error", Code: codePanic, Message: fmt.Sprintf("%s panicked: %v", what, v)}
 		}
 	}()
@@ -177,7 +175,7 @@ func (l *leader) call(ctx context.Context, c invoke, raw [][]byte) (result any, 
 // warn logs a warning about the channel, rate-limited with the port's
 // other lines: most warnings are a peer's doing.
 func (l *leader) warn(msg string, args ...any) {
-	l.host.log(l.cfg.Logger, slog.LevelWarn, "clusterclient: "+msg, append([]any{"channel", l.name}, args...)...)
+	l.host.log(l.cfg.Logger.Warn, "clusterclient: "+msg, append([]any{"channel", l.name}, args...)...)
 }
 
 // start builds the real client in the background.
@@ -193,27 +191,33 @@ func (l *leader) start(build BuildFunc) {
 }
 
 // serve runs one follower connection, from its register_channel packet
-// until it closes, or refuses it. br, the connection's read buffer of
-// readBufferSize bytes, serves it for its whole life.
-func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerChannel) {
+// reg until it closes, or refuses it. r, which read reg, reads the rest:
+// its buffer of readBufferSize bytes serves the connection for its whole
+// life. Unless the heartbeat check is off, a connection that sends no
+// whole packet for three heartbeat intervals fails.
+func (l *leader) serve(nc net.Conn, r *Reader, reg *Packet) {
 	<-l.ready // a leader closed while building waits for the build too
-	sc := &serverConn{l: l, nc: nc}
-	var re *RemoteError
-	switch {
-	case l.cfg.Secret != "" && !secretsEqual(l.cfg.Secret, rc.Secret):
-		l.warn("refusing follower with a wrong secret", "remote", nc.RemoteAddr())
-		re = &RemoteError{Name: "ClusterAuthError", Message: "wrong secret", Code: "ERR_CLUSTER_AUTH"}
-	case l.err != nil:
-		re = toRemote(l.err)
-	case !l.admit(sc):
-		re = &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted, Message: "the leader is closing"}
-	}
+	sc, re := l.admit(nc)
 	if re != nil {
 		refuse(l.host, nc, reg, l.marshal, re)
 		return
 	}
 	defer l.wg.Done()
-	sc.close(l.readLoop(sc, br, reg))
+	r.max, r.charge = l.cfg.MaxPacketSize, sc.charge // registerMaxPacket bounded reg
+	nc.SetReadDeadline(time.Time{})                  // RegisterTimeout's, until the heartbeat check's
+	err := l.handle(sc, reg)
+	for err == nil {
+		if !l.cfg.DisableHeartbeatCheck {
+			nc.SetReadDeadline(time.Now().Add(3 * l.cfg.HeartbeatInterval))
+		}
+		p := new(Packet) // an invoke's goroutine keeps the last one
+		if err = r.ReadPacket(p); errors.Is(err, os.ErrDeadlineExceeded) {
+			err = fmt.Errorf("no packet for %v, three heartbeat intervals: %w", 3*l.cfg.HeartbeatInterval, err)
+		} else if err == nil {
+			err = l.handle(sc, p)
+		}
+	}
+	sc.close(err)
 	// Forget the connection and its subscriptions. Its reader has ended,
 	// so it subscribes to nothing new meanwhile.
 	l.mu.Lock()
@@ -223,52 +227,31 @@ func (l *leader) serve(nc net.Conn, br *bufio.Reader, reg *Packet, rc registerCh
 	l.unsubscribe(sc, keys...)
 }
 
-// admit adds sc to the leader's connections, unless the leader is
-// closing: it must then not miss the leader_closing notice.
-func (l *leader) admit(sc *serverConn) bool {
+// admit adds nc to the leader's connections, or returns why it refuses
+// it: the build's error, or the leader closing (nc must then not miss
+// the leader_closing notice).
+func (l *leader) admit(nc net.Conn) (*serverConn, *RemoteError) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.closing {
-		return false
+	if l.err != nil {
+		return nil, toRemote(l.err)
+	} else if l.closing {
+		return nil, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted, Message: "the leader is closing"}
 	}
+	sc := &serverConn{l: l, nc: nc}
 	sc.ctx, sc.cancel = context.WithCancel(l.ctx)
 	sc.ended.L = &sc.gate
-	context.AfterFunc(sc.ctx, func() { sc.gate.Lock(); sc.ended.Broadcast(); sc.gate.Unlock() })
+	context.AfterFunc(sc.ctx, func() { sc.close(ErrClosed); sc.gate.Lock(); sc.ended.Broadcast(); sc.gate.Unlock() })
 	sc.w = newSender(sc.nc, l.cfg.MaxQueuedBytes, l.cfg.ResponseTimeout, sc.close, sc.charge)
 	l.conns[sc] = struct{}{}
 	l.wg.Add(1)
-	return true
+	return sc, nil
 }
 
 // secretsEqual compares in constant time, whatever the lengths.
 func secretsEqual(want, got string) bool {
 	a, b := sha256.Sum256([]byte(want)), sha256.Sum256([]byte(got))
 	return subtle.ConstantTimeCompare(a[:], b[:]) == 1
-}
-
-// readLoop handles the register packet reg, then the packets of sc until
-// the connection fails, and returns why. Unless the heartbeat check is
-// off, a connection that sends no whole packet for three heartbeat
-// intervals fails.
-func (l *leader) readLoop(sc *serverConn, br *bufio.Reader, reg *Packet) error {
-	r := NewReader(br, l.cfg.MaxPacketSize)
-	r.charge = sc.charge
-	idle := 3 * l.cfg.HeartbeatInterval
-	sc.nc.SetReadDeadline(time.Time{}) // RegisterTimeout's, until the heartbeat check's
-	for p := reg; ; {
-		if err := l.handle(sc, p); err != nil {
-			return err
-		}
-		if !l.cfg.DisableHeartbeatCheck {
-			sc.nc.SetReadDeadline(time.Now().Add(idle))
-		}
-		p = new(Packet) // an invoke's goroutine keeps the last one
-		if err := r.ReadPacket(p); errors.Is(err, os.ErrDeadlineExceeded) {
-			return fmt.Errorf("no packet for %v, three heartbeat intervals: %w", idle, err)
-		} else if err != nil {
-			return err
-		}
-	}
 }
 
 // close closes the connection once, which cancels its invokes. It logs
@@ -287,10 +270,14 @@ func (sc *serverConn) close(err error) {
 }
 
 // charge counts n bytes more (or fewer) held for the connection, in its
-// own count and in its port's.
+// own count and in its port's. Past Config.MaxTotalBytes, the port's
+// connection that holds the most is closed, on a goroutine of its own:
+// charge runs under locks that closing takes.
 func (sc *serverConn) charge(n int) {
 	sc.bytes.Add(int64(n))
-	sc.l.host.charge(n)
+	if h := sc.l.host; h.held.Add(int64(n)) > int64(h.cfg.MaxTotalBytes) && n > 0 && h.dropping.CompareAndSwap(false, true) {
+		go h.dropLargest()
+	}
 }
 
 // reply answers the request p. The calling goroutine writes it, unless
@@ -347,13 +334,8 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	if err := validArgs(p.App, c.ArgLength); err != nil {
 		return err
 	}
-	cost, err := len(p.App)+c.ArgLength*argCost, l.enter()
-	if err == nil && cost > l.cfg.MaxQueuedBytes {
-		l.calls.Done()
-		err = &RemoteError{Name: "ClusterTooLargeError", Code: codeTooLarge, Message: fmt.Sprintf("invoke of %.64q would hold "+
-			"%d bytes with its %d arguments decoded, over the leader's Config.MaxQueuedBytes %d", c.Method, cost, c.ArgLength, l.cfg.MaxQueuedBytes)}
-	}
-	if err != nil {
+	cost := len(p.App) + c.ArgLength*argCost
+	if err := l.enter(c, cost); err != nil {
 		if !c.Oneway {
 			l.answer(sc, p, nil, err)
 		}
@@ -374,13 +356,18 @@ func (l *leader) invoke(sc *serverConn, p *Packet, c invoke) error {
 	return nil
 }
 
-// enter counts a call in calls, unless the leader has stopped taking
-// calls: then it returns the error that a follower gets.
-func (l *leader) enter() error {
+// enter counts the call c in calls, unless the leader has stopped taking
+// calls or c alone would hold cost bytes, more than MaxQueuedBytes (the
+// own Client's calls cost 0): then it returns the error that a follower
+// gets.
+func (l *leader) enter(c invoke, cost int) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.stopped {
 		return &RemoteError{Name: "ClusterLeaderClosingError", Code: "ERR_CLUSTER_LEADER_CLOSING", Message: "leader closing"}
+	} else if cost > l.cfg.MaxQueuedBytes {
+		return &RemoteError{Name: "ClusterTooLargeError", Code: codeTooLarge, Message: fmt.Sprintf("invoke of %.64q would hold "+
+			"%d bytes with its %d arguments decoded, over the leader's Config.MaxQueuedBytes %d", c.Method, cost, c.ArgLength, l.cfg.MaxQueuedBytes)}
 	}
 	l.calls.Add(1)
 	return nil
@@ -401,15 +388,6 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke, cost int) {
 		args[i], rest = nextArg(rest)
 	}
 	data, late, err := l.run(sc.ctx, limit, c, args)
-	// The invoke counts until its answer is queued: a peer that does not
-	// read its answers runs no more invokes.
-	defer func() {
-		sc.gate.Lock()
-		sc.running, sc.held = sc.running-1, sc.held-cost
-		sc.gate.Unlock()
-		sc.charge(-cost)
-		sc.ended.Signal()
-	}()
 	// Past its timeout the follower has given up: no answer, as the
 	// reference. A method that returned its context's error did its job.
 	if !c.Oneway && (!late || limit != asked) {
@@ -417,6 +395,13 @@ func (l *leader) runInvoke(sc *serverConn, p *Packet, c invoke, cost int) {
 	} else if !c.Oneway && !errors.Is(err, context.DeadlineExceeded) {
 		l.warn("invoke outlasted its timeout; no answer sent", "method", clip(c.Method), "timeout", limit, "err", err)
 	}
+	// The invoke counts until its answer is queued: a peer that does not
+	// read its answers runs no more invokes.
+	sc.gate.Lock()
+	sc.running, sc.held = sc.running-1, sc.held-cost
+	sc.gate.Unlock()
+	sc.charge(-cost)
+	sc.ended.Signal()
 }
 
 // answer sends the invoke_result of p: the result data, or err.
@@ -459,10 +444,10 @@ func clip(s string) string { return fmt.Sprintf("%.64s", s) }
 // A oneway call runs on a goroutine of its own; routeInvoke returns at
 // once.
 func (l *leader) routeInvoke(ctx context.Context, method string, args [][]byte, oneway bool) (Value, error) {
-	if l.enter() != nil {
+	c := invoke{Method: method, ArgLength: len(args), Oneway: oneway}
+	if l.enter(c, 0) != nil {
 		return Value{}, ErrClosed
 	}
-	c := invoke{Method: method, ArgLength: len(args), Oneway: oneway}
 	if oneway {
 		go func() { defer l.calls.Done(); l.run(l.ctx, l.cfg.ResponseTimeout, c, args) }()
 		return Value{}, nil
@@ -495,9 +480,6 @@ func (l *leader) routeUnsubscribe(key string, _ json.RawMessage) { l.unsubscribe
 func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 	l.realMu.Lock()
 	defer l.realMu.Unlock()
-	if l.stopped { // the real client is closing
-		return
-	}
 	t, err := l.join(sc, key, reg)
 	if s, ok := l.real.(Subscriber); t != nil && ok {
 		push := func(v any) { l.safely("the push callback", func() error { l.pushValue(t, v); return nil }) }
@@ -519,8 +501,9 @@ func (l *leader) subscribe(sc *serverConn, key string, reg json.RawMessage) {
 	}
 }
 
-// join adds sc to the listeners of key within the bounds on keys, and
-// returns the key's topic if it is new: the real client must subscribe.
+// join adds sc to the listeners of key within the bounds on keys, unless
+// the real client is closing, and returns the key's topic if it is new:
+// the real client must subscribe.
 func (l *leader) join(sc *serverConn, key string, reg json.RawMessage) (created *topic, err error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -531,11 +514,11 @@ func (l *leader) join(sc *serverConn, key string, reg json.RawMessage) (created 
 	}
 	_, dup := t.subs[sc]
 	switch {
+	case l.stopped, sc != nil && dup: // a follower that asks again gets nothing new
+		return nil, nil
 	case created != nil && len(l.topics) >= l.cfg.MaxKeys:
 		return nil, &RemoteError{Name: "RangeError", Code: "ERR_CLUSTER_TOO_MANY_KEYS", Message: fmt.Sprintf("the leader holds Config.MaxKeys (%d) keys", l.cfg.MaxKeys)}
 	case sc == nil:
-	case dup:
-		return nil, nil // a follower that asks again gets nothing new
 	case sc.keys >= l.cfg.MaxKeysPerConn:
 		return nil, &RemoteError{Name: "RangeError", Code: "ERR_CLUSTER_TOO_MANY_KEYS", Message: fmt.Sprintf("the connection listens to Config.MaxKeysPerConn (%d) keys", l.cfg.MaxKeysPerConn)}
 	default:
@@ -618,13 +601,13 @@ func (l *leader) leave(sc *serverConn, keys []string, forget bool) (gone []*topi
 	return gone
 }
 
-// waitFor waits until wg is done or ctx ends.
-func waitFor(ctx context.Context, wg *sync.WaitGroup) {
+// waitFor waits until wg is done or the deadline passes.
+func waitFor(deadline time.Time, wg *sync.WaitGroup) {
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
 	select {
 	case <-done:
-	case <-ctx.Done():
+	case <-time.After(time.Until(deadline)):
 	}
 }
 
@@ -636,29 +619,24 @@ func waitFor(ctx context.Context, wg *sync.WaitGroup) {
 // outlasted the drain, and closes the real client. The Client calls it
 // once, as its run loop ends.
 func (l *leader) close() {
+	if l.host != nil {
+		l.host.unhost(l) // first: a follower told may elect at once
+	}
 	l.mu.Lock()
 	l.closing = true // from here on no connection is admitted
-	conns := slices.Collect(maps.Keys(l.conns))
+	for sc := range l.conns {
+		sc.notify(leaderClosing{}, nil) // never waits on the socket
+	}
 	l.mu.Unlock()
-	if l.host != nil {
-		l.host.unhost(l)
-	}
-	for _, sc := range conns {
-		sc.notify(leaderClosing{}, nil)
-	}
-	ctx, stop := context.WithTimeout(context.Background(), l.cfg.DrainTimeout)
-	defer stop()
-	waitFor(ctx, &l.wg)
+	deadline := time.Now().Add(l.cfg.DrainTimeout)
+	waitFor(deadline, &l.wg)
 	l.realMu.Lock() // a Subscribe or Unsubscribe under way ends first
 	l.mu.Lock()
-	l.stopped, conns = true, slices.Collect(maps.Keys(l.conns)) // from here on no call starts
+	l.stopped = true // from here on no call starts
 	l.mu.Unlock()
 	l.realMu.Unlock()
-	waitFor(ctx, &l.calls)
-	for _, sc := range conns {
-		sc.close(ErrClosed)
-	}
-	l.cancel()
+	waitFor(deadline, &l.calls)
+	l.cancel() // closes the connections left: their contexts derive from l.ctx
 	<-l.ready
 	l.wg.Wait()
 	l.calls.Wait()

@@ -2,12 +2,10 @@ package clusterclient
 
 import (
 	"bufio"
-	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"slices"
@@ -41,9 +39,9 @@ type portHost struct {
 	mu       sync.Mutex
 	channels map[string]*leader // guarded by mu; nil once the host has closed
 	unreg    []net.Conn         // guarded by mu: not yet registered, or refused; oldest first
-	conns    int                // guarded by mu: connections handed to a leader whose serve has not returned
 
 	held     atomic.Int64 // bytes held for all registered connections; see serverConn.bytes
+	conns    atomic.Int64 // connections handed to a leader, see register
 	dropping atomic.Bool  // dropLargest is running
 
 	logMu    sync.Mutex
@@ -57,12 +55,13 @@ type portHost struct {
 const warnPerSecond = 10
 
 // warn logs a warning of the port that a peer can cause.
-func (h *portHost) warn(msg string, args ...any) { h.log(h.cfg.Logger, slog.LevelWarn, msg, args...) }
+func (h *portHost) warn(msg string, args ...any) { h.log(h.cfg.Logger.Warn, msg, args...) }
 
-// log logs a line that a peer can cause, at most warnPerSecond lines a
-// second for the port; the first line of the next second counts those
-// left out as "suppressed". A nil host (single mode) logs every line.
-func (h *portHost) log(to *slog.Logger, level slog.Level, msg string, args ...any) {
+// log logs a line that a peer can cause with out (a Logger's Warn or
+// Error), at most warnPerSecond lines a second for the port; the first
+// line of the next second counts those left out as "suppressed". A nil
+// host (single mode) logs every line.
+func (h *portHost) log(out func(msg string, args ...any), msg string, args ...any) {
 	if h != nil {
 		h.logMu.Lock()
 		defer h.logMu.Unlock()
@@ -76,42 +75,90 @@ func (h *portHost) log(to *slog.Logger, level slog.Level, msg string, args ...an
 			return
 		}
 	}
-	to.Log(context.Background(), level, msg, args...)
-}
-
-// charge counts n bytes more (or fewer) held for the port's registered
-// connections. Past Config.MaxTotalBytes, the connection that holds the
-// most is closed, on a goroutine of its own: charge runs under locks that
-// closing takes.
-func (h *portHost) charge(n int) {
-	if h.held.Add(int64(n)) > int64(h.cfg.MaxTotalBytes) && n > 0 && h.dropping.CompareAndSwap(false, true) {
-		go h.dropLargest()
-	}
+	out(msg, args...)
 }
 
 // dropLargest closes the registered connections that hold the most
 // bytes until what they held no longer passes the bound.
 func (h *portHost) dropLargest() {
 	defer h.dropping.Store(false)
-	for excess := h.held.Load() - int64(h.cfg.MaxTotalBytes); excess > 0; {
-		var big *serverConn
-		h.mu.Lock()
-		for _, l := range h.channels {
-			l.mu.Lock()
-			for sc := range l.conns {
-				if sc.ctx.Err() == nil && (big == nil || sc.bytes.Load() > big.bytes.Load()) {
-					big = sc
-				}
-			}
-			l.mu.Unlock()
-		}
-		h.mu.Unlock()
-		if big == nil {
-			return
-		}
+	excess := h.held.Load() - int64(h.cfg.MaxTotalBytes)
+	for big := h.largest(); excess > 0 && big != nil; big = h.largest() {
 		excess -= big.bytes.Load()
 		big.close(fmt.Errorf("the port's connections hold over Config.MaxTotalBytes (%d bytes); this one holds the most, %d", h.cfg.MaxTotalBytes, big.bytes.Load()))
 	}
+}
+
+// largest returns the open registered connection that holds the most
+// bytes, nil if there is none.
+func (h *portHost) largest() (big *serverConn) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, l := range h.channels {
+		l.mu.Lock()
+		for sc := range l.conns {
+			if sc.ctx.Err() == nil && (big == nil || sc.bytes.Load() > big.bytes.Load()) {
+				big = sc
+			}
+		}
+		l.mu.Unlock()
+	}
+	return big
+}
+
+// hosts holds the ports this process listens on: one listener per port,
+// shared by every channel that the process leads on it. Lock order:
+// hostsMu, then a portHost's mu, then its logMu.
+var hostsMu sync.Mutex
+var hosts = map[int]*portHost{} // guarded by hostsMu
+
+// claim tries to make c the leader of its channel: in single mode always;
+// otherwise on this process's listener for the port if it holds one, else
+// by listening on 127.0.0.1:port. The winner's real client starts
+// building at once. It returns nil when c must follow, and an error only
+// for a forced leader that cannot lead.
+func claim(c *Client) (*leader, error) {
+	if c.cfg.Role == RoleFollower && !c.cfg.SingleMode {
+		return nil, nil
+	}
+	l := newLeader(c.name, &c.cfg, c.deliver)
+	if !c.cfg.SingleMode {
+		if err := hostChannel(&c.cfg, l); err != nil && c.cfg.Role == RoleLeader {
+			return nil, err
+		} else if err != nil {
+			return nil, nil // the port or the channel has a leader: follow it
+		}
+	}
+	l.start(c.build)
+	return l, nil
+}
+
+// hostChannel makes l the leader of its channel on the port, listening
+// first if this process does not hold the port yet. It fails when the
+// port is another process's or the channel already has a leader in this
+// process.
+func hostChannel(cfg *Config, l *leader) error {
+	hostsMu.Lock()
+	defer hostsMu.Unlock()
+	h := hosts[cfg.Port]
+	if h == nil {
+		ln, err := net.Listen("tcp", loopback(cfg.Port))
+		if err != nil {
+			return fmt.Errorf("clusterclient: cannot lead channel %q: port %d is taken: %w", l.name, cfg.Port, err)
+		}
+		h = &portHost{ln: ln, cfg: cfg, channels: map[string]*leader{}}
+		hosts[cfg.Port] = h
+		// Deferred until l is hosted: a follower that dials at once
+		// must not be refused.
+		defer func() { h.wg.Add(1); go h.acceptLoop() }()
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.channels[l.name] != nil {
+		return fmt.Errorf("clusterclient: cannot lead channel %q on port %d: this process leads it already", l.name, cfg.Port)
+	}
+	h.channels[l.name], l.host = l, h
+	return nil
 }
 
 // unhost removes l from its port; the last channel to leave closes the
@@ -123,13 +170,12 @@ func (h *portHost) unhost(l *leader) {
 	delete(h.channels, l.name)
 	last := len(h.channels) == 0 // once: a closed host is no longer in hosts
 	if last {
-		h.channels = nil
 		delete(hosts, h.cfg.Port)
 		h.ln.Close()
 		for _, nc := range h.unreg {
 			nc.Close()
 		}
-		h.unreg = nil // their readers find them gone and log nothing
+		h.channels, h.unreg = nil, nil // closed; the readers of unreg find their connections gone and log nothing
 	}
 	h.mu.Unlock()
 	hostsMu.Unlock()
@@ -189,13 +235,16 @@ func (h *portHost) registered(nc net.Conn, channel string) (*leader, bool) {
 }
 
 // register reads the first packet of a connection, which must register a
-// channel that this process leads, and hands the connection to that
-// channel's leader; it closes or refuses any other.
+// channel that this process leads (with its Config.Secret, if any), and
+// hands the connection to that channel's leader, on a goroutine of its
+// own; it closes or refuses any other. The port counts the connections
+// handed to a leader until their serve returns, at most MaxConns; an
+// attempt past the bound counts for an instant, until it undoes its count.
 func (h *portHost) register(nc net.Conn) {
+	defer h.wg.Done()
 	nc.SetReadDeadline(time.Now().Add(h.cfg.RegisterTimeout))
-	br := bufio.NewReaderSize(nc, readBufferSize)
-	p := new(Packet)
-	rc, err := h.registerOf(NewReader(br, registerMaxPacket).ReadPacket(p), p)
+	r, p := NewReader(bufio.NewReaderSize(nc, readBufferSize), registerMaxPacket), new(Packet)
+	rc, err := h.registerOf(r.ReadPacket(p), p)
 	l, tracked := h.registered(nc, rc.ChannelName)
 	switch {
 	case !tracked || err != nil: // an untracked one was evicted, or the host closed
@@ -204,37 +253,23 @@ func (h *portHost) register(nc net.Conn) {
 		if tracked && err != io.EOF {
 			h.warn("clusterclient: closing connection that did not register", "remote", nc.RemoteAddr(), "err", err)
 		}
-		l = nil
 		nc.Close()
 	case h.refusesPeer(nc, p):
-		l = nil
 	case l == nil:
 		h.warn("clusterclient: refusing register for a channel this leader does not host", "remote", nc.RemoteAddr(), "channel", clip(rc.ChannelName), "port", h.cfg.Port)
 		refuse(h, nc, p, JSONCodec{}.Marshal, &RemoteError{Name: "ClusterChannelNotFoundError", Code: codeChannelNotHosted,
 			Message: fmt.Sprintf("the leader on port %d does not host channel %q", h.cfg.Port, rc.ChannelName)})
-	case !h.count(1):
+	case l.cfg.Secret != "" && !secretsEqual(l.cfg.Secret, rc.Secret):
+		l.warn("refusing follower with a wrong secret", "remote", nc.RemoteAddr())
+		refuse(h, nc, p, l.marshal, &RemoteError{Name: "ClusterAuthError", Message: "wrong secret", Code: "ERR_CLUSTER_AUTH"})
+	case h.conns.Add(1) > int64(h.cfg.MaxConns):
+		h.conns.Add(-1)
 		h.warn("clusterclient: refusing follower: too many connections", "remote", nc.RemoteAddr(), "limit", h.cfg.MaxConns)
 		refuse(h, nc, p, l.marshal, &RemoteError{Name: "ClusterTooManyConnectionsError", Code: codeTooManyConns, Message: fmt.Sprintf(
 			"the leader on port %d serves %d follower connections, its limit (Config.MaxConns)", h.cfg.Port, h.cfg.MaxConns)})
-		l = nil
+	default:
+		go func() { l.serve(nc, r, p); h.conns.Add(-1) }()
 	}
-	h.wg.Done()
-	if l != nil {
-		l.serve(nc, br, p, rc)
-		h.count(-1)
-	}
-}
-
-// count adds d to the connections handed to a leader, unless that would
-// pass MaxConns; it reports whether it did.
-func (h *portHost) count(d int) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	ok := h.conns+d <= h.cfg.MaxConns
-	if ok {
-		h.conns += d
-	}
-	return ok
 }
 
 // socketOwner returns the uid that owns the TCP socket of this host from
@@ -274,13 +309,10 @@ func procAddr(a *net.TCPAddr) string {
 // address remote, and says whether cfg lets this process talk to it: yes
 // when the socket table cannot be read. uid is -1 if no socket matches.
 func peerAllowed(cfg *Config, local, remote net.Addr) (uid int, ok bool) {
-	if cfg.AllowAnyUser {
-		return -1, true
-	}
 	la, _ := local.(*net.TCPAddr)
 	ra, _ := remote.(*net.TCPAddr)
-	if la == nil || ra == nil {
-		return -1, false
+	if cfg.AllowAnyUser || la == nil || ra == nil { // not TCP: no socket to look up
+		return -1, cfg.AllowAnyUser
 	}
 	uid, err := socketOwner(la, ra)
 	return uid, err != nil || uid >= 0 && (uid == os.Geteuid() || slices.Contains(cfg.AllowUIDs, uid))
@@ -336,3 +368,5 @@ func refuse(h *portHost, nc net.Conn, req *Packet, marshal func(any) ([]byte, er
 		nc.Close()
 	}
 }
+
+func loopback(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
