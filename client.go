@@ -90,7 +90,7 @@ func New(name string, cfg *Config, build BuildFunc) (*Client, error) {
 	} else if build == nil {
 		return nil, errors.New("clusterclient: nil BuildFunc")
 	}
-	c := &Client{name: name, cfg: withDefaults(cfg), build: build, done: make(chan struct{}),
+	c := &Client{name: name, cfg: *withDefaults(cfg), build: build, done: make(chan struct{}),
 		ready: make(chan struct{}), topics: make(map[string]*localTopic), wake: make(chan struct{}, 1)}
 	l, err := claim(c)
 	if err != nil {

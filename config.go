@@ -198,15 +198,12 @@ type Config struct {
 
 // DefaultConfig returns the default configuration, with the port and
 // single mode taken from the environment where set.
-func DefaultConfig() *Config {
-	c := withDefaults(nil)
-	return &c
-}
+func DefaultConfig() *Config { return withDefaults(nil) }
 
 // withDefaults returns a copy of c whose zero fields hold their defaults;
 // a nil c is DefaultConfig's, which reads single mode from the
 // environment.
-func withDefaults(c *Config) Config {
+func withDefaults(c *Config) *Config {
 	d := *cmp.Or(c, &Config{SingleMode: os.Getenv(EnvSingleMode) == "1"})
 	envPort, _ := strconv.Atoi(os.Getenv(EnvPort))
 	d.Port = cmp.Or(d.Port, envPort, 7777)
@@ -224,7 +221,7 @@ func withDefaults(c *Config) Config {
 	d.MaxConns = cmp.Or(d.MaxConns, 512)
 	d.MaxTotalBytes = cmp.Or(d.MaxTotalBytes, max(256<<20, d.MaxQueuedBytes))
 	d.MaxKeysPerConn, d.MaxKeys = cmp.Or(d.MaxKeysPerConn, 10_000), cmp.Or(d.MaxKeys, 100_000)
-	return d
+	return &d
 }
 
 // VerifyConfig reports a field of c that is out of range once its zero

@@ -84,7 +84,7 @@ func startNode(t *testing.T, spec childSpec, env ...string) *nodeMember {
 	b, _ := json.Marshal(spec)
 	cmd := exec.Command(node, nodeScript)
 	cmd.Env = append(append(os.Environ(), childEnv+"="+string(b)), env...)
-	cmd.Stderr = testWriter{t}
+	cmd.Stderr = newTestWriter(t)
 	stdin, stdout := startPiped(t, cmd)
 	n := &nodeMember{lines: newLines(t, "node", stdin, cmd.Process.Pid), cmd: cmd,
 		taken: map[int]bool{}, grew: make(chan struct{})}
@@ -681,7 +681,7 @@ func TestStringifyJSONTable(t *testing.T) {
 func TestInteropStringifyJSON(t *testing.T) {
 	node := needNode(t)
 	cmd := exec.Command(node, nodeDir+"/stringify.js")
-	cmd.Stderr = testWriter{t}
+	cmd.Stderr = newTestWriter(t)
 	stdin, stdout := startPiped(t, cmd)
 	defer cmd.Wait()
 	defer stdin.Close()

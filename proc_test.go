@@ -293,14 +293,32 @@ func testConfig(t testing.TB, port int) *Config {
 	cfg.MaxWaitTime = 10 * time.Second
 	cfg.ResponseTimeout = 3 * time.Second
 	cfg.DrainTimeout = 2 * time.Second
-	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	cfg.Logger = slog.New(slog.NewTextHandler(newTestWriter(t), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	return cfg
 }
 
-type testWriter struct{ t testing.TB }
+// testWriter writes to the test's log until the test's cleanups run:
+// a line that comes later (the count of suppressed warnings, up to a
+// second after a leader closed) is dropped, since the testing package
+// panics on a log after the test.
+type testWriter struct {
+	t       testing.TB
+	mu      sync.Mutex
+	stopped bool // guarded by mu
+}
 
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(string(p))
+func newTestWriter(t testing.TB) *testWriter {
+	w := &testWriter{t: t}
+	t.Cleanup(func() { w.mu.Lock(); w.stopped = true; w.mu.Unlock() })
+	return w
+}
+
+func (w *testWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.stopped {
+		w.t.Log(string(p))
+	}
 	return len(p), nil
 }
 

@@ -47,6 +47,7 @@ type portHost struct {
 	logMu    sync.Mutex
 	logStart time.Time // guarded by logMu: start of the current second of warn
 	logged   int       // guarded by logMu: lines warn was asked for since logStart
+	dropped  int       // guarded by logMu: lines left out since reportDropped last ran
 }
 
 // warnPerSecond bounds the lines that a port's peers can make the
@@ -58,24 +59,34 @@ const warnPerSecond = 10
 func (h *portHost) warn(msg string, args ...any) { h.log(h.cfg.Logger.Warn, msg, args...) }
 
 // log logs a line that a peer can cause with out (a Logger's Warn or
-// Error), at most warnPerSecond lines a second for the port; the first
-// line of the next second counts those left out as "suppressed". A nil
-// host (single mode) logs every line.
+// Error), at most warnPerSecond lines a second for the port; at the end
+// of a second that left lines out, one line says how many. A nil host
+// (single mode) logs every line.
 func (h *portHost) log(out func(msg string, args ...any), msg string, args ...any) {
 	if h != nil {
 		h.logMu.Lock()
 		defer h.logMu.Unlock()
 		if now := time.Now(); now.Sub(h.logStart) >= time.Second {
-			if h.logged > warnPerSecond {
-				args = append(args, "suppressed", h.logged-warnPerSecond)
-			}
 			h.logStart, h.logged = now, 0
 		}
 		if h.logged++; h.logged > warnPerSecond {
+			if h.dropped++; h.dropped == 1 {
+				time.AfterFunc(time.Until(h.logStart.Add(time.Second)), h.reportDropped)
+			}
 			return
 		}
 	}
 	out(msg, args...)
+}
+
+// reportDropped logs how many lines log left out since it last did.
+// It may come up to a second after the host has closed: the count is
+// still true.
+func (h *portHost) reportDropped() {
+	h.logMu.Lock()
+	defer h.logMu.Unlock()
+	h.cfg.Logger.Warn("clusterclient: more warnings than the log takes", "port", h.cfg.Port, "suppressed", h.dropped)
+	h.dropped = 0
 }
 
 // dropLargest closes the registered connections that hold the most
@@ -231,7 +242,13 @@ func socketOwner(local, remote *net.TCPAddr) (int, error) {
 	defer f.Close()
 	f6, _ := os.Open("/proc/net/tcp6") // nil without IPv6: reads and Close fail
 	defer f6.Close()
-	la, ra := procAddr(local), procAddr(remote)
+	// An address as the tables write it: the four bytes as one hexadecimal
+	// number in the host's byte order, a colon, the port. An address that
+	// is not IPv4 matches no line.
+	hex := func(a *net.TCPAddr) string {
+		return fmt.Sprintf("%08X:%04X", binary.NativeEndian.Uint32(append(a.IP.To4(), 0, 0, 0, 0)), a.Port)
+	}
+	la, ra := hex(local), hex(remote)
 	for s := bufio.NewScanner(io.MultiReader(f, f6)); s.Scan(); {
 		fs := strings.Fields(s.Text()) // sl local remote st tx:rx tr:when retrnsmt uid ...
 		if len(fs) > 7 && fs[3] != "06" && strings.HasSuffix(fs[1], la) && strings.HasSuffix(fs[2], ra) {
@@ -241,13 +258,6 @@ func socketOwner(local, remote *net.TCPAddr) (int, error) {
 		}
 	}
 	return -1, nil
-}
-
-// procAddr writes an IPv4 address as the socket tables do: the four
-// bytes as one hexadecimal number in the host's byte order, a colon, the
-// port. An address that is not IPv4 matches no line.
-func procAddr(a *net.TCPAddr) string {
-	return fmt.Sprintf("%08X:%04X", binary.NativeEndian.Uint32(append(a.IP.To4(), 0, 0, 0, 0)), a.Port)
 }
 
 // peerAllowed looks up the owner of the socket from address local to
