@@ -355,16 +355,24 @@ func TestFaultPortNotLeader(t *testing.T) {
 // into a capture.
 func faultLeader(t *testing.T, tune func(*Config)) (*Client, *testReal, *logCapture, int) {
 	t.Helper()
-	port := freePort(t)
+	real := newTestReal()
+	c, logs := captureLeader(t, "TestChannel", real, tune)
+	return c, real, logs, c.cfg.Port
+}
+
+// captureLeader starts a leader of channel name on a free port with the
+// real client real, logging into the capture it returns; tune, if set,
+// changes its Config. It returns once the leader is ready.
+func captureLeader(t *testing.T, name string, real RealClient, tune func(*Config)) (*Client, *logCapture) {
+	t.Helper()
 	logs := newLogCapture()
-	cfg := testConfig(t, port)
+	cfg := testConfig(t, freePort(t))
 	cfg.Role = RoleLeader
 	cfg.Logger = slog.New(logs)
 	if tune != nil {
 		tune(cfg)
 	}
-	real := newTestReal()
-	c, err := New("TestChannel", cfg, buildTestReal(real))
+	c, err := New(name, cfg, func(context.Context) (RealClient, error) { return real, nil })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -374,12 +382,8 @@ func faultLeader(t *testing.T, tune func(*Config)) (*Client, *testReal, *logCapt
 			t.Logf("leader log:\n%s", logs.dump())
 		}
 	})
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := c.Ready(ctx); err != nil {
-		t.Fatal(err)
-	}
-	return c, real, logs, port
+	mustReady(t, c)
+	return c, logs
 }
 
 // realActive reports whether r is subscribed to reg now.

@@ -325,14 +325,21 @@ func rawHeader(response bool, id uint64, connLen, appLen uint32) []byte {
 // readAnswer reads packets until the response to id, answering nothing.
 func readAnswer(t testing.TB, r *Reader, nc net.Conn, id uint64) Packet {
 	t.Helper()
+	return readUntil(t, r, nc, fmt.Sprintf("the answer to %d", id), func(p *Packet) bool { return p.Response && p.ID == id })
+}
+
+// readUntil reads packets from a raw connection, answering nothing, until
+// one that match accepts; what names it in a failure.
+func readUntil(t testing.TB, r *Reader, nc net.Conn, what string, match func(p *Packet) bool) Packet {
+	t.Helper()
 	nc.SetReadDeadline(time.Now().Add(10 * time.Second))
 	defer nc.SetReadDeadline(time.Time{})
 	for {
 		var p Packet
 		if err := r.ReadPacket(&p); err != nil {
-			t.Fatalf("reading the answer to %d: %v", id, err)
+			t.Fatalf("reading %s: %v", what, err)
 		}
-		if p.Response && p.ID == id {
+		if match(&p) {
 			return p
 		}
 	}

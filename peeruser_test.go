@@ -77,14 +77,7 @@ func TestSocketOwner(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, s := acceptedPair(t, ln)
 	lp, cp := ln.Addr().(*net.TCPAddr).Port, c.LocalAddr().(*net.TCPAddr).Port
 	for _, ports := range [][2]int{{cp, lp}, {lp, cp}} {
 		if uid, err := socketOwner(lo(ports[0]), lo(ports[1])); err != nil || uid != os.Geteuid() {
@@ -157,15 +150,11 @@ func TestPeerUserLeaderRefused(t *testing.T) {
 	}
 	cfg := testConfig(t, port)
 	cfg.Role, cfg.ResponseTimeout = RoleFollower, 300*time.Millisecond
-	c, err := New("TestChannel", cfg, buildTestReal(newTestReal()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := newClient(t, "TestChannel", cfg, newTestReal())
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	start := time.Now()
-	err = c.Ready(ctx)
+	err := c.Ready(ctx)
 	if took := time.Since(start); err == nil || took > 2*cfg.ResponseTimeout {
 		t.Fatalf("Ready after %v: %v; want an error within %v", took, err, 2*cfg.ResponseTimeout)
 	}
@@ -195,11 +184,7 @@ func TestPeerUserAllowed(t *testing.T) {
 		startChild(t, childSpec{Port: port, Role: RoleLeader, AllowUIDs: []int{0}}, opt).ready(10 * time.Second)
 		cfg := testConfig(t, port)
 		cfg.Role, cfg.AllowUIDs = RoleFollower, []int{nobody}
-		c, err := New("TestChannel", cfg, buildTestReal(newTestReal()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
+		c := newClient(t, "TestChannel", cfg, newTestReal())
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		if v, err := c.Invoke(ctx, "echo", "hi"); err != nil || v.String() != `"hi"` {
@@ -236,14 +221,7 @@ func BenchmarkSocketOwner(b *testing.B) {
 		}
 	}()
 	for range 5000 {
-		c, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			b.Fatal(err)
-		}
-		s, err := ln.Accept()
-		if err != nil {
-			b.Fatal(err)
-		}
+		c, s := acceptedPair(b, ln)
 		conns = append(conns, c, s)
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
@@ -275,3 +253,16 @@ func procLines() float64 {
 
 // lo is the address of port on 127.0.0.1.
 func lo(port int) *net.TCPAddr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port} }
+
+// acceptedPair dials ln and returns both ends of the connection.
+func acceptedPair(t testing.TB, ln net.Listener) (c, s net.Conn) {
+	t.Helper()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err == nil {
+		s, err = ln.Accept()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, s
+}

@@ -47,29 +47,11 @@ func (r *pickyReal) Subscribe(reg json.RawMessage, push func(any)) error {
 // noSubscribeReal is a real client without Subscribe.
 var noSubscribeReal = realFunc(func(context.Context, string, []Value) (any, error) { return "ok", nil })
 
-// refusalLeader starts a leader with the real client real, logging into
-// the capture it returns; tune, if set, changes its Config.
+// refusalLeader starts a leader of the channel "refusals" with the real
+// client real (see captureLeader).
 func refusalLeader(t *testing.T, real RealClient, tune func(*Config)) (*Client, *logCapture) {
 	t.Helper()
-	logs := newLogCapture()
-	cfg := testConfig(t, freePort(t))
-	cfg.Role = RoleLeader
-	cfg.Logger = slog.New(logs)
-	if tune != nil {
-		tune(cfg)
-	}
-	c, err := New("refusals", cfg, buildReal(real))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		c.Close()
-		if t.Failed() {
-			t.Logf("leader log:\n%s", logs.dump())
-		}
-	})
-	mustReady(t, c)
-	return c, logs
+	return captureLeader(t, "refusals", real, tune)
 }
 
 // refusalFollower starts a follower in this process of the leader lead
@@ -255,23 +237,17 @@ func TestSubscribeRefusedChildFollower(t *testing.T) {
 // subscribe_failed, and returns its key and error object.
 func readNotice(t *testing.T, r *Reader, nc net.Conn) (string, invokeErrorObject) {
 	t.Helper()
-	nc.SetReadDeadline(time.Now().Add(10 * time.Second))
-	defer nc.SetReadDeadline(time.Time{})
-	for {
-		var p Packet
-		if err := r.ReadPacket(&p); err != nil {
-			t.Fatalf("reading a subscribe_failed notice: %v", err)
-		}
-		if c, _, _ := parseConn(p.Conn); c != nil {
-			if n, ok := c.(subscribeFailed); ok {
-				var e invokeErrorObject
-				if err := json.Unmarshal(p.App, &e); err != nil {
-					t.Fatalf("error object %q: %v", p.App, err)
-				}
-				return n.Key, e
-			}
-		}
+	var n subscribeFailed
+	p := readUntil(t, r, nc, "a subscribe_failed notice", func(p *Packet) bool {
+		c, _, _ := parseConn(p.Conn)
+		n, _ = c.(subscribeFailed)
+		return !p.Response && c == connObject(n)
+	})
+	var e invokeErrorObject
+	if err := json.Unmarshal(p.App, &e); err != nil {
+		t.Fatalf("error object %q: %v", p.App, err)
 	}
+	return n.Key, e
 }
 
 // subscribeRaw sends a subscribe of reg on nc, then a heartbeat, and
