@@ -156,11 +156,12 @@ type Config struct {
 	// answers and pushed values queued for writing, and the app objects
 	// of running invokes. Past it, the connection that holds the most is
 	// closed (its follower reconnects by itself), so that many connections
-	// each within MaxQueuedBytes cannot add up. The heap this takes may
-	// reach about twice the bound: buffers grow by doubling, and a result
-	// is encoded before it is queued. Unregistered connections are bounded
-	// apart (MaxUnregistered, 64 KiB each). Default the larger of 256 MiB
-	// and MaxQueuedBytes; at least MaxQueuedBytes.
+	// each within MaxQueuedBytes cannot add up. A queued byte counts
+	// twice, since the buffer that holds it grows by doubling; a result
+	// being encoded, before it is queued, is not counted. Unregistered
+	// connections are bounded apart (MaxUnregistered, 64 KiB each).
+	// Default the larger of 256 MiB and MaxQueuedBytes; at least
+	// MaxQueuedBytes.
 	MaxTotalBytes int
 
 	// MaxKeysPerConn bounds the distinct subscription keys that one

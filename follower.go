@@ -367,7 +367,7 @@ type sender struct {
 	maxQueue int           // bound on len(buf), Config.MaxQueuedBytes
 	timeout  time.Duration // a write that takes longer fails
 	onFail   func(error)   // run once, on its own goroutine, when a write fails or the queue overflows
-	charge   func(n int)   // told of bytes queued (n > 0) and written or dropped (n < 0)
+	charge   func(n int)   // told of bytes queued (n > 0) and written or dropped (n < 0), twice: see newSender
 
 	mu         sync.Mutex
 	buf, spare []byte // guarded by mu: encoded packets not yet written; the other buffer, empty
@@ -375,6 +375,9 @@ type sender struct {
 	err        error  // guarded by mu: why the connection takes no more packets
 }
 
+// newSender returns the sender of nc. charge is told of each byte queued
+// and written twice over: the buffer that holds queued packets grows by
+// doubling, so a queue may take twice its length in memory.
 func newSender(nc net.Conn, maxQueue int, timeout time.Duration, onFail func(error), charge func(n int)) *sender {
 	return &sender{nc: nc, maxQueue: maxQueue, timeout: timeout, onFail: onFail, charge: charge}
 }
@@ -392,7 +395,7 @@ func (s *sender) send(inline bool, encode func(b []byte) ([]byte, error)) error 
 		s.err, err = errQueueFull, errQueueFull
 		go s.onFail(err)
 	} else if err == nil {
-		s.charge(len(b) - len(s.buf))
+		s.charge(2 * (len(b) - len(s.buf)))
 		s.buf, s.writing, start = b, true, !s.writing
 	}
 	s.mu.Unlock()
@@ -415,7 +418,7 @@ func (s *sender) write() (failed error) {
 		s.mu.Unlock()
 		s.nc.SetWriteDeadline(time.Now().Add(s.timeout))
 		_, err := s.nc.Write(b)
-		s.charge(-len(b))
+		s.charge(-2 * len(b))
 		s.mu.Lock()
 		if cap(b) <= keepBuffer {
 			s.spare = b[:0]
@@ -436,6 +439,6 @@ func (s *sender) fail(err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.err = cmp.Or(s.err, err)
-	s.charge(-len(s.buf)) // never written
+	s.charge(-2 * len(s.buf)) // never written
 	s.buf = s.buf[:0]
 }
